@@ -1,0 +1,1 @@
+"""Client side of fedimb: the ClientApp, local training, losses and client algorithms."""

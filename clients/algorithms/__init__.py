@@ -1,0 +1,15 @@
+"""Client-side algorithms by name: one file each, one line here."""
+
+from __future__ import annotations
+
+from clients.algorithms.base import ClientAlgorithm
+from clients.algorithms.fednova import FedNovaClient
+from clients.algorithms.fedprox import FedProxClient
+from clients.algorithms.scaffold import ScaffoldClient
+
+CLIENT_ALGORITHMS: dict[str, type[ClientAlgorithm]] = {cls.name: cls for cls in (
+    ClientAlgorithm,
+    FedProxClient,
+    ScaffoldClient,
+    FedNovaClient,
+)}

@@ -1,0 +1,23 @@
+"""FedProx client (Li et al., MLSys 2020): adds (μ/2)·||w − w_global||² to the local loss."""
+
+from __future__ import annotations
+
+import torch
+
+from clients.algorithms.base import ClientAlgorithm
+
+
+class FedProxClient(ClientAlgorithm):
+    """Reads μ from the ``proximal-mu`` value that Flower's FedProx strategy sends."""
+
+    name = "fedprox"
+
+    def extra_loss(self) -> torch.Tensor | None:
+        """The proximal term over trainable parameters."""
+        mu = float(self.config_value("proximal-mu", 0.0))
+        if mu == 0.0:
+            return None
+        total = torch.zeros((), device=next(self.model.parameters()).device)
+        for name, param in self.model.named_parameters():
+            total = total + (param - self.global_weights[name].to(param.device)).pow(2).sum()
+        return 0.5 * mu * total

@@ -1,0 +1,59 @@
+"""SCAFFOLD client (Karimireddy et al., ICML 2020), option II of the paper.
+
+Each step the gradient is corrected by c − c_i. After τ steps,
+c_i⁺ = c_i − c + (x − y)/(τ·lr); the client keeps c_i⁺ in its node state and sends
+Δc_i = c_i⁺ − c_i under the ``control-delta`` record.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, RecordDict
+
+from clients.algorithms.base import ClientAlgorithm
+
+STATE_KEY = "scaffold-control"
+SERVER_CONTROL_KEY = "control"
+DELTA_KEY = "control-delta"
+
+
+class ScaffoldClient(ClientAlgorithm):
+    """Gradient correction with server and client control variates."""
+
+    name = "scaffold"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        params = dict(self.model.named_parameters())
+        device = next(self.model.parameters()).device
+        server = self.content.get(SERVER_CONTROL_KEY)
+        own = self.state.get(STATE_KEY)
+        self.server_control = {k: self._tensor(server, k, p) .to(device) for k, p in params.items()}
+        self.client_control = {k: self._tensor(own, k, p).to(device) for k, p in params.items()}
+        self.correction = {k: self.server_control[k] - self.client_control[k] for k in params}
+
+    @staticmethod
+    def _tensor(record: ArrayRecord | None, key: str, like: torch.Tensor) -> torch.Tensor:
+        if record is None or key not in record:
+            return torch.zeros_like(like, device="cpu")
+        return torch.from_numpy(record[key].numpy().copy())
+
+    def after_backward(self) -> None:
+        """g ← g + c − c_i."""
+        for name, param in self.model.named_parameters():
+            if param.grad is not None:
+                param.grad.add_(self.correction[name])
+
+    def finish(self, steps: int, reply: RecordDict, metrics: dict[str, Any]) -> None:
+        """Update c_i, store it, send Δc_i."""
+        scale = 1.0 / (max(steps, 1) * self.lr)
+        new_control: dict[str, torch.Tensor] = {}
+        delta: dict[str, torch.Tensor] = {}
+        for name, param in self.model.named_parameters():
+            drift = (self.global_weights[name].to(param.device) - param.detach()) * scale
+            new_control[name] = self.client_control[name] - self.server_control[name] + drift
+            delta[name] = (new_control[name] - self.client_control[name]).cpu()
+        self.state[STATE_KEY] = ArrayRecord({k: v.cpu() for k, v in new_control.items()})
+        reply[DELTA_KEY] = ArrayRecord(delta)

@@ -1,0 +1,149 @@
+"""The fedimb ClientApp: ``query`` (hello), ``train`` and ``evaluate`` handlers.
+
+The experiment config travels in every message (``fedimb-config``), so the same ClientApp
+serves ``fedimb run`` (simulation on Ray) and ``flwr run`` on SuperLink/SuperNodes. A node
+finds its data from (dataset, partition spec, seed, ``partition-id``); a real site can point
+``data-root`` in its node config at its own files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from clients.algorithms import CLIENT_ALGORITHMS
+from clients.losses import build_loss
+from clients.trainer import pick_device, predict_logits, to_tensors, train_local
+from fedimb.config import ExperimentConfig, from_yaml
+from fedimb.data import build_federated_data
+from fedimb.data.local_test import local_test_indices
+from fedimb.models import FeatureClassifier, build_model, get_weights, set_weights
+
+CONFIG_KEY = "fedimb-config"
+ALGORITHM_KEY = "client-algorithm"
+
+app = ClientApp()
+
+
+@functools.lru_cache(maxsize=4)
+def _parse_config(text: str) -> ExperimentConfig:
+    return from_yaml(text)
+
+
+@dataclass
+class ClientSession:
+    """What one handler needs: the config, this node's data on its device, and ids."""
+
+    cfg: ExperimentConfig
+    partition_id: int
+    device: torch.device
+    x: torch.Tensor
+    y: torch.Tensor
+    class_counts: torch.Tensor
+    num_classes: int
+    input_shape: tuple[int, int, int]
+
+
+def _config_of(message: Message, context: Context) -> ExperimentConfig:
+    config = message.content.get("config")
+    if config is None or CONFIG_KEY not in config:
+        raise ValueError(f"message lacks the '{CONFIG_KEY}' config value; is this a fedimb ServerApp?")
+    cfg = _parse_config(str(config[CONFIG_KEY]))
+    root = context.node_config.get("data-root")
+    if root:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(root)))
+    return cfg
+
+
+def _session(message: Message, context: Context) -> ClientSession:
+    cfg = _config_of(message, context)
+    torch.set_num_threads(cfg.simulation.threads_per_client)
+    partition_id = int(context.node_config["partition-id"])
+    data = build_federated_data(cfg)
+    if not 0 <= partition_id < len(data.client_indices):
+        raise ValueError(f"partition-id {partition_id} outside 0..{len(data.client_indices) - 1}")
+    idx = data.client_indices[partition_id]
+    device = pick_device(cfg.simulation.device)
+    x, y = to_tensors(data.splits.train_x[idx], data.splits.train_y[idx], device)
+    counts = torch.tensor(data.counts[partition_id], dtype=torch.float32, device=device)
+    return ClientSession(cfg, partition_id, device, x, y, counts, data.splits.num_classes,
+                         data.splits.input_shape)
+
+
+def _model(session: ClientSession, arrays: ArrayRecord) -> tuple[FeatureClassifier, dict[str, torch.Tensor]]:
+    model = build_model(session.cfg.model.name, session.input_shape, session.num_classes, session.cfg.seed)
+    global_weights = arrays.to_torch_state_dict()
+    set_weights(model, global_weights)
+    return model.to(session.device), global_weights
+
+
+@app.query()
+def hello(message: Message, context: Context) -> Message:
+    """Tell the server which partition this node holds and its class counts."""
+    session = _session(message, context)
+    metrics = MetricRecord({
+        "partition-id": session.partition_id,
+        "num-examples": int(session.y.shape[0]),
+        "class-counts": [int(c) for c in session.class_counts.tolist()],
+    })
+    return Message(RecordDict({"metrics": metrics}), reply_to=message)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """Local training from the global weights; replies weights, counts and train loss."""
+    session = _session(message, context)
+    cfg = session.cfg
+    model, global_weights = _model(session, message.content["arrays"])
+    config = message.content["config"]
+    server_round = int(config.get("server-round", 0))
+    algorithm_cls = CLIENT_ALGORITHMS[str(config.get(ALGORITHM_KEY, "fedavg"))]
+    algorithm = algorithm_cls(model, global_weights, message.content, context.state,
+                              cfg.train.lr, cfg.train.momentum)
+    loss_fn, loss_params = build_loss(cfg.train.loss.name, cfg.train.loss.params)
+    torch.manual_seed(cfg.seed * 100_003 + server_round * 1_009 + session.partition_id)
+    result = train_local(model, session.x, session.y, cfg.train, loss_fn, loss_params,
+                         session.class_counts, algorithm,
+                         seed=cfg.seed * 1_000_003 + server_round * 10_007 + session.partition_id)
+    reply = RecordDict({"arrays": ArrayRecord(get_weights(model))})
+    metrics: dict = {
+        "num-examples": result.num_examples,
+        "train_loss": result.mean_loss,
+        "local-steps": result.steps,
+    }
+    algorithm.finish(result.steps, reply, metrics)
+    reply["metrics"] = MetricRecord(metrics)
+    return Message(reply, reply_to=message)
+
+
+@app.evaluate()
+def evaluate(message: Message, context: Context) -> Message:
+    """Accuracy of the global model on this client's local test set (its own label mix)."""
+    session = _session(message, context)
+    cfg = session.cfg
+    model, _ = _model(session, message.content["arrays"])
+    data = build_federated_data(cfg)
+    idx = local_test_indices(data.splits.test_y, data.counts[session.partition_id],
+                             cfg.federation.num_clients, cfg.seed, session.partition_id)
+    x, y = to_tensors(data.splits.test_x[idx], data.splits.test_y[idx], session.device)
+    logits = predict_logits(model, x, cfg.eval.batch_size)
+    correct = int((logits.argmax(1) == y).sum()) if len(idx) else 0
+    loss = float(torch.nn.functional.cross_entropy(logits, y)) if len(idx) else 0.0
+    metrics = MetricRecord({
+        "num-examples": int(len(idx)),
+        "accuracy": correct / max(len(idx), 1),
+        "loss": loss,
+        "partition-id": session.partition_id,
+    })
+    return Message(RecordDict({"metrics": metrics}), reply_to=message)
+
+
+def class_count_array(values: list[int]) -> np.ndarray:
+    """Class counts from a hello reply as an array."""
+    return np.asarray(values, dtype=np.int64)

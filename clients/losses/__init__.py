@@ -1,0 +1,22 @@
+"""Client losses by name: one file each, one line here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from clients.losses import balanced_softmax, ce
+from clients.losses.base import LossFn, LossSpec
+from fedimb.config import ConfigError, build_params
+
+LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in (
+    ce.LOSS,
+    balanced_softmax.LOSS,
+)}
+
+
+def build_loss(name: str, params: dict[str, Any]) -> tuple[LossFn, Any]:
+    """The loss function registered as ``name`` and its checked params."""
+    if name not in LOSSES:
+        raise ConfigError("train.loss.name", f"'{name}' is not allowed; choose one of {', '.join(LOSSES)}")
+    spec = LOSSES[name]
+    return spec.fn, build_params(spec.params_cls, params, "train.loss.params")

@@ -1,0 +1,89 @@
+"""The one local-training loop every client algorithm shares: tensors in memory, no DataLoader."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from clients.algorithms.base import ClientAlgorithm
+from clients.losses.base import LossFn
+from fedimb.config import TrainConfig
+
+
+@dataclass
+class TrainResult:
+    """What a local training run reports."""
+
+    num_examples: int
+    steps: int
+    mean_loss: float
+
+
+def train_local(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: TrainConfig,
+    loss_fn: LossFn,
+    loss_params: Any,
+    class_counts: torch.Tensor,
+    algorithm: ClientAlgorithm,
+    seed: int,
+) -> TrainResult:
+    """Run ``cfg.local_epochs`` epochs of mini-batch SGD on (x, y) in place on ``model``.
+
+    Shuffling is drawn from ``seed`` so a client's round is reproducible.
+    """
+    model.train()
+    optimiser = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay)
+    generator = torch.Generator().manual_seed(seed)
+    steps, loss_sum = 0, 0.0
+    n = int(x.shape[0])
+    for _ in range(cfg.local_epochs):
+        order = torch.randperm(n, generator=generator).to(x.device)
+        for start in range(0, n, cfg.batch_size):
+            batch = order[start:start + cfg.batch_size]
+            if batch.numel() < 2 and n >= 2 and _has_batchnorm(model):
+                continue  # BatchNorm cannot normalise a single sample
+            logits = model(x[batch])
+            loss = loss_fn(logits, y[batch], class_counts, loss_params)
+            extra = algorithm.extra_loss()
+            total = loss if extra is None else loss + extra
+            optimiser.zero_grad(set_to_none=True)
+            total.backward()
+            algorithm.after_backward()
+            optimiser.step()
+            steps += 1
+            loss_sum += float(loss.detach())
+    return TrainResult(num_examples=n, steps=steps, mean_loss=loss_sum / max(steps, 1))
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Logits of ``model`` on ``x`` in eval mode, batched, on x's device."""
+    model.eval()
+    outs = [model(x[i:i + batch_size]) for i in range(0, int(x.shape[0]), batch_size)]
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def pick_device(name: str) -> torch.device:
+    """``auto`` takes a GPU when this process can see one."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("simulation.device=cuda but no GPU is visible to this process")
+    return torch.device(name)
+
+
+def to_tensors(x: np.ndarray, y: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Numpy arrays to tensors on ``device``."""
+    return torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)

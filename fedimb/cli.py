@@ -1,0 +1,141 @@
+"""``fedimb run | sweep | report | partition``.
+
+Bad input exits with code 2 and one line naming the field; a failed run exits with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from rich.console import Console
+
+from fedimb.config import ConfigError, ExperimentConfig, load_config
+
+console = Console(stderr=True)
+EXIT_BAD_INPUT = 2
+EXIT_RUN_FAILED = 1
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fedimb.simulation import default_run_dir, run_experiment
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(args.out) if args.out else default_run_dir(cfg)
+    console.print(f"[bold]fedimb run[/]: {cfg.strategy.name} on {cfg.data.dataset} "
+                  f"({cfg.partition.name}, {cfg.federation.num_clients} clients, "
+                  f"{cfg.federation.rounds} rounds) → {run_dir}", highlight=False)
+    summary = run_experiment(cfg, run_dir)
+    print_summary(summary)
+    console.print(f"records: {run_dir}", highlight=False)
+    return 0
+
+
+def print_summary(summary: dict) -> None:
+    """The results table of one run."""
+    from rich.table import Table
+
+    final, best = summary["final"], summary["best"]
+    table = Table(title="final metrics (balanced test set)")
+    for col in ("metric", "final", "best"):
+        table.add_column(col, justify="right" if col != "metric" else "left")
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "tail_recall", "head_recall"):
+        if key in final:
+            table.add_row(key, f"{final[key]:.4f}", f"{best[key]:.4f}" if key in best else "")
+    for key in ("client_accuracy_mean", "client_accuracy_std", "worst_client_accuracy"):
+        if key in final:
+            table.add_row(key, f"{final[key]:.4f}", "")
+    table.add_row("wall time (s)", f"{summary['wall_time_s']:.1f}", "")
+    Console().print(table)
+
+
+def _cmd_partition(args: argparse.Namespace) -> int:
+    from fedimb.data import build_federated_data, format_partition_table, partition_stats, plot_partition
+
+    cfg = load_config(args.config, args.overrides)
+    data = build_federated_data(cfg)
+    stats = partition_stats(data.counts)
+    print(format_partition_table(stats))
+    out = Path(args.out or f"partition-{cfg.name}.png")
+    plot_partition(data.counts, out, title=f"{cfg.data.dataset}: {cfg.partition.name}")
+    console.print(f"heatmap: {out}", highlight=False)
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from fedimb.sweep import run_sweep
+
+    out = run_sweep(Path(args.suite), args.overrides, Path(args.out) if args.out else None,
+                    dry_run=args.dry_run)
+    console.print(f"results: {out}", highlight=False)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from fedimb.report import find_run_dirs, write_report
+
+    run_dirs = [d for root in args.dirs for d in find_run_dirs(Path(root))]
+    if not run_dirs:
+        raise ConfigError("dirs", "no run directory (with summary.json) found under " + ", ".join(args.dirs))
+    out = write_report(run_dirs, Path(args.out))
+    print((out / "results.md").read_text() if out.is_dir() else Path(out).read_text())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``fedimb`` command."""
+    parser = argparse.ArgumentParser(prog="fedimb", description="Federated learning on imbalanced, non-IID data.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one federation")
+    run.add_argument("config")
+    run.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    run.add_argument("--out", help="run directory (default runs/<name>/<strategy>-...)")
+    run.set_defaults(func=_cmd_run)
+    part = sub.add_parser("partition", help="show a partition's class counts and statistics")
+    part.add_argument("config")
+    part.add_argument("overrides", nargs="*")
+    part.add_argument("--out", help="heatmap PNG path")
+    part.set_defaults(func=_cmd_partition)
+    sweep = sub.add_parser("sweep", help="run a grid of experiments and tabulate them")
+    sweep.add_argument("suite")
+    sweep.add_argument("overrides", nargs="*", help="overrides applied to every run")
+    sweep.add_argument("--out", help="sweep directory (default: the suite's out)")
+    sweep.add_argument("--dry-run", action="store_true", help="validate and list the runs only")
+    sweep.set_defaults(func=_cmd_sweep)
+    report = sub.add_parser("report", help="tables and plots from existing run directories")
+    report.add_argument("dirs", nargs="+")
+    report.add_argument("--out", default="report")
+    report.set_defaults(func=_cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit code."""
+    from fedimb.simulation import RunError
+
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        console.print(f"[red]{exc}[/]", highlight=False)
+        return EXIT_BAD_INPUT
+    except RunError as exc:
+        console.print(f"[red]{exc}[/]", highlight=False)
+        return EXIT_RUN_FAILED
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/]")
+        return 130
+
+
+def _entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    _entry()
+
+
+__all__ = ["main", "build_parser", "print_summary", "ExperimentConfig"]

@@ -1,0 +1,286 @@
+"""Typed experiment schema and its OmegaConf loading, merging and validation.
+
+Every run is described by one :class:`ExperimentConfig`. YAML files under
+``experiments/`` and dotted ``key=value`` overrides are merged onto the schema once; a wrong
+key, type or value raises :class:`ConfigError` naming the field and what is allowed, before
+any work starts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+LONG_TAIL_PROFILES = ("exp", "step")
+PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "inner_dirichlet", "dir_balance")
+LOCAL_DATASETS = ("fmnist", "digits")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A config value that is not allowed; ``str()`` is the one line shown to the user."""
+
+    def __init__(self, field_name: str, message: str) -> None:
+        super().__init__(f"config error: {field_name}: {message}")
+        self.field_name = field_name
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, where it lives, and how images are normalised."""
+
+    dataset: str = "fmnist"  # fmnist | digits | any Hugging Face dataset id
+    root: str = "/usr/share/datasets/fashion-mnist"
+    hf_image_key: str = "auto"
+    hf_label_key: str = "auto"
+    hf_test_split: str = "test"
+
+
+@dataclass
+class ImbalanceConfig:
+    """Global long tail applied to the training set before partitioning."""
+
+    factor: float = 1.0  # rho = n_max / n_min; 1 keeps the dataset as it is
+    profile: str = "exp"  # exp | step
+    step_minor_fraction: float = 0.5  # step: share of classes that are minority
+
+
+@dataclass
+class PartitionConfig:
+    """How the (long-tailed) training set is split over clients."""
+
+    name: str = "iid"
+    alpha: float = 0.5  # dirichlet, quantity, inner_dirichlet, dir_balance
+    min_size: int = 10  # dirichlet: smallest partition accepted
+    classes_per_client: int = 2  # shards: #C = k
+    normalise_rounds: int = 5  # dir_balance: row/column normalisation passes
+
+
+@dataclass
+class FederationConfig:
+    """Size of the federation and its schedule."""
+
+    num_clients: int = 10
+    rounds: int = 10
+    fraction: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_clients: int = 2
+
+
+@dataclass
+class StrategyConfig:
+    """Server strategy by registry name; ``params`` are checked by that strategy."""
+
+    name: str = "fedavg"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelConfig:
+    """Model by registry name."""
+
+    name: str = "lenet"
+
+
+@dataclass
+class LossConfig:
+    """Client loss by registry name; ``params`` are checked by that loss."""
+
+    name: str = "ce"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    """Local SGD on each client."""
+
+    local_epochs: int = 1
+    lr: float = 0.01
+    batch_size: int = 64
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    loss: LossConfig = field(default_factory=LossConfig)
+
+
+@dataclass
+class EvalConfig:
+    """Centralised (balanced test set) and client-side evaluation."""
+
+    every: int = 1  # centralised evaluation every N rounds (the last round always)
+    client_every: int = 1  # client-side evaluation every N rounds; 0 switches it off
+    batch_size: int = 1024
+
+
+@dataclass
+class SimulationConfig:
+    """Flower simulation engine on Ray."""
+
+    num_cpus: float = 1.0  # per client
+    num_gpus: float = 0.0  # per client, may be fractional
+    device: str = "auto"  # auto | cpu | cuda
+    ray_address: str = ""  # join an existing Ray cluster ("auto" or host:port)
+    threads_per_client: int = 1
+    verbose: bool = False
+
+
+@dataclass
+class ExperimentConfig:
+    """One federated experiment."""
+
+    name: str = "experiment"
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    imbalance: ImbalanceConfig = field(default_factory=ImbalanceConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+
+
+def _allowed_keys(node: DictConfig) -> str:
+    return ", ".join(str(k) for k in node.keys())
+
+
+def _unknown_key(key: str) -> ConfigError:
+    parent = ".".join(key.split(".")[:-1])
+    schema = OmegaConf.structured(ExperimentConfig)
+    node = OmegaConf.select(schema, parent) if parent else schema
+    allowed = _allowed_keys(node) if isinstance(node, DictConfig) else "(none: not a section)"
+    return ConfigError(key, f"unknown key; allowed keys here: {allowed}")
+
+
+def _merge_error(exc: OmegaConfBaseException) -> ConfigError:
+    """Turn an OmegaConf error into one line naming the field."""
+    key = str(getattr(exc, "full_key", None) or getattr(exc, "key", None) or "?")
+    msg = str(exc).splitlines()[0]
+    if "not in" in msg and msg.startswith("Key"):
+        return _unknown_key(key)
+    return ConfigError(key, msg)
+
+
+def _parse_override(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise ConfigError(text, "an override must look like key=value")
+    key, value = text.split("=", 1)
+    return key.strip(), value
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> ExperimentConfig:
+    """Load YAML ``path`` (optional), apply dotted ``overrides``, validate, return a typed config."""
+    merged = OmegaConf.structured(ExperimentConfig)
+    try:
+        if path is not None:
+            if not Path(path).is_file():
+                raise ConfigError("config", f"file not found: {path}")
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        for text in overrides:
+            key, value = _parse_override(text)
+            if OmegaConf.select(merged, key, default="__missing__") == "__missing__" and not (
+                key.startswith("strategy.params.") or key.startswith("train.loss.params.")
+            ):
+                raise _unknown_key(key)
+            OmegaConf.update(merged, key, _yaml_value(value), merge=True)
+    except OmegaConfBaseException as exc:
+        raise _merge_error(exc) from None
+    cfg: ExperimentConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(cfg)
+    return cfg
+
+
+def _yaml_value(text: str) -> Any:
+    """Parse an override value the way YAML would (numbers, bools, lists, null)."""
+    return OmegaConf.create({"v": text} if text == "" else f"v: {text}")["v"]
+
+
+def _check_choice(field_name: str, value: str, allowed: tuple[str, ...] | list[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(field_name, f"'{value}' is not allowed; choose one of {', '.join(allowed)}")
+
+
+def _check_positive(field_name: str, value: float, strict: bool = True) -> None:
+    if (value <= 0) if strict else (value < 0):
+        bound = "> 0" if strict else ">= 0"
+        raise ConfigError(field_name, f"must be {bound}, got {value}")
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Check values that the schema's types cannot; raise :class:`ConfigError` on the first."""
+    if cfg.imbalance.factor < 1:
+        raise ConfigError("imbalance.factor", f"must be >= 1 (1 = no long tail), got {cfg.imbalance.factor}")
+    _check_choice("imbalance.profile", cfg.imbalance.profile, LONG_TAIL_PROFILES)
+    if not 0 < cfg.imbalance.step_minor_fraction < 1:
+        raise ConfigError("imbalance.step_minor_fraction", "must be in (0, 1)")
+    _check_choice("partition.name", cfg.partition.name, PARTITIONS)
+    _check_positive("partition.alpha", cfg.partition.alpha)
+    _check_positive("partition.min_size", cfg.partition.min_size, strict=False)
+    _check_positive("partition.classes_per_client", cfg.partition.classes_per_client)
+    _check_positive("federation.num_clients", cfg.federation.num_clients)
+    _check_positive("federation.rounds", cfg.federation.rounds)
+    if not 0 < cfg.federation.fraction <= 1:
+        raise ConfigError("federation.fraction", f"must be in (0, 1], got {cfg.federation.fraction}")
+    if not 0 <= cfg.federation.fraction_evaluate <= 1:
+        raise ConfigError("federation.fraction_evaluate", "must be in [0, 1]")
+    _check_positive("federation.min_clients", cfg.federation.min_clients)
+    if cfg.federation.min_clients > cfg.federation.num_clients:
+        cfg.federation.min_clients = cfg.federation.num_clients
+    _check_positive("train.local_epochs", cfg.train.local_epochs)
+    _check_positive("train.lr", cfg.train.lr)
+    _check_positive("train.batch_size", cfg.train.batch_size)
+    _check_positive("train.momentum", cfg.train.momentum, strict=False)
+    _check_positive("train.weight_decay", cfg.train.weight_decay, strict=False)
+    _check_positive("eval.every", cfg.eval.every)
+    _check_positive("eval.client_every", cfg.eval.client_every, strict=False)
+    _check_positive("eval.batch_size", cfg.eval.batch_size)
+    _check_positive("simulation.num_cpus", cfg.simulation.num_cpus)
+    _check_positive("simulation.num_gpus", cfg.simulation.num_gpus, strict=False)
+    _check_positive("simulation.threads_per_client", cfg.simulation.threads_per_client)
+    _check_choice("simulation.device", cfg.simulation.device, DEVICES)
+    if cfg.data.dataset in LOCAL_DATASETS or "/" not in cfg.data.dataset:
+        _check_choice("data.dataset", cfg.data.dataset, list(LOCAL_DATASETS) + ["<hf-owner>/<name>"])
+    if cfg.data.dataset == "fmnist" and not Path(cfg.data.root).is_dir():
+        raise ConfigError(
+            "data.root",
+            f"directory not found: {cfg.data.root} (install Debian's dataset-fashion-mnist "
+            "or point data.root at the Fashion-MNIST IDX files)",
+        )
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    """The resolved config as YAML text."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml(text: str) -> ExperimentConfig:
+    """Rebuild a typed config from :func:`to_yaml` text (used to ship it to ClientApps)."""
+    merged = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), OmegaConf.create(text))
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def build_params(params_cls: type, values: dict[str, Any], field_prefix: str) -> Any:
+    """Build the params dataclass of a registered algorithm from a YAML dict, checking keys and types."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(params_cls), values)
+    except OmegaConfBaseException as exc:
+        key = str(getattr(exc, "full_key", None) or getattr(exc, "key", "?"))
+        msg = str(exc).splitlines()[0]
+        if msg.startswith("Key") and "not in" in msg:
+            allowed = ", ".join(str(k) for k in OmegaConf.structured(params_cls).keys()) or "(none)"
+            return_msg = f"unknown parameter; allowed: {allowed}"
+        else:
+            return_msg = msg
+        raise ConfigError(f"{field_prefix}.{key}", return_msg) from None
+    params = OmegaConf.to_object(merged)
+    check = getattr(params, "check", None)
+    if callable(check):
+        check(field_prefix)
+    return params

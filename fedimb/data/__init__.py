@@ -1,0 +1,71 @@
+"""Data pipeline: load a dataset, apply the global long tail, partition it over clients.
+
+:func:`build_federated_data` runs the three steps for one :class:`ExperimentConfig`; it is
+cached per process because every simulated client process calls it.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import astuple, dataclass
+
+import numpy as np
+
+from fedimb.config import DataConfig, ExperimentConfig, ImbalanceConfig, PartitionConfig
+from fedimb.data.datasets import DatasetSplits, load_dataset
+from fedimb.data.longtail import apply_long_tail, long_tail_counts
+from fedimb.data.partitions import PARTITIONERS, partition_indices
+from fedimb.data.report import client_class_counts, format_partition_table, partition_stats, plot_partition
+
+__all__ = [
+    "PARTITIONERS",
+    "DatasetSplits",
+    "FederatedData",
+    "apply_long_tail",
+    "build_federated_data",
+    "client_class_counts",
+    "format_partition_table",
+    "load_dataset",
+    "long_tail_counts",
+    "partition_indices",
+    "partition_stats",
+    "plot_partition",
+]
+
+
+@dataclass
+class FederatedData:
+    """A dataset split over clients.
+
+    ``train_indices``: samples kept by the long tail (indices into ``splits.train_x``);
+    ``client_indices[k]``: client k's samples, also indices into ``splits.train_x``;
+    ``counts``: K x C class counts. The test set is left as loaded (balanced).
+    """
+
+    splits: DatasetSplits
+    train_indices: np.ndarray
+    client_indices: list[np.ndarray]
+    counts: np.ndarray
+
+
+@functools.lru_cache(maxsize=4)
+def _build_cached(seed: int, data: tuple, imbalance: tuple, partition: tuple, num_clients: int) -> FederatedData:
+    splits = load_dataset(DataConfig(*data))
+    imb = ImbalanceConfig(*imbalance)
+    kept = apply_long_tail(
+        splits.train_y, imb.factor, imb.profile, imb.step_minor_fraction, seed, splits.num_classes
+    )
+    parts = partition_indices(splits.train_y[kept], num_clients, PartitionConfig(*partition), seed)
+    # kept is sorted, so mapping sorted positions through it keeps each client's list sorted
+    client_indices = [kept[p] for p in parts]
+    counts = client_class_counts(splits.train_y, client_indices, splits.num_classes)
+    return FederatedData(splits, kept, client_indices, counts)
+
+
+def build_federated_data(cfg: ExperimentConfig) -> FederatedData:
+    """Load, long-tail (seed ``cfg.seed``) and partition (seed ``cfg.seed``) the training set."""
+    # config dataclasses are unhashable: the cache is keyed on plain tuples of their fields
+    return _build_cached(
+        int(cfg.seed), astuple(cfg.data), astuple(cfg.imbalance), astuple(cfg.partition),
+        int(cfg.federation.num_clients),
+    )

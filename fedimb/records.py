@@ -1,0 +1,306 @@
+"""The run directory: config, partition statistics, per-round metrics, summary and curves.
+
+Layout of one run directory::
+
+    config.yaml      resolved experiment config
+    partition.json   per-client class counts and other partition statistics
+    rounds.csv       one row per logged round (rewritten whole after every round)
+    summary.json     final and best metrics, wall time, seed, package versions, ...
+    curves.png       metric curves over rounds
+
+Every file is written atomically (temp file in the same directory, then ``os.replace``), so
+a run that is killed mid-write, or a report that reads while a run is going, never sees a
+half-written file.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.metadata
+import io
+import json
+import math
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+# Panels of curves.png: (metric, title). The last two only appear when logged.
+CURVE_PANELS = (
+    ("accuracy", "Accuracy"),
+    ("balanced_accuracy", "Balanced accuracy"),
+    ("macro_f1", "Macro-F1"),
+    ("tail_recall", "Tail recall"),
+    ("client_accuracy_std", "Client accuracy std"),
+    ("train_loss", "Train loss"),
+)
+OPTIONAL_PANELS = ("client_accuracy_std", "train_loss")
+BEST_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "tail_recall")
+VERSIONED_PACKAGES = {
+    "torch": ("torch",),
+    "flwr": ("flwr",),
+    "ray": ("ray",),
+    "numpy": ("numpy",),
+    "diffusers": ("diffusers",),
+    "flwr_datasets": ("flwr-datasets", "flwr_datasets"),
+    "omegaconf": ("omegaconf",),
+}
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically; create parent directories. Returns the path."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # The temp file must be in the same directory: os.replace is only atomic within a filesystem.
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically. Returns the path."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def to_jsonable(obj: Any) -> Any:
+    """Recursively turn numpy scalars/arrays, Paths and tuples into JSON types.
+
+    Non-finite floats become ``None``: ``NaN`` is not valid JSON and other tools reject it.
+    """
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return to_jsonable(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return obj
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Write ``obj`` as indented JSON atomically (numpy types converted, NaN -> null)."""
+    text = json.dumps(to_jsonable(obj), indent=2, allow_nan=False)
+    return atomic_write_text(path, text + "\n")
+
+
+def save_figure(fig: Figure, path: str | os.PathLike[str], dpi: int = 120) -> Path:
+    """Render a matplotlib ``Figure`` to PNG with the Agg canvas and write it atomically."""
+    buf = io.BytesIO()
+    # Figure.savefig uses the Agg canvas for PNG; no pyplot, so no global backend state.
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def _is_sequence(value: Any) -> bool:
+    return isinstance(value, (list, tuple, np.ndarray))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if _is_sequence(value):
+        return [_plain(v) for v in value]
+    return value
+
+
+def flatten_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Expand list metrics into ``name_0 .. name_{n-1}`` columns; scalars pass through."""
+    flat: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if _is_sequence(value):
+            for i, item in enumerate(value):
+                flat[f"{key}_{i}"] = _plain(item)
+        else:
+            flat[key] = _plain(value)
+    return flat
+
+
+def _column_key(name: str, list_bases: set[str]) -> tuple[str, int]:
+    # Expanded columns sort numerically (recall_2 before recall_10), next to their base name.
+    base, _, idx = name.rpartition("_")
+    if base in list_bases and idx.isdigit():
+        return base, int(idx)
+    return name, -1
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class RunRecorder:
+    """Writes one run directory; keeps the logged rounds in ``self.rounds``.
+
+    Each entry of ``self.rounds`` is ``{"round", "wall_time_s", **metrics}`` with list metrics
+    (e.g. ``per_class_recall``) kept as lists; they are expanded only in ``rounds.csv``.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.rounds: list[dict[str, Any]] = []
+        self._t0 = time.monotonic()
+        self._list_bases: set[str] = set()
+
+    def elapsed(self) -> float:
+        """Seconds since the recorder was created."""
+        return time.monotonic() - self._t0
+
+    def write_config(self, yaml_text: str) -> Path:
+        """Write the resolved config as ``config.yaml``."""
+        return atomic_write_text(self.run_dir / "config.yaml", yaml_text)
+
+    def write_partition(self, stats: dict[str, Any]) -> Path:
+        """Write partition statistics as ``partition.json``."""
+        return atomic_write_json(self.run_dir / "partition.json", stats)
+
+    def log_round(self, round: int, metrics: dict[str, Any]) -> Path:  # noqa: A002 (brief's name)
+        """Record one round's metrics and rewrite ``rounds.csv`` with the union of all columns."""
+        row: dict[str, Any] = {"round": int(round), "wall_time_s": self.elapsed()}
+        row.update({k: _plain(v) for k, v in metrics.items() if k not in row})
+        self._list_bases.update(k for k, v in metrics.items() if _is_sequence(v))
+        self.rounds.append(row)
+        return self._write_csv()
+
+    def _write_csv(self) -> Path:
+        flat_rows = [flatten_metrics(r) for r in self.rounds]
+        names = {k for r in flat_rows for k in r} - {"round", "wall_time_s"}
+        columns = ["round", "wall_time_s"] + sorted(names, key=lambda n: _column_key(n, self._list_bases))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=columns, restval="", lineterminator="\n")
+        writer.writeheader()
+        for flat in flat_rows:
+            writer.writerow({k: ("" if v is None else v) for k, v in flat.items()})
+        return atomic_write_text(self.run_dir / "rounds.csv", buf.getvalue())
+
+    def best(self) -> dict[str, Any]:
+        """Best value over rounds of each of ``BEST_METRICS`` and ``round`` of best accuracy."""
+        best: dict[str, Any] = {}
+        for name in BEST_METRICS:
+            scored = [(r[name], r["round"]) for r in self.rounds if _finite(r.get(name))]
+            if not scored:
+                continue
+            # Ties go to the earliest round: max() keeps the first maximum it sees.
+            value, at_round = max(scored, key=lambda pair: pair[0])
+            best[name] = value
+            if name == "accuracy":
+                best["round"] = at_round
+        return best
+
+    def write_summary(self, extra: dict[str, Any] | None = None) -> Path:
+        """Write ``summary.json``: final, best, rounds, wall_time_s, plus ``extra`` at top level.
+
+        ``rounds`` is the last logged round number (``rounds_logged`` the row count). The
+        recorder's own keys win over same-named keys in ``extra``.
+        """
+        last = self.rounds[-1] if self.rounds else {}
+        final = {k: v for k, v in last.items() if k not in ("round", "wall_time_s")}
+        summary: dict[str, Any] = dict(extra or {})
+        summary.update(
+            {
+                "final": final,
+                "best": self.best(),
+                "rounds": last.get("round", 0),
+                "rounds_logged": len(self.rounds),
+                "wall_time_s": self.elapsed(),
+            }
+        )
+        return atomic_write_json(self.run_dir / "summary.json", summary)
+
+    def plot_curves(self) -> Path:
+        """Plot the metric curves over rounds to ``curves.png``."""
+        return plot_rounds(self.rounds, self.run_dir / "curves.png")
+
+
+def plot_rounds(rounds: list[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Plot accuracy, balanced accuracy, macro-F1, tail recall (+ optional panels) vs round."""
+    panels = [
+        (name, label)
+        for name, label in CURVE_PANELS
+        if name not in OPTIONAL_PANELS or any(_finite(r.get(name)) for r in rounds)
+    ]
+    ncols = 2 if len(panels) <= 4 else 3
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(4.2 * ncols, 3.2 * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, (name, label) in zip(axes, panels):
+        # Evaluation may skip rounds (eval.every), so each curve uses only rounds that have it.
+        points = [(r["round"], r[name]) for r in rounds if _finite(r.get(name))]
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o", markersize=3)
+        ax.set_title(label)
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of python and the key packages; ``"not installed"`` for missing ones."""
+    versions = {"python": platform.python_version()}
+    for key, dist_names in VERSIONED_PACKAGES.items():
+        versions[key] = "not installed"
+        for dist in dist_names:
+            try:
+                versions[key] = importlib.metadata.version(dist)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
+    return versions
+
+
+def _parse_cell(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def read_rounds_csv(path: Path) -> list[dict[str, Any]]:
+    """Read ``rounds.csv``: numbers as floats, empty cells left out of the row."""
+    if not path.is_file():
+        return []
+    with path.open(newline="", encoding="utf-8") as fh:
+        return [{k: _parse_cell(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(fh)]
+
+
+def load_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Load a run directory as ``{"config": dict, "summary": dict, "rounds": list[dict]}``.
+
+    Missing files give an empty dict / list, so partly written runs can still be inspected.
+    """
+    from omegaconf import OmegaConf  # deferred: only readers of finished runs need it
+
+    run = Path(run_dir)
+    config: dict[str, Any] = {}
+    if (run / "config.yaml").is_file():
+        loaded = OmegaConf.to_container(OmegaConf.load(run / "config.yaml"), resolve=True)
+        config = loaded if isinstance(loaded, dict) else {}
+    summary: dict[str, Any] = {}
+    if (run / "summary.json").is_file():
+        summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
+    return {"config": config, "summary": summary, "rounds": read_rounds_csv(run / "rounds.csv")}

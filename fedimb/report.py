@@ -1,0 +1,266 @@
+"""Tables and plots over many run directories (``fedimb sweep`` and ``fedimb report``).
+
+Runs are grouped by (setting, method): the setting is the partition label (plus the global
+long tail, and the dataset when runs span several), the method is the strategy name (plus
+the client loss when it is not plain cross-entropy). Each group is summarised by the mean and
+population std (ddof=0) of the final metrics over its seeds.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from fedimb.records import atomic_write_text, load_run, read_rounds_csv, save_figure
+
+REPORT_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "tail_recall", "client_accuracy_std")
+# All columns of a report: the final metrics above plus the best accuracy over rounds.
+ALL_METRICS = REPORT_METRICS + ("best_accuracy",)
+# Fractions in [0, 1] shown as percent; anything else is shown as a plain number.
+PERCENT_METRICS = frozenset(ALL_METRICS) | {"head_recall", "mid_recall", "client_accuracy_mean"}
+
+
+def find_run_dirs(root: str | Path) -> list[Path]:
+    """All directories under ``root`` (itself included) that contain ``summary.json``, sorted."""
+    return sorted({p.parent for p in Path(root).rglob("summary.json") if p.is_file()})
+
+
+def partition_label(config: dict[str, Any]) -> str:
+    """Short label of a run's data setting, e.g. ``"dirichlet(0.5), LT rho=20"``."""
+    part = config.get("partition") or {}
+    name = str(part.get("name", "unknown"))
+    if name == "shards":
+        label = f"shards(#C={part.get('classes_per_client')})"
+    elif name in ("dirichlet", "quantity", "inner_dirichlet", "dir_balance"):
+        label = f"{name}({part.get('alpha'):g})" if part.get("alpha") is not None else name
+    else:
+        label = name
+    factor = (config.get("imbalance") or {}).get("factor", 1.0)
+    if factor is not None and float(factor) > 1:
+        label += f", LT rho={float(factor):g}"
+    return label
+
+
+def method_label(config: dict[str, Any], summary: dict[str, Any]) -> str:
+    """Strategy name, plus ``+<loss>`` when the client loss is not ``ce``."""
+    strategy = (config.get("strategy") or {}).get("name") or summary.get("strategy") or "unknown"
+    loss = ((config.get("train") or {}).get("loss") or {}).get("name", "ce")
+    return f"{strategy}+{loss}" if loss and loss != "ce" else str(strategy)
+
+
+def _number(value: Any) -> float:
+    # Missing or null (NaN written as null) metrics become NaN and are skipped when averaging.
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def collect_runs(run_dirs: list[Path], warnings: list[str] | None = None) -> list[dict[str, Any]]:
+    """One row per run: run_dir, strategy, partition, dataset, seed and the report metrics.
+
+    Directories without ``summary.json`` are skipped; a line saying so is appended to
+    ``warnings`` when a list is passed.
+    """
+    rows: list[dict[str, Any]] = []
+    for run_dir in run_dirs:
+        run_dir = Path(run_dir)
+        if not (run_dir / "summary.json").is_file():
+            if warnings is not None:
+                warnings.append(f"{run_dir}: no summary.json (run unfinished or failed), skipped")
+            continue
+        run = load_run(run_dir)
+        config, summary = run["config"], run["summary"]
+        if not config and warnings is not None:
+            warnings.append(f"{run_dir}: no config.yaml, setting and method unknown")
+        final = summary.get("final") or {}
+        row: dict[str, Any] = {
+            "run_dir": str(run_dir),
+            "strategy": method_label(config, summary),
+            "partition": partition_label(config) if config else "unknown",
+            "dataset": str((config.get("data") or {}).get("dataset", "unknown")),
+            "seed": config.get("seed", summary.get("seed")),
+        }
+        row.update({m: _number(final.get(m)) for m in REPORT_METRICS})
+        row["best_accuracy"] = _number((summary.get("best") or {}).get("accuracy"))
+        rows.append(row)
+    return rows
+
+
+def _mean_std(values: list[float]) -> tuple[float, float, int]:
+    kept = np.array([v for v in values if math.isfinite(v)], dtype=np.float64)
+    if kept.size == 0:
+        return float("nan"), float("nan"), 0
+    return float(kept.mean()), float(kept.std(ddof=0)), int(kept.size)
+
+
+def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Group rows by (setting, method); mean, std (ddof=0) and count of each metric over seeds.
+
+    Each group has ``setting, method, n, seeds`` and ``<metric>_mean / _std / _n`` for every
+    metric in ``ALL_METRICS`` (``_n`` counts the runs that logged that metric).
+    """
+    several_datasets = len({r.get("dataset") for r in rows}) > 1
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        # Only name the dataset when it differs between runs, else it is noise in every cell.
+        setting = f"{row.get('dataset')}: {row['partition']}" if several_datasets else row["partition"]
+        groups[(setting, row["strategy"])].append(row)
+    out: list[dict[str, Any]] = []
+    for (setting, method), members in sorted(groups.items()):
+        group: dict[str, Any] = {
+            "setting": setting,
+            "method": method,
+            "n": len(members),
+            "seeds": [m.get("seed") for m in members],
+            "run_dirs": [m["run_dir"] for m in members],
+        }
+        for metric in ALL_METRICS:
+            mean, std, n = _mean_std([_number(m.get(metric)) for m in members])
+            group.update({f"{metric}_mean": mean, f"{metric}_std": std, f"{metric}_n": n})
+        out.append(group)
+    return out
+
+
+def format_cell(metric: str, mean: float, std: float, n: int) -> str:
+    """``"mean ± std (n)"``; percent with 2 decimals for fraction metrics, "–" when missing."""
+    if n == 0 or not math.isfinite(mean):
+        return "–"
+    if metric in PERCENT_METRICS:
+        return f"{100 * mean:.2f} ± {100 * std:.2f} ({n})"
+    return f"{mean:.4f} ± {std:.4f} ({n})"
+
+
+def _unique(items: list[str]) -> list[str]:
+    # Sorted, so tables and plots list methods and settings in the same stable order.
+    return sorted(set(items))
+
+
+def results_markdown(groups: list[dict[str, Any]], metric_cols: tuple[str, ...] | list[str] = ALL_METRICS) -> str:
+    """One markdown table per metric: rows = methods, columns = settings."""
+    settings = _unique([g["setting"] for g in groups])
+    methods = _unique([g["method"] for g in groups])
+    by_key = {(g["setting"], g["method"]): g for g in groups}
+    blocks: list[str] = []
+    for metric in metric_cols:
+        unit = " (%)" if metric in PERCENT_METRICS else ""
+        lines = [
+            f"### {metric}{unit}",
+            "",
+            "| method | " + " | ".join(settings) + " |",
+            "|---|" + "---|" * len(settings),
+        ]
+        for method in methods:
+            cells = []
+            for setting in settings:
+                g = by_key.get((setting, method))
+                cells.append(
+                    format_cell(metric, g[f"{metric}_mean"], g[f"{metric}_std"], g[f"{metric}_n"]) if g else "–"
+                )
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
+
+
+def results_csv(groups: list[dict[str, Any]], metric_cols: tuple[str, ...] | list[str] = ALL_METRICS) -> str:
+    """CSV text, one line per group; metric means/stds as fractions (not percent)."""
+    columns = ["setting", "method", "n", "seeds"]
+    for metric in metric_cols:
+        columns += [f"{metric}_mean", f"{metric}_std"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for g in groups:
+        row = {k: ("" if isinstance(v, float) and not math.isfinite(v) else v) for k, v in g.items()}
+        row["seeds"] = ";".join(str(s) for s in g["seeds"])
+        writer.writerow(row)
+    return buf.getvalue()
+
+
+def plot_comparison(groups: list[dict[str, Any]], path: Path) -> Path:
+    """Grouped bars (setting x method) of balanced accuracy and accuracy with std error bars."""
+    settings = _unique([g["setting"] for g in groups])
+    methods = _unique([g["method"] for g in groups])
+    by_key = {(g["setting"], g["method"]): g for g in groups}
+    width = 0.8 / max(len(methods), 1)
+    fig = Figure(figsize=(max(6.0, 1.6 * len(settings) * max(1, len(methods)) ** 0.5), 7.5))
+    axes = fig.subplots(2, 1, squeeze=False).ravel()
+    xs = np.arange(len(settings))
+    for ax, metric, title in zip(axes, ("balanced_accuracy", "accuracy"), ("Balanced accuracy", "Accuracy")):
+        for i, method in enumerate(methods):
+            means = [_number(by_key.get((s, method), {}).get(f"{metric}_mean")) * 100 for s in settings]
+            stds = [_number(by_key.get((s, method), {}).get(f"{metric}_std")) * 100 for s in settings]
+            # NaN bars (method not run in a setting) are drawn as nothing rather than as 0.
+            ax.bar(xs + (i - (len(methods) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=method)
+        ax.set_xticks(xs, settings, rotation=20, ha="right")
+        ax.set_ylabel(f"{title} (%)")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize="small", ncols=min(len(methods), 4))
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def _mean_curve(run_dirs: list[str], metric: str = "accuracy") -> tuple[list[float], list[float]]:
+    # Average per round over the seeds that logged that round (eval.every may skip rounds).
+    per_round: dict[float, list[float]] = defaultdict(list)
+    for run_dir in run_dirs:
+        for row in read_rounds_csv(Path(run_dir) / "rounds.csv"):
+            value = row.get(metric)
+            if isinstance(value, float) and math.isfinite(value) and "round" in row:
+                per_round[float(row["round"])].append(value)
+    rounds = sorted(per_round)
+    return rounds, [float(np.mean(per_round[r])) for r in rounds]
+
+
+def plot_curves_compare(groups: list[dict[str, Any]], path: Path, metric: str = "accuracy") -> Path:
+    """One panel per setting, one mean-over-seeds ``metric`` curve per method."""
+    settings = _unique([g["setting"] for g in groups])
+    ncols = min(3, max(len(settings), 1))
+    nrows = math.ceil(max(len(settings), 1) / ncols)
+    fig = Figure(figsize=(4.5 * ncols, 3.4 * nrows))
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, setting in zip(axes, settings):
+        for g in (g for g in groups if g["setting"] == setting):
+            rounds, values = _mean_curve(g["run_dirs"], metric)
+            if rounds:
+                ax.plot(rounds, [100 * v for v in values], label=f"{g['method']} (n={g['n']})")
+        ax.set_title(setting, fontsize="medium")
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(f"{metric} (%)")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize="small")
+    for ax in axes[len(settings) :]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
+def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
+    """Write results.md, results.csv, comparison.png and curves_compare.png; return results.md.
+
+    Raises ``ValueError`` when none of ``run_dirs`` holds a ``summary.json``.
+    """
+    out = Path(out_dir)
+    warnings: list[str] = []
+    rows = collect_runs([Path(d) for d in run_dirs], warnings)
+    if not rows:
+        raise ValueError(f"no finished runs (summary.json) among {len(run_dirs)} run directories")
+    groups = aggregate(rows)
+    text = "# Results\n\nFinal-round metrics on the balanced test set: mean ± std (population, ddof=0)"
+    text += " over seeds (n runs), in percent.\n\n" + results_markdown(groups)
+    if warnings:
+        text += "\n### Skipped\n\n" + "\n".join(f"- {w}" for w in warnings) + "\n"
+    atomic_write_text(out / "results.csv", results_csv(groups))
+    plot_comparison(groups, out / "comparison.png")
+    plot_curves_compare(groups, out / "curves_compare.png")
+    return atomic_write_text(out / "results.md", text)

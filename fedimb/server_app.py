@@ -1,0 +1,199 @@
+"""The fedimb ServerApp: hello round, strategy from the registry, centralised evaluation, records.
+
+``fedimb run`` builds it around a resolved config (:func:`make_server_app`); ``flwr run .``
+loads the module-level ``server_app``, which reads ``config`` / ``overrides`` / ``out`` from
+the run config in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from rich.console import Console
+
+from clients.app import ALGORITHM_KEY, CONFIG_KEY
+from fedimb.config import ExperimentConfig, from_yaml, load_config, to_yaml
+from fedimb.data import load_dataset, partition_stats, plot_partition
+from fedimb.metrics import classification_metrics, client_fairness
+from fedimb.models import build_model, get_weights, set_weights
+from fedimb.records import RunRecorder, package_versions
+from strategies import build_strategy
+from strategies.base import StrategyContext
+
+console = Console(stderr=True)
+APP_DIR = Path(__file__).resolve().parent.parent
+
+
+class RunFailed(RuntimeError):
+    """A federation could not finish; the message says which client or step failed."""
+
+
+@dataclass
+class Hello:
+    """What the hello round learnt: node id → partition id, and each partition's class counts."""
+
+    partition_of: dict[int, int]
+    counts: np.ndarray  # (num_clients, num_classes), row = partition id
+
+
+def say_hello(grid: Grid, cfg: ExperimentConfig, config_text: str, timeout: float = 600.0) -> Hello:
+    """Wait for all nodes, ask each for its partition id and class counts (query messages)."""
+    deadline = time.time() + timeout
+    while len(node_ids := sorted(grid.get_node_ids())) < cfg.federation.num_clients:
+        if time.time() > deadline:
+            raise RunFailed(f"only {len(node_ids)} of {cfg.federation.num_clients} nodes connected")
+        time.sleep(0.5)
+    content = RecordDict({"config": ConfigRecord({CONFIG_KEY: config_text})})
+    messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=nid) for nid in node_ids]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    failed = [m for m in replies if m.has_error()]
+    if failed or len(replies) != len(node_ids):
+        reason = failed[0].error.reason if failed else "no reply"
+        raise RunFailed(f"hello round failed on {len(failed) or len(node_ids) - len(replies)} node(s): {reason}")
+    partition_of: dict[int, int] = {}
+    rows: dict[int, list[int]] = {}
+    for reply in replies:
+        metrics = reply.content["metrics"]
+        pid = int(metrics["partition-id"])
+        partition_of[reply.metadata.src_node_id] = pid
+        rows[pid] = [int(c) for c in metrics["class-counts"]]
+    if sorted(rows) != list(range(cfg.federation.num_clients)):
+        raise RunFailed(f"partition ids {sorted(rows)} do not cover 0..{cfg.federation.num_clients - 1}")
+    return Hello(partition_of, np.array([rows[p] for p in sorted(rows)], dtype=np.int64))
+
+
+@dataclass
+class RoundObserver:
+    """Collects each round's client metrics and the centralised evaluation into the records."""
+
+    cfg: ExperimentConfig
+    recorder: RunRecorder
+    train_counts: np.ndarray
+    test_x: torch.Tensor
+    test_y: np.ndarray
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    pending: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+
+    def train_metrics(self, records: list[RecordDict], weight_key: str) -> MetricRecord:
+        """Sample-weighted mean of the clients' train metrics."""
+        weights = np.array([float(r["metrics"][weight_key]) for r in records])
+        losses = np.array([float(r["metrics"]["train_loss"]) for r in records])
+        out = MetricRecord({"train_loss": float(np.dot(weights, losses) / weights.sum())})
+        self.pending["train_loss"] = out["train_loss"]
+        return out
+
+    def evaluate_metrics(self, records: list[RecordDict], weight_key: str) -> MetricRecord:
+        """Client-side accuracies: weighted mean and the fairness figures."""
+        accs = [float(r["metrics"]["accuracy"]) for r in records]
+        fairness = client_fairness(accs)
+        self.pending.update(fairness)
+        return MetricRecord({k: float(v) for k, v in fairness.items()})
+
+    def central_evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Global model on the balanced test set every ``eval.every`` rounds and at the end."""
+        last = server_round == self.cfg.federation.rounds
+        if server_round % self.cfg.eval.every and not last:
+            return None
+        model = build_model(self.cfg.model.name, self.input_shape, self.num_classes, self.cfg.seed)
+        set_weights(model, arrays.to_torch_state_dict())
+        model.eval()
+        with torch.no_grad():
+            preds = torch.cat([model(self.test_x[i:i + self.cfg.eval.batch_size]).argmax(1)
+                               for i in range(0, len(self.test_x), self.cfg.eval.batch_size)])
+        metrics = classification_metrics(self.test_y, preds.numpy(), self.num_classes, self.train_counts)
+        row = {**metrics, **self.pending}
+        self.pending = {}
+        self.recorder.log_round(server_round, row)
+        self._print(server_round, row)
+        return MetricRecord({k: float(v) for k, v in metrics.items() if not isinstance(v, list)})
+
+    def _print(self, server_round: int, row: dict[str, Any]) -> None:
+        parts = [f"round {server_round:>3}/{self.cfg.federation.rounds}",
+                 f"acc {row['accuracy']:.4f}", f"bal {row['balanced_accuracy']:.4f}",
+                 f"f1 {row['macro_f1']:.4f}", f"tail {row['tail_recall']:.4f}"]
+        if "client_accuracy_std" in row:
+            parts.append(f"client-std {row['client_accuracy_std']:.4f}")
+        parts.append(f"{time.time() - self.started:7.1f}s")
+        console.print("  ".join(parts), highlight=False, soft_wrap=True)
+
+
+def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
+    """The whole server side of one run; returns the summary written to ``summary.json``."""
+    started = time.time()
+    config_text = to_yaml(cfg)
+    recorder = RunRecorder(run_dir)
+    recorder.write_config(config_text)
+    hello = say_hello(grid, cfg, config_text)
+    stats = partition_stats(hello.counts)
+    recorder.write_partition(stats)
+    plot_partition(hello.counts, run_dir / "partition.png", title=f"{cfg.data.dataset}: {cfg.partition.name}")
+
+    splits = load_dataset(cfg.data)
+    observer = RoundObserver(cfg, recorder, hello.counts.sum(0), torch.from_numpy(splits.test_x),
+                             splits.test_y, splits.input_shape, splits.num_classes)
+    ctx = StrategyContext(
+        num_clients=cfg.federation.num_clients, fraction=cfg.federation.fraction,
+        fraction_evaluate=cfg.federation.fraction_evaluate if cfg.eval.client_every else 0.0,
+        min_clients=cfg.federation.min_clients, seed=cfg.seed, client_eval_every=cfg.eval.client_every,
+        rounds=cfg.federation.rounds, train_metrics_aggr_fn=observer.train_metrics,
+        evaluate_metrics_aggr_fn=observer.evaluate_metrics,
+    )
+    strategy, spec = build_strategy(cfg, ctx)
+    strategy.bind(ctx, hello.partition_of)
+    model = build_model(cfg.model.name, splits.input_shape, splits.num_classes, cfg.seed)
+    train_config = ConfigRecord({CONFIG_KEY: config_text, ALGORITHM_KEY: spec.client_algorithm})
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(get_weights(model)),
+                   num_rounds=cfg.federation.rounds, train_config=train_config,
+                   evaluate_config=ConfigRecord({CONFIG_KEY: config_text}),
+                   evaluate_fn=observer.central_evaluate)
+    if not recorder.rounds or recorder.rounds[-1]["round"] != cfg.federation.rounds:
+        raise RunFailed("the federation stopped before its last round; see the errors above")
+    summary = recorder.write_summary({
+        "name": cfg.name, "seed": cfg.seed, "strategy": cfg.strategy.name,
+        "loss": cfg.train.loss.name, "versions": package_versions(),
+        "wall_time_per_round_s": (time.time() - started) / cfg.federation.rounds,
+    })
+    recorder.plot_curves()
+    return summary
+
+
+def _config_from_run_config(context: Context) -> tuple[ExperimentConfig, Path]:
+    """``flwr run``: the YAML path and overrides come from pyproject's run config."""
+    run_config = context.run_config
+    path = Path(str(run_config.get("config", "experiments/quickstart.yaml")))
+    if not path.is_absolute():
+        path = APP_DIR / path
+    overrides = str(run_config.get("overrides", "")).split()
+    out = Path(str(run_config.get("out", "runs/flwr")))
+    cfg = load_config(path, overrides)
+    return cfg, (out if out.is_absolute() else APP_DIR / out) / f"{cfg.name}-{int(time.time())}"
+
+
+def make_server_app(config_text: str | None = None, run_dir: Path | None = None) -> ServerApp:
+    """A ServerApp for one resolved config, or (no arguments) one that reads the run config."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        if config_text is None or run_dir is None:
+            cfg, out = _config_from_run_config(context)
+        else:
+            cfg, out = from_yaml(config_text), run_dir
+        if not cfg.simulation.verbose:
+            logging.getLogger("flwr").setLevel(logging.ERROR)
+        run_federation(grid, cfg, out)
+
+    return app
+
+
+server_app = make_server_app()

@@ -1,0 +1,104 @@
+"""Run one experiment on Flower's simulation engine (Ray backend)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from fedimb.config import ConfigError, ExperimentConfig, to_yaml
+
+OFFLINE_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_DEDUP_LOGS": "0",
+    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+class RunError(RuntimeError):
+    """The federation failed; the message is the cause, one line."""
+
+
+def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
+    """Ray resources per virtual client and ``ray.init`` arguments."""
+    sim = cfg.simulation
+    init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR,
+                                 "log_to_driver": sim.verbose}
+    if sim.ray_address:
+        init_args["address"] = sim.ray_address
+    return {"client_resources": {"num_cpus": sim.num_cpus, "num_gpus": sim.num_gpus},
+            "init_args": init_args}
+
+
+def default_run_dir(cfg: ExperimentConfig, root: Path = Path("runs")) -> Path:
+    """runs/<name>/<strategy>-<partition>-s<seed>-<timestamp>."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return root / cfg.name / f"{cfg.strategy.name}-{cfg.partition.name}-s{cfg.seed}-{stamp}"
+
+
+def check_before_run(cfg: ExperimentConfig) -> None:
+    """Everything that can be checked without Ray: names, params, data, partition feasibility."""
+    from clients.losses import build_loss
+    from fedimb.data import build_federated_data
+    from fedimb.models import build_model
+    from strategies import check_strategy_config
+
+    check_strategy_config(cfg)
+    build_loss(cfg.train.loss.name, cfg.train.loss.params)
+    data = build_federated_data(cfg)
+    build_model(cfg.model.name, data.splits.input_shape, data.splits.num_classes)
+    if cfg.simulation.num_gpus > 0 and cfg.simulation.device == "cpu":
+        raise ConfigError("simulation.num_gpus", "> 0 but simulation.device=cpu; set device to auto or cuda")
+
+
+def run_experiment(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
+    """Check, run the federation on Ray, return the summary; raise :class:`RunError` on failure."""
+    check_before_run(cfg)
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    from flwr.simulation import run_simulation
+
+    from clients.app import app as client_app
+    from fedimb.server_app import make_server_app
+
+    if not cfg.simulation.verbose:
+        logging.getLogger("flwr").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_simulation(
+            server_app=make_server_app(to_yaml(cfg), run_dir),
+            client_app=client_app,
+            num_supernodes=cfg.federation.num_clients,
+            backend_config=backend_config(cfg),  # type: ignore[arg-type]
+            verbose_logging=cfg.simulation.verbose,
+        )
+    except Exception as exc:  # noqa: BLE001 - Flower wraps the cause; show it in one line
+        cause = exc
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        raise RunError(f"run failed: {cause}") from exc
+    finally:
+        _shutdown_ray()
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise RunError(f"run failed: no summary.json in {run_dir}; see the log above")
+    return json.loads(summary_path.read_text())
+
+
+def _shutdown_ray() -> None:
+    """Leave no Ray processes behind, whatever happened."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:  # noqa: BLE001 - best effort on the way out
+        pass

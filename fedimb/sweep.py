@@ -1,0 +1,106 @@
+"""``fedimb sweep SUITE.yaml``: a grid of runs (axes × seeds), then one report.
+
+A suite names a base config, axes of labelled override lists and seeds::
+
+    base: ../quickstart.yaml          # relative to the suite file
+    out: runs/sweeps/quick
+    overrides: [federation.rounds=5]  # applied to every run
+    seeds: [0, 1, 2]
+    axes:
+      method: {fedavg: [strategy.name=fedavg], fedprox: [strategy.name=fedprox]}
+      partition: {iid: [partition.name=iid], dir0.5: [partition.name=dirichlet, partition.alpha=0.5]}
+
+Every run's config is validated before the first one starts. A run whose directory already
+holds ``summary.json`` is skipped, so an interrupted sweep picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from rich.console import Console
+
+from fedimb.config import ConfigError, ExperimentConfig, load_config
+
+console = Console(stderr=True)
+
+
+@dataclass
+class PlannedRun:
+    """One cell × seed of the grid."""
+
+    label: str
+    overrides: list[str]
+    cfg: ExperimentConfig
+    run_dir: Path
+
+
+def _suite_value(suite: dict[str, Any], key: str, kind: type, default: Any) -> Any:
+    value = suite.get(key, default)
+    if not isinstance(value, kind):
+        raise ConfigError(f"suite.{key}", f"must be a {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def plan_sweep(suite_path: Path, extra_overrides: list[str] | tuple[str, ...] = (),
+               out: Path | None = None) -> tuple[list[PlannedRun], Path]:
+    """Expand a suite into validated runs and the sweep's output directory."""
+    if not suite_path.is_file():
+        raise ConfigError("suite", f"file not found: {suite_path}")
+    suite = OmegaConf.to_container(OmegaConf.load(suite_path), resolve=True)
+    if not isinstance(suite, dict):
+        raise ConfigError("suite", "must be a mapping with base, axes, seeds")
+    unknown = set(suite) - {"base", "out", "overrides", "seeds", "axes", "name"}
+    if unknown:
+        raise ConfigError(f"suite.{sorted(unknown)[0]}", "unknown key; allowed: name, base, out, overrides, seeds, axes")
+    base = suite_path.parent / _suite_value(suite, "base", str, "")
+    common = [str(o) for o in _suite_value(suite, "overrides", list, [])] + list(extra_overrides)
+    seeds = _suite_value(suite, "seeds", list, [0])
+    axes = _suite_value(suite, "axes", dict, {})
+    sweep_dir = out or Path(_suite_value(suite, "out", str, f"runs/sweeps/{suite_path.stem}"))
+    axis_items = []
+    for axis, cells in axes.items():
+        if not isinstance(cells, dict) or not cells:
+            raise ConfigError(f"suite.axes.{axis}", "must map labels to lists of key=value overrides")
+        axis_items.append([(str(label), [str(o) for o in ovs]) for label, ovs in cells.items()])
+    runs: list[PlannedRun] = []
+    for combo in itertools.product(*axis_items):
+        label = "_".join(lbl for lbl, _ in combo) or "run"
+        cell_overrides = [o for _, ovs in combo for o in ovs]
+        for seed in seeds:
+            overrides = common + cell_overrides + [f"seed={int(seed)}"]
+            try:
+                cfg = load_config(base, overrides)
+            except ConfigError as exc:
+                raise ConfigError(exc.field_name, f"{str(exc).split(': ', 2)[-1]} (in sweep cell {label})") from None
+            runs.append(PlannedRun(label, overrides, cfg, sweep_dir / "runs" / f"{label}-s{int(seed)}"))
+    if not runs:
+        raise ConfigError("suite.axes", "the grid is empty")
+    return runs, sweep_dir
+
+
+def run_sweep(suite_path: Path, extra_overrides: list[str] | tuple[str, ...] = (),
+              out: Path | None = None, dry_run: bool = False) -> Path:
+    """Run every planned run not yet finished, then write the report; return results.md."""
+    from fedimb.report import write_report
+    from fedimb.simulation import check_before_run, run_experiment
+
+    runs, sweep_dir = plan_sweep(suite_path, extra_overrides, out)
+    for run in runs:
+        check_before_run(run.cfg)
+    console.print(f"sweep: {len(runs)} runs → {sweep_dir}", highlight=False)
+    if dry_run:
+        for run in runs:
+            console.print(f"  {run.run_dir.name}: {' '.join(run.overrides)}", highlight=False)
+        return sweep_dir
+    for i, run in enumerate(runs, 1):
+        if (run.run_dir / "summary.json").is_file():
+            console.print(f"[{i}/{len(runs)}] {run.run_dir.name}: done before, skipped", highlight=False)
+            continue
+        console.print(f"[{i}/{len(runs)}] {run.run_dir.name}", highlight=False)
+        run_experiment(run.cfg, run.run_dir)
+    return write_report([r.run_dir for r in runs], sweep_dir)

@@ -1,0 +1,38 @@
+"""Server strategies by name: one file each, one line in STRATEGIES."""
+
+from __future__ import annotations
+
+from flwr.serverapp.strategy import Strategy
+
+from fedimb.config import ConfigError, ExperimentConfig, build_params
+from strategies import fedadam, fedavg, fedavgm, fednova, fedprox, scaffold
+from strategies.base import StrategyContext, StrategySpec
+
+STRATEGIES: dict[str, StrategySpec] = {spec.name: spec for spec in (
+    fedavg.SPEC,
+    fedprox.SPEC,
+    fedavgm.SPEC,
+    fedadam.SPEC,
+    scaffold.SPEC,
+    fednova.SPEC,
+)}
+
+
+def strategy_spec(name: str) -> StrategySpec:
+    """The registry entry for ``name``, or a ConfigError listing the names."""
+    if name not in STRATEGIES:
+        raise ConfigError("strategy.name", f"'{name}' is not allowed; choose one of {', '.join(STRATEGIES)}")
+    return STRATEGIES[name]
+
+
+def check_strategy_config(cfg: ExperimentConfig) -> None:
+    """Fail early on an unknown strategy name or parameter."""
+    spec = strategy_spec(cfg.strategy.name)
+    build_params(spec.params_cls, cfg.strategy.params, "strategy.params")
+
+
+def build_strategy(cfg: ExperimentConfig, ctx: StrategyContext) -> tuple[Strategy, StrategySpec]:
+    """Build the configured strategy."""
+    spec = strategy_spec(cfg.strategy.name)
+    params = build_params(spec.params_cls, cfg.strategy.params, "strategy.params")
+    return spec.build(ctx, params), spec

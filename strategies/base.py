@@ -1,0 +1,151 @@
+"""What every fedimb strategy shares: reproducible client sampling and the registry entry type.
+
+Flower's node ids are random on every run and ``sample_nodes`` draws with the global
+``random`` module, so the mixin presents node ids in partition order and seeds that draw from
+(seed, round). Replies are also put in partition order before aggregation, because float
+sums in arrival order would differ from run to run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+class ClientFailed(RuntimeError):
+    """A ClientApp replied with an error."""
+
+
+MetricsAggregator = Callable[[list[RecordDict], str], MetricRecord]
+
+
+@dataclass
+class StrategyContext:
+    """What the ServerApp knows when it builds a strategy."""
+
+    num_clients: int
+    fraction: float
+    fraction_evaluate: float
+    min_clients: int
+    seed: int
+    client_eval_every: int
+    rounds: int
+    train_metrics_aggr_fn: MetricsAggregator | None = None
+    evaluate_metrics_aggr_fn: MetricsAggregator | None = None
+
+    def flower_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments every Flower FedAvg-family constructor takes."""
+        min_train = min(self.min_clients, self.num_clients)
+        return {
+            "fraction_train": self.fraction,
+            "fraction_evaluate": self.fraction_evaluate,
+            "min_train_nodes": min_train,
+            "min_evaluate_nodes": min_train if self.fraction_evaluate > 0 else 0,
+            "min_available_nodes": self.num_clients,
+            "train_metrics_aggr_fn": self.train_metrics_aggr_fn,
+            "evaluate_metrics_aggr_fn": self.evaluate_metrics_aggr_fn,
+        }
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """A registered strategy: how to build it, its params dataclass, its client algorithm."""
+
+    name: str
+    build: Callable[[StrategyContext, Any], Strategy]
+    params_cls: type
+    client_algorithm: str = "fedavg"
+    summary: str = ""
+
+
+@dataclass
+class NoParams:
+    """For strategies without hyper-parameters."""
+
+
+class _OrderedGrid:
+    """A view of a Grid whose node ids come in partition order."""
+
+    def __init__(self, grid: Grid, order: dict[int, int]) -> None:
+        self._grid = grid
+        self._order = order
+
+    def get_node_ids(self) -> list[int]:
+        return sorted(self._grid.get_node_ids(), key=lambda nid: (self._order.get(nid, 1 << 62), nid))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+@contextlib.contextmanager
+def _seeded_random(*key: int) -> Iterator[None]:
+    saved = random.getstate()
+    random.seed(hash(key))
+    try:
+        yield
+    finally:
+        random.setstate(saved)
+
+
+class ReproducibleSampling:
+    """Mixin placed before a Flower strategy: seeded sampling, ordered aggregation, eval cadence."""
+
+    partition_of: dict[int, int]
+    seed: int = 0
+    client_eval_every: int = 1
+    rounds: int = 0
+
+    def bind(self, ctx: StrategyContext, partition_of: dict[int, int]) -> None:
+        """Give the strategy the seed and the node id → partition id map from the hello round."""
+        self.partition_of = dict(partition_of)
+        self.seed = ctx.seed
+        self.client_eval_every = ctx.client_eval_every
+        self.rounds = ctx.rounds
+
+    def _order(self) -> dict[int, int]:
+        return getattr(self, "partition_of", {})
+
+    def sort_replies(self, replies: Iterable[Message]) -> list[Message]:
+        """Replies in partition order, so aggregation sums in the same order every run.
+
+        A failed client fails the round: a research run that silently drops clients reports
+        numbers for a federation nobody configured.
+        """
+        order = self._order()
+        replies = sorted(replies, key=lambda m: order.get(m.metadata.src_node_id, 1 << 62))
+        for message in replies:
+            if message.has_error():
+                pid = order.get(message.metadata.src_node_id, "?")
+                raise ClientFailed(f"client (partition {pid}) failed: {message.error.reason}")
+        return replies
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Flower's sampling, made reproducible."""
+        with _seeded_random(self.seed, server_round, 1):
+            return super().configure_train(  # type: ignore[misc]
+                server_round, arrays, config, _OrderedGrid(grid, self._order()))
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """Client-side evaluation every ``eval.client_every`` rounds and at the last round."""
+        every = self.client_eval_every
+        if every <= 0 or (server_round % every and server_round != self.rounds):
+            return []
+        with _seeded_random(self.seed, server_round, 2):
+            return super().configure_evaluate(  # type: ignore[misc]
+                server_round, arrays, config, _OrderedGrid(grid, self._order()))
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate in partition order."""
+        return super().aggregate_train(server_round, self.sort_replies(replies))  # type: ignore[misc]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """Aggregate in partition order."""
+        return super().aggregate_evaluate(server_round, self.sort_replies(replies))  # type: ignore[misc]
