@@ -49,7 +49,9 @@ class FederatedData:
 
 
 @functools.lru_cache(maxsize=4)
-def _build_cached(seed: int, data: tuple, imbalance: tuple, partition: tuple, num_clients: int) -> FederatedData:
+def _build_cached(
+    seed: int, data: tuple, imbalance: tuple, partition: tuple, num_clients: int
+) -> FederatedData:
     splits = load_dataset(DataConfig(*data))
     imb = ImbalanceConfig(*imbalance)
     kept = apply_long_tail(

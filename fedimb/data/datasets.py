@@ -6,8 +6,8 @@ with the training-set statistics, so the rest of the package never deals with fi
 
 from __future__ import annotations
 
-import gzip
 import functools
+import gzip
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,13 +146,21 @@ def _pick_column(ds: Any, key: str, feature_type: type, fallbacks: Sequence[str]
     raise ConfigError(field, f"cannot guess the column; set it to one of {ds.column_names}")
 
 
+def _orient(arr: np.ndarray) -> np.ndarray:
+    """HW / HWC / CHW array -> CHW; a small last axis not larger than the first is channels."""
+    if arr.ndim == 2:
+        return arr[None]
+    if arr.shape[-1] <= 4 and (arr.shape[0] > 4 or arr.shape[-1] <= arr.shape[0]):
+        return np.moveaxis(arr, -1, 0)  # HWC, the PIL / Hugging Face convention
+    return arr
+
+
 def _channels_of(sample: Any) -> int:
     from PIL import Image
 
     if isinstance(sample, Image.Image):
         return 1 if sample.mode in GREY_PIL_MODES else 3
-    arr = np.asarray(sample)
-    return 1 if arr.ndim == 2 or 1 in (arr.shape[0], arr.shape[-1]) else 3
+    return 1 if _orient(np.asarray(sample)).shape[0] == 1 else 3
 
 
 def _to_chw(sample: Any, channels: int) -> np.ndarray:
@@ -161,12 +169,7 @@ def _to_chw(sample: Any, channels: int) -> np.ndarray:
 
     if isinstance(sample, Image.Image):
         sample = sample.convert("L" if channels == 1 else "RGB")
-    arr = np.asarray(sample)
-    if arr.ndim == 2:
-        arr = arr[None]
-    elif arr.shape[-1] in (1, 3, 4) and arr.shape[0] not in (1, 3, 4):
-        arr = np.moveaxis(arr, -1, 0)  # HWC -> CHW
-    arr = arr[:3]  # drop an alpha channel
+    arr = _orient(np.asarray(sample))[:3]  # [:3] drops an alpha channel
     if arr.shape[0] != channels:
         # grey images inside an RGB dataset (or the reverse) must still stack
         arr = np.repeat(arr[:1], channels, axis=0) if channels == 3 else arr.mean(0, keepdims=True)
@@ -218,7 +221,8 @@ def load_hf_dataset(cfg: DataConfig) -> DatasetSplits:
     try:
         dd = datasets.load_dataset(cfg.dataset)
     except Exception as exc:  # noqa: BLE001 - any hub/network failure becomes one config line
-        raise ConfigError("data.dataset", f"cannot load Hugging Face dataset '{cfg.dataset}': {exc}") from None
+        msg = f"cannot load Hugging Face dataset '{cfg.dataset}': {exc}"
+        raise ConfigError("data.dataset", msg) from None
     if "train" not in dd or cfg.hf_test_split not in dd:
         raise ConfigError("data.hf_test_split", f"need 'train' and '{cfg.hf_test_split}'; splits: {list(dd)}")
     return splits_from_hf(dd["train"], dd[cfg.hf_test_split], cfg.hf_image_key, cfg.hf_label_key, cfg.dataset)

@@ -26,7 +26,8 @@ def long_tail_counts(
     if factor < 1:
         raise ConfigError("imbalance.factor", f"must be >= 1 (1 = no long tail), got {factor}")
     if profile not in LONG_TAIL_PROFILES:
-        raise ConfigError("imbalance.profile", f"'{profile}' is not allowed; choose one of {LONG_TAIL_PROFILES}")
+        allowed = ", ".join(LONG_TAIL_PROFILES)
+        raise ConfigError("imbalance.profile", f"'{profile}' is not allowed; choose one of {allowed}")
     num_classes = counts.size
     present = counts[counts > 0]
     if factor == 1 or num_classes < 2 or present.size == 0:

@@ -21,7 +21,9 @@ def _label_dataset(labels: np.ndarray):  # -> datasets.Dataset
     import datasets
 
     # "row" carries the original index through flwr's dataset.select()
-    return datasets.Dataset.from_dict({"label": labels, "row": np.arange(labels.size)})
+    # arrow format: a column comes back as one pyarrow array; the default (and numpy) format
+    # hands flwr a lazy Column that np.array() converts row by row (~10 s for 60k rows)
+    return datasets.Dataset.from_dict({"label": labels, "row": np.arange(labels.size)}).with_format("arrow")
 
 
 def _equal_sizes(total: int, num_clients: int) -> np.ndarray:
@@ -45,7 +47,9 @@ def _materialise(labels: np.ndarray, counts: np.ndarray, rng: np.random.Generato
 # ---------------------------------------------------------------- schemes
 
 
-def iid_partition(labels: np.ndarray, num_clients: int, cfg: PartitionConfig, seed: int) -> list[np.ndarray]:
+def iid_partition(
+    labels: np.ndarray, num_clients: int, cfg: PartitionConfig, seed: int
+) -> list[np.ndarray]:
     """Random equal split (sizes differ by at most one)."""
     # flwr's IidPartitioner cuts contiguous shards without shuffling or a seed: label-sorted
     # data would come out pathological, so we shuffle ourselves
@@ -53,7 +57,9 @@ def iid_partition(labels: np.ndarray, num_clients: int, cfg: PartitionConfig, se
     return list(np.array_split(perm, num_clients))
 
 
-def dirichlet_partition(labels: np.ndarray, num_clients: int, cfg: PartitionConfig, seed: int) -> list[np.ndarray]:
+def dirichlet_partition(
+    labels: np.ndarray, num_clients: int, cfg: PartitionConfig, seed: int
+) -> list[np.ndarray]:
     """Label skew: each class split over the clients by proportions ~ Dir(alpha) (flwr-datasets)."""
     from flwr_datasets.partitioner import DirichletPartitioner
 
@@ -66,7 +72,7 @@ def dirichlet_partition(labels: np.ndarray, num_clients: int, cfg: PartitionConf
         with warnings.catch_warnings():
             # it warns on every resample; the failure after 10 becomes our ConfigError
             warnings.simplefilter("ignore", UserWarning)
-            return [part.load_partition(k).with_format("numpy")["row"] for k in range(num_clients)]
+            return [part.load_partition(k)["row"].to_numpy() for k in range(num_clients)]
     except ValueError as exc:
         if "attempts" not in str(exc):
             raise
@@ -86,7 +92,7 @@ def _assign_labels(num_clients: int, classes: int, k: int, rng: np.random.Genera
     """
     held = [[i % classes] for i in range(num_clients)]
     orphans = [int(c) for c in rng.permutation(np.arange(num_clients, classes))]
-    for slot in range(1, k):
+    for _ in range(1, k):
         for i in range(num_clients):
             if orphans:
                 held[i].append(orphans.pop())
@@ -98,7 +104,9 @@ def _assign_labels(num_clients: int, classes: int, k: int, rng: np.random.Genera
     return held
 
 
-def shards_partition(labels: np.ndarray, num_clients: int, cfg: PartitionConfig, seed: int) -> list[np.ndarray]:
+def shards_partition(
+    labels: np.ndarray, num_clients: int, cfg: PartitionConfig, seed: int
+) -> list[np.ndarray]:
     """Each client holds exactly ``classes_per_client`` labels; a label is split evenly among its holders."""
     classes = int(labels.max()) + 1
     k = cfg.classes_per_client
@@ -120,7 +128,9 @@ def shards_partition(labels: np.ndarray, num_clients: int, cfg: PartitionConfig,
     return _materialise(labels, counts, rng)
 
 
-def quantity_partition(labels: np.ndarray, num_clients: int, cfg: PartitionConfig, seed: int) -> list[np.ndarray]:
+def quantity_partition(
+    labels: np.ndarray, num_clients: int, cfg: PartitionConfig, seed: int
+) -> list[np.ndarray]:
     """Quantity skew: client sizes ~ Dir(alpha) * N (each at least 1), content IID."""
     rng = np.random.default_rng(seed)
     props = rng.dirichlet(np.full(num_clients, float(cfg.alpha)))
@@ -134,12 +144,15 @@ def quantity_partition(labels: np.ndarray, num_clients: int, cfg: PartitionConfi
     return list(np.split(perm, np.cumsum(sizes)[:-1]))
 
 
-def inner_dirichlet_partition(labels: np.ndarray, num_clients: int, cfg: PartitionConfig, seed: int) -> list[np.ndarray]:
+def inner_dirichlet_partition(
+    labels: np.ndarray, num_clients: int, cfg: PartitionConfig, seed: int
+) -> list[np.ndarray]:
     """Equal client sizes; each client draws its samples' classes from its own prior ~ Dir(alpha).
 
     Same generative process as flwr-datasets' InnerDirichletPartitioner (exhausted classes are
-    dropped from every prior), done on counts with pre-drawn uniforms: flwr's version calls
-    ``rng.choice`` per sample and takes ~6 s on 60k samples.
+    dropped from every prior), done on counts with pre-drawn uniforms. Ours because flwr's calls
+    ``rng.choice`` per sample (4-6 s on 60k samples) and fails with "Probabilities contain NaN"
+    for small alpha once a client's whole prior sits on exhausted classes.
     """
     rng = np.random.default_rng(seed)
     classes = int(labels.max()) + 1
@@ -165,7 +178,9 @@ def inner_dirichlet_partition(labels: np.ndarray, num_clients: int, cfg: Partiti
     return _materialise(labels, counts, rng)
 
 
-def _sinkhorn_split(labels: np.ndarray, num_clients: int, cfg: PartitionConfig, rng: np.random.Generator) -> np.ndarray:
+def _sinkhorn_split(
+    labels: np.ndarray, num_clients: int, cfg: PartitionConfig, rng: np.random.Generator
+) -> np.ndarray:
     """K x C counts: Dirichlet rows, alternating row/column normalisation, classes cut by column."""
     classes = int(labels.max()) + 1
     class_sizes = np.bincount(labels, minlength=classes)
@@ -206,7 +221,9 @@ def _balance_rows(counts: np.ndarray, targets: np.ndarray) -> np.ndarray:
     return counts
 
 
-def dir_balance_partition(labels: np.ndarray, num_clients: int, cfg: PartitionConfig, seed: int) -> list[np.ndarray]:
+def dir_balance_partition(
+    labels: np.ndarray, num_clients: int, cfg: PartitionConfig, seed: int
+) -> list[np.ndarray]:
     """FairFAL's ``dir_balance``: Dirichlet label skew with every client holding N // K (+1)."""
     rng = np.random.default_rng(seed)
     counts = _sinkhorn_split(labels, num_clients, cfg, rng)
@@ -224,19 +241,24 @@ PARTITIONERS: dict[str, Partitioner] = {
 }
 
 
-def partition_indices(labels: np.ndarray, num_clients: int, cfg: PartitionConfig, seed: int) -> list[np.ndarray]:
+def partition_indices(
+    labels: np.ndarray, num_clients: int, cfg: PartitionConfig, seed: int
+) -> list[np.ndarray]:
     """Indices into ``labels`` of each client: disjoint, together all samples, sorted, seeded."""
     labels = np.asarray(labels, dtype=np.int64)
     if num_clients > labels.size:
         raise ConfigError(
             "federation.num_clients",
-            f"more clients ({num_clients}) than training samples ({labels.size}) after the long tail",
+            f"more clients ({num_clients}) than training samples ({labels.size}); "
+            "lower federation.num_clients or imbalance.factor",
         )
     if cfg.name not in PARTITIONERS:
-        raise ConfigError("partition.name", f"'{cfg.name}' is not allowed; choose one of {', '.join(PARTITIONERS)}")
+        allowed = ", ".join(PARTITIONERS)
+        raise ConfigError("partition.name", f"'{cfg.name}' is not allowed; choose one of {allowed}")
     # schemes index classes 0..C-1: drop the gaps left by empty classes
     _, dense = np.unique(labels, return_inverse=True)
-    parts = [np.sort(np.asarray(p, dtype=np.int64)) for p in PARTITIONERS[cfg.name](dense, num_clients, cfg, seed)]
+    raw = PARTITIONERS[cfg.name](dense, num_clients, cfg, seed)
+    parts = [np.sort(np.asarray(p, dtype=np.int64)) for p in raw]
     joined = np.concatenate(parts) if parts else np.empty(0, dtype=np.int64)
     if len(parts) != num_clients or joined.size != labels.size or np.unique(joined).size != labels.size:
         raise RuntimeError(f"partition '{cfg.name}' is not a disjoint, complete split")

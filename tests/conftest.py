@@ -1,0 +1,25 @@
+"""Shared fixtures: small configs on data that is on every machine (sklearn digits)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from fedimb.config import ExperimentConfig, load_config
+
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+DIGITS_SMALL = [
+    "name=digits-test", "data.dataset=digits", "partition.name=dirichlet", "partition.alpha=0.5",
+    "partition.min_size=5", "federation.num_clients=4", "federation.rounds=3", "model.name=mlp",
+    "train.local_epochs=1", "train.lr=0.05", "train.batch_size=32",
+]
+
+
+@pytest.fixture
+def digits_cfg() -> ExperimentConfig:
+    """A 4-client, 3-round federation on sklearn digits."""
+    return load_config(None, DIGITS_SMALL)

@@ -1,0 +1,83 @@
+"""Config merging and the one-line errors of bad input (exit code 2, before any work)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedimb.cli import main
+from fedimb.config import ConfigError, from_yaml, load_config, to_yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml")) + [ROOT / "experiments/niid_bench/base.yaml"]
+
+
+def test_yaml_and_overrides_merge():
+    cfg = load_config(ROOT / "experiments/quickstart.yaml", ["partition.alpha=0.3", "federation.rounds=2",
+                                                              "strategy.params.proximal_mu=0.1"])
+    assert cfg.partition.alpha == 0.3 and cfg.federation.rounds == 2
+    assert cfg.strategy.params == {"proximal_mu": 0.1}
+    assert cfg.data.dataset == "fmnist"  # from the YAML
+    assert from_yaml(to_yaml(cfg)) == cfg
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
+def test_shipped_experiments_load(path):
+    assert load_config(path).federation.num_clients > 0
+
+
+@pytest.mark.parametrize("override, field, hint", [
+    ("partition.alph=1", "partition.alph", "allowed keys here: name, alpha"),
+    ("nonsense=1", "nonsense", "allowed keys here"),
+    ("partition.alpha=abc", "partition.alpha", "Float"),
+    ("partition.alpha=0", "partition.alpha", "> 0"),
+    ("partition.alpha=-1", "partition.alpha", "> 0"),
+    ("imbalance.factor=0.5", "imbalance.factor", ">= 1"),
+    ("partition.name=zipf", "partition.name", "dir_balance"),
+    ("federation.fraction=1.5", "federation.fraction", "(0, 1]"),
+    ("data.dataset=cifar", "data.dataset", "fmnist, digits"),
+    ("data.root=/nonexistent/fmnist", "data.root", "directory not found"),
+    ("train.lr", "train.lr", "key=value"),
+])
+def test_bad_values_name_the_field(override, field, hint):
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "experiments/quickstart.yaml", [override])
+    assert err.value.field_name == field
+    assert hint in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("args, field", [
+    (["strategy.name=fedsgd"], "strategy.name"),
+    (["strategy.name=fedprox", "strategy.params.mu=1"], "strategy.params.mu"),
+    (["model.name=vgg"], "model.name"),
+    (["train.loss.name=hinge"], "train.loss.name"),
+    (["federation.num_clients=5000"], "federation.num_clients"),
+    (["partition.alpha=0.001", "partition.min_size=100", "federation.num_clients=20"], "partition.alpha"),
+])
+def test_cli_rejects_before_any_work(args, field, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["run", str(ROOT / "experiments/quickstart.yaml"), "data.dataset=digits", *args, "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert field in err and len(err.splitlines()) == 1
+    assert not out.exists()  # nothing started
+
+
+def test_cli_exit_code_in_a_subprocess(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fedimb.cli", "run", str(ROOT / "experiments/quickstart.yaml"),
+                           "strategy.name=nope"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2
+    assert "strategy.name" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_partition_command_prints_table_and_writes_heatmap(tmp_path, capsys):
+    png = tmp_path / "p.png"
+    code = main(["partition", str(ROOT / "experiments/quickstart.yaml"), "data.dataset=digits",
+                 "federation.num_clients=5", "partition.min_size=5", "--out", str(png)])
+    out = capsys.readouterr().out
+    assert code == 0 and png.stat().st_size > 1000
+    assert "IR" in out and "TV" in out

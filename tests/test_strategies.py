@@ -1,0 +1,184 @@
+"""Each strategy's aggregation against a hand-computed case; client-side terms likewise."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from clients.algorithms.fednova import normalising_factor
+from clients.algorithms.fedprox import FedProxClient
+from clients.algorithms.scaffold import ScaffoldClient
+from fedimb.config import ConfigError, load_config
+from strategies import STRATEGIES, build_strategy
+from strategies.base import ClientFailed, StrategyContext
+from strategies.fednova import fednova_update
+from strategies.scaffold import update_control
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    # Messages outside a running app need an identity to be built.
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def reply(node_id: int, weights: dict[str, list[float]], n: int, **metrics) -> Message:
+    content = RecordDict({
+        "arrays": ArrayRecord({k: Array(np.asarray(v, dtype=np.float32)) for k, v in weights.items()}),
+        "metrics": MetricRecord({"num-examples": n, "train_loss": 0.5, **metrics}),
+    })
+    msg = Message(content=content, dst_node_id=0, message_type="train")
+    msg.metadata.__dict__["_src_node_id"] = node_id  # a reply as if from this node
+    return msg
+
+
+def make(name: str, **params):
+    cfg = load_config(None, ["data.dataset=digits", f"strategy.name={name}"]
+                      + [f"strategy.params.{k}={v}" for k, v in params.items()])
+    ctx = StrategyContext(num_clients=4, fraction=1.0, fraction_evaluate=1.0, min_clients=2, seed=0,
+                          client_eval_every=1, rounds=3)
+    strategy, spec = build_strategy(cfg, ctx)
+    strategy.bind(ctx, {101: 0, 102: 1, 103: 2, 104: 3})
+    return strategy, spec
+
+
+def arrays(rec: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in rec.items()}
+
+
+def test_registry_has_niid_bench_four_and_flower_ones():
+    assert {"fedavg", "fedprox", "fedavgm", "fedadam", "scaffold", "fednova"} <= set(STRATEGIES)
+
+
+def test_fedavg_weights_by_examples():
+    strategy, _ = make("fedavg")
+    out, metrics = strategy.aggregate_train(1, [reply(101, {"w": [1.0, 2.0]}, 10), reply(102, {"w": [4.0, 8.0]}, 30)])
+    np.testing.assert_allclose(arrays(out)["w"], [0.25 * 1 + 0.75 * 4, 0.25 * 2 + 0.75 * 8])
+    assert metrics["train_loss"] == pytest.approx(0.5)
+
+
+def test_aggregation_does_not_depend_on_arrival_order():
+    strategy, _ = make("fedavg")
+    replies = [reply(100 + i, {"w": [0.1 * i, 1 / (i + 3)]}, 7 * i + 1) for i in range(1, 5)]
+    a, _ = strategy.aggregate_train(1, replies)
+    b, _ = strategy.aggregate_train(1, replies[::-1])
+    assert np.array_equal(arrays(a)["w"], arrays(b)["w"])
+
+
+def test_failed_client_fails_the_round():
+    strategy, _ = make("fedavg")
+    from flwr.app import Error
+
+    bad = Message(Error(code=1, reason="boom"), reply_to=Message(RecordDict(), dst_node_id=103, message_type="train"))
+    with pytest.raises(ClientFailed, match="boom"):
+        strategy.aggregate_train(1, [reply(101, {"w": [1.0]}, 1), bad])
+
+
+def test_fedavgm_server_momentum_by_hand():
+    strategy, _ = make("fedavgm", server_lr=1.0, server_momentum=0.5)
+    start = ArrayRecord({"w": Array(np.array([1.0], dtype=np.float32))})
+    strategy.current_arrays = start
+    # round 1: avg = 3 -> pseudo-gradient 1 - 3 = -2, buffer -2, w = 1 + 2 = 3
+    out, _ = strategy.aggregate_train(1, [reply(101, {"w": [3.0]}, 1), reply(102, {"w": [3.0]}, 1)])
+    np.testing.assert_allclose(arrays(out)["w"], [3.0])
+    # round 2: avg = 4 -> grad -1, buffer 0.5*(-2) + (-1) = -2, w = 3 + 2 = 5
+    out, _ = strategy.aggregate_train(2, [reply(101, {"w": [4.0]}, 1), reply(102, {"w": [4.0]}, 1)])
+    np.testing.assert_allclose(arrays(out)["w"], [5.0])
+
+
+def test_fedprox_sends_mu_and_client_adds_proximal_term():
+    strategy, spec = make("fedprox", proximal_mu=0.5)
+    assert spec.client_algorithm == "fedprox"
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(3.0)
+    content = RecordDict({"config": ConfigRecord({"proximal-mu": 0.5})})
+    client = FedProxClient(model, {"weight": torch.tensor([[1.0]])}, content, RecordDict(), 0.1, 0.0)
+    assert float(client.extra_loss()) == pytest.approx(0.5 * 0.5 * (3.0 - 1.0) ** 2)
+    assert strategy.proximal_mu == 0.5
+
+
+def test_scaffold_control_update_by_hand():
+    control = {"w": np.array([1.0, 1.0], dtype=np.float32)}
+    deltas = [{"w": np.array([2.0, 0.0], dtype=np.float32)}, {"w": np.array([0.0, 4.0], dtype=np.float32)}]
+    np.testing.assert_allclose(update_control(control, deltas, num_clients=4)["w"], [1.5, 2.0])
+
+
+def test_scaffold_client_correction_and_delta():
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.0, 0.0]]))
+    start = {"weight": torch.tensor([[1.0, 1.0]])}
+    content = RecordDict({"control": ArrayRecord({"weight": Array(np.array([[0.5, 0.5]], dtype=np.float32))})})
+    state = RecordDict()
+    client = ScaffoldClient(model, start, content, state, 0.1, 0.0)
+    model.weight.grad = torch.zeros(1, 2)
+    client.after_backward()  # c - c_i = 0.5 - 0
+    np.testing.assert_allclose(model.weight.grad.numpy(), [[0.5, 0.5]])
+    reply_rd = RecordDict()
+    client.finish(steps=5, reply=reply_rd, metrics={})
+    # c_i+ = 0 - 0.5 + (1 - 0) / (5 * 0.1) = 1.5 ; delta = 1.5
+    np.testing.assert_allclose(reply_rd["control-delta"]["weight"].numpy(), [[1.5, 1.5]])
+    np.testing.assert_allclose(state["scaffold-control"]["weight"].numpy(), [[1.5, 1.5]])
+
+
+def test_scaffold_strategy_strips_and_applies_deltas():
+    strategy, _ = make("scaffold")
+    r1 = reply(101, {"w": [2.0]}, 1)
+    r1.content["control-delta"] = ArrayRecord({"w": Array(np.array([4.0], dtype=np.float32))})
+    r2 = reply(102, {"w": [4.0]}, 1)
+    r2.content["control-delta"] = ArrayRecord({"w": Array(np.array([8.0], dtype=np.float32))})
+    out, _ = strategy.aggregate_train(1, [r1, r2])
+    np.testing.assert_allclose(arrays(out)["w"], [3.0])
+    np.testing.assert_allclose(strategy.control["w"], [12.0 / 4])
+
+
+def test_fednova_factor_and_update_by_hand():
+    assert normalising_factor(4, 0.0) == 4
+    rho = 0.5  # (3 - 0.5 * (1 - 0.125) / 0.5) / 0.5 = 4.25
+    assert normalising_factor(3, rho) == pytest.approx(4.25)
+    x = {"w": np.array([10.0])}
+    # p = (0.25, 0.75); d = 0.25*(10-6)/2 + 0.75*(10-2)/4 = 0.5 + 1.5 = 2; tau_eff = 0.25*2 + 0.75*4 = 3.5
+    new = fednova_update(x, [{"w": np.array([6.0])}, {"w": np.array([2.0])}], [1, 3], [2.0, 4.0])
+    np.testing.assert_allclose(new["w"], [10.0 - 3.5 * 2.0])
+    same = fednova_update(x, [{"w": np.array([6.0])}, {"w": np.array([2.0])}], [1, 3], [3.0, 3.0])
+    np.testing.assert_allclose(same["w"], [0.25 * 6 + 0.75 * 2])  # equal factors: FedAvg
+
+
+def test_fednova_strategy_uses_round_start():
+    strategy, _ = make("fednova")
+    start = ArrayRecord({"w": Array(np.array([10.0], dtype=np.float32))})
+
+    class Grid:
+        def get_node_ids(self):
+            return [101, 102, 103, 104]
+
+    strategy.configure_train(1, start, ConfigRecord(), Grid())
+    out, _ = strategy.aggregate_train(1, [reply(101, {"w": [6.0]}, 1, **{"fednova-a": 2.0}),
+                                          reply(102, {"w": [2.0]}, 3, **{"fednova-a": 4.0})])
+    np.testing.assert_allclose(arrays(out)["w"], [3.0], rtol=1e-6)
+
+
+def test_sampling_is_reproducible_and_independent_of_node_ids():
+    cfg_ctx = StrategyContext(num_clients=10, fraction=0.3, fraction_evaluate=0.0, min_clients=2, seed=5,
+                              client_eval_every=0, rounds=3)
+    picks = []
+    for offset in (1000, 77_777):  # two "runs" with different random node ids
+        cfg = load_config(None, ["data.dataset=digits"])
+        strategy, _ = build_strategy(cfg, cfg_ctx)
+        strategy.bind(cfg_ctx, {offset + 13 * p: p for p in range(10)})
+
+        class Grid:
+            def get_node_ids(self):
+                return {offset + 13 * p for p in range(10)}
+
+        msgs = strategy.configure_train(2, ArrayRecord(), ConfigRecord(), Grid())
+        picks.append(sorted(strategy.partition_of[m.metadata.dst_node_id] for m in msgs))
+    assert picks[0] == picks[1] and len(picks[0]) == 3
+
+
+def test_unknown_strategy_param_is_a_config_error():
+    with pytest.raises(ConfigError, match="strategy.params.momentum"):
+        make("fedavgm", momentum=0.1)
