@@ -12,17 +12,16 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.algorithms import CLIENT_ALGORITHMS
-from clients.losses import build_loss
+from clients.losses import LossContext, build_loss
 from clients.trainer import pick_device, predict_logits, to_tensors, train_local
 from fedimb.config import ExperimentConfig, from_yaml
 from fedimb.data import build_federated_data
-from fedimb.data.local_test import local_test_indices
+from fedimb.data.local_testset import local_test_indices
 from fedimb.models import FeatureClassifier, build_model, get_weights, set_weights
 
 CONFIG_KEY = "fedimb-config"
@@ -108,8 +107,8 @@ def train(message: Message, context: Context) -> Message:
                               cfg.train.lr, cfg.train.momentum)
     loss_fn, loss_params = build_loss(cfg.train.loss.name, cfg.train.loss.params)
     torch.manual_seed(cfg.seed * 100_003 + server_round * 1_009 + session.partition_id)
-    result = train_local(model, session.x, session.y, cfg.train, loss_fn, loss_params,
-                         session.class_counts, algorithm,
+    loss_ctx = LossContext(session.class_counts, progress=server_round / cfg.federation.rounds)
+    result = train_local(model, session.x, session.y, cfg.train, loss_fn, loss_params, loss_ctx, algorithm,
                          seed=cfg.seed * 1_000_003 + server_round * 10_007 + session.partition_id)
     reply = RecordDict({"arrays": ArrayRecord(get_weights(model))})
     metrics: dict = {
@@ -142,8 +141,3 @@ def evaluate(message: Message, context: Context) -> Message:
         "partition-id": session.partition_id,
     })
     return Message(RecordDict({"metrics": metrics}), reply_to=message)
-
-
-def class_count_array(values: list[int]) -> np.ndarray:
-    """Class counts from a hello reply as an array."""
-    return np.asarray(values, dtype=np.int64)

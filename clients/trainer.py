@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from clients.algorithms.base import ClientAlgorithm
-from clients.losses.base import LossFn
+from clients.losses.base import LossContext, LossFn
 from fedimb.config import TrainConfig
 
 
@@ -30,7 +30,7 @@ def train_local(
     cfg: TrainConfig,
     loss_fn: LossFn,
     loss_params: Any,
-    class_counts: torch.Tensor,
+    loss_ctx: LossContext,
     algorithm: ClientAlgorithm,
     seed: int,
 ) -> TrainResult:
@@ -51,7 +51,7 @@ def train_local(
             if batch.numel() < 2 and n >= 2 and _has_batchnorm(model):
                 continue  # BatchNorm cannot normalise a single sample
             logits = model(x[batch])
-            loss = loss_fn(logits, y[batch], class_counts, loss_params)
+            loss = loss_fn(logits, y[batch], loss_ctx, loss_params)
             extra = algorithm.extra_loss()
             total = loss if extra is None else loss + extra
             optimiser.zero_grad(set_to_none=True)

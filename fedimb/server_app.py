@@ -168,15 +168,20 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict[str
 
 
 def _config_from_run_config(context: Context) -> tuple[ExperimentConfig, Path]:
-    """``flwr run``: the YAML path and overrides come from pyproject's run config."""
+    """``flwr run``: the YAML path and overrides come from pyproject's run config.
+
+    Under ``flwr run`` this module runs from the installed FAB (``$FLWR_HOME/apps/...``), so
+    ``APP_DIR`` is that copy: a relative ``config`` names a YAML shipped in the FAB, and a
+    relative ``out`` is taken from the working directory (the SuperLink's), not ``APP_DIR``.
+    """
     run_config = context.run_config
-    path = Path(str(run_config.get("config", "experiments/quickstart.yaml")))
+    path = Path(str(run_config.get("config", "experiments/quickstart.yaml"))).expanduser()
     if not path.is_absolute():
         path = APP_DIR / path
     overrides = str(run_config.get("overrides", "")).split()
-    out = Path(str(run_config.get("out", "runs/flwr")))
+    out = Path(str(run_config.get("out", "runs/flwr"))).expanduser().absolute()
     cfg = load_config(path, overrides)
-    return cfg, (out if out.is_absolute() else APP_DIR / out) / f"{cfg.name}-{int(time.time())}"
+    return cfg, out / f"{cfg.name}-{int(time.time())}"
 
 
 def make_server_app(config_text: str | None = None, run_dir: Path | None = None) -> ServerApp:

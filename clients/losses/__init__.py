@@ -4,14 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from clients.losses import balanced_softmax, ce
-from clients.losses.base import LossFn, LossSpec
+from clients.losses import balanced_softmax, ce, fedlc, fedrs, focal, ldam_drw, logit_adjust
+from clients.losses.base import LossContext, LossFn, LossSpec
 from fedimb.config import ConfigError, build_params
 
 LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in (
     ce.LOSS,
+    focal.LOSS,
     balanced_softmax.LOSS,
+    logit_adjust.LOSS,
+    ldam_drw.LOSS,
+    fedlc.LOSS,
+    fedrs.LOSS,
 )}
+
+__all__ = ["LOSSES", "LossContext", "LossFn", "LossSpec", "build_loss"]
 
 
 def build_loss(name: str, params: dict[str, Any]) -> tuple[LossFn, Any]:

@@ -3,11 +3,11 @@
 import torch
 import torch.nn.functional as F
 
-from clients.losses.base import LossSpec, NoParams
+from clients.losses.base import LossContext, LossSpec, NoParams
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, class_counts: torch.Tensor, params: NoParams) -> torch.Tensor:
-    """Mean cross-entropy; class counts are unused."""
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ctx: LossContext, params: NoParams) -> torch.Tensor:
+    """Mean cross-entropy."""
     return F.cross_entropy(logits, targets)
 
 
