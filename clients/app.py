@@ -17,6 +17,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.algorithms import CLIENT_ALGORITHMS
+from clients.algorithms.base import ClientRound
 from clients.losses import LossContext, build_loss
 from clients.trainer import pick_device, predict_logits, to_tensors, train_local
 from fedimb.config import ExperimentConfig, from_yaml
@@ -103,8 +104,9 @@ def train(message: Message, context: Context) -> Message:
     config = message.content["config"]
     server_round = int(config.get("server-round", 0))
     algorithm_cls = CLIENT_ALGORITHMS[str(config.get(ALGORITHM_KEY, "fedavg"))]
-    algorithm = algorithm_cls(model, global_weights, message.content, context.state,
-                              cfg.train.lr, cfg.train.momentum)
+    algorithm = algorithm_cls(ClientRound(model, global_weights, message.content, context.state,
+                                          cfg.train.lr, cfg.train.momentum, session.x, session.y,
+                                          session.class_counts, cfg.eval.batch_size))
     loss_fn, loss_params = build_loss(cfg.train.loss.name, cfg.train.loss.params)
     torch.manual_seed(cfg.seed * 100_003 + server_round * 1_009 + session.partition_id)
     loss_ctx = LossContext(session.class_counts, progress=server_round / cfg.federation.rounds)

@@ -12,6 +12,7 @@ from torch import nn
 from clients.algorithms.base import ClientAlgorithm
 from clients.losses.base import LossContext, LossFn
 from fedimb.config import TrainConfig
+from fedimb.models import FeatureClassifier
 
 
 @dataclass
@@ -24,7 +25,7 @@ class TrainResult:
 
 
 def train_local(
-    model: nn.Module,
+    model: FeatureClassifier,
     x: torch.Tensor,
     y: torch.Tensor,
     cfg: TrainConfig,
@@ -50,9 +51,10 @@ def train_local(
             batch = order[start:start + cfg.batch_size]
             if batch.numel() < 2 and n >= 2 and _has_batchnorm(model):
                 continue  # BatchNorm cannot normalise a single sample
-            logits = model(x[batch])
+            features = model.features(x[batch])
+            logits = model.head(features)
             loss = loss_fn(logits, y[batch], loss_ctx, loss_params)
-            extra = algorithm.extra_loss()
+            extra = algorithm.extra_loss(features, logits, y[batch])
             total = loss if extra is None else loss + extra
             optimiser.zero_grad(set_to_none=True)
             total.backward()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from flwr.serverapp.strategy import Strategy
 
 from fedimb.config import ConfigError, ExperimentConfig, build_params
-from strategies import fedadam, fedavg, fedavgm, fednova, fedprox, scaffold
+from strategies import cafedcl, climb, fedadam, fedavg, fedavgm, fednova, fedprox, scaffold
 from strategies.base import StrategyContext, StrategySpec
 
 STRATEGIES: dict[str, StrategySpec] = {spec.name: spec for spec in (
@@ -15,6 +15,9 @@ STRATEGIES: dict[str, StrategySpec] = {spec.name: spec for spec in (
     fedadam.SPEC,
     scaffold.SPEC,
     fednova.SPEC,
+    climb.SPEC,
+    cafedcl.FEDPROTO,
+    cafedcl.CAFEDCL,
 )}
 
 

@@ -69,6 +69,12 @@ class NoParams:
     """For strategies without hyper-parameters."""
 
 
+def reweight_replies(replies: list[Message], weights: list[float], key: str) -> None:
+    """Replace each reply's weighting metric, so Flower's weighted mean uses our weights."""
+    for message, weight in zip(replies, weights):
+        message.content["metrics"][key] = float(weight)
+
+
 class _OrderedGrid:
     """A view of a Grid whose node ids come in partition order."""
 

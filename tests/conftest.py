@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+from flwr.supercore.task_identity import TaskIdentity
 
 from fedimb.config import ExperimentConfig, load_config
 
@@ -23,3 +24,9 @@ DIGITS_SMALL = [
 def digits_cfg() -> ExperimentConfig:
     """A 4-client, 3-round federation on sklearn digits."""
     return load_config(None, DIGITS_SMALL)
+
+
+@pytest.fixture(autouse=True)
+def _task_identity():
+    """Messages built outside a running app need an identity."""
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0

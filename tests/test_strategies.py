@@ -5,8 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from clients.algorithms.fednova import normalising_factor
 from clients.algorithms.fedprox import FedProxClient
@@ -16,32 +15,7 @@ from strategies import STRATEGIES, build_strategy
 from strategies.base import ClientFailed, StrategyContext
 from strategies.fednova import fednova_update
 from strategies.scaffold import update_control
-
-
-@pytest.fixture(autouse=True)
-def _task_identity():
-    # Messages outside a running app need an identity to be built.
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-
-
-def reply(node_id: int, weights: dict[str, list[float]], n: int, **metrics) -> Message:
-    content = RecordDict({
-        "arrays": ArrayRecord({k: Array(np.asarray(v, dtype=np.float32)) for k, v in weights.items()}),
-        "metrics": MetricRecord({"num-examples": n, "train_loss": 0.5, **metrics}),
-    })
-    msg = Message(content=content, dst_node_id=0, message_type="train")
-    msg.metadata.__dict__["_src_node_id"] = node_id  # a reply as if from this node
-    return msg
-
-
-def make(name: str, **params):
-    cfg = load_config(None, ["data.dataset=digits", f"strategy.name={name}"]
-                      + [f"strategy.params.{k}={v}" for k, v in params.items()])
-    ctx = StrategyContext(num_clients=4, fraction=1.0, fraction_evaluate=1.0, min_clients=2, seed=0,
-                          client_eval_every=1, rounds=3)
-    strategy, spec = build_strategy(cfg, ctx)
-    strategy.bind(ctx, {101: 0, 102: 1, 103: 2, 104: 3})
-    return strategy, spec
+from tests.fakes import make, reply, round_of
 
 
 def arrays(rec: ArrayRecord) -> dict[str, np.ndarray]:
@@ -95,8 +69,9 @@ def test_fedprox_sends_mu_and_client_adds_proximal_term():
     with torch.no_grad():
         model.weight.fill_(3.0)
     content = RecordDict({"config": ConfigRecord({"proximal-mu": 0.5})})
-    client = FedProxClient(model, {"weight": torch.tensor([[1.0]])}, content, RecordDict(), 0.1, 0.0)
-    assert float(client.extra_loss()) == pytest.approx(0.5 * 0.5 * (3.0 - 1.0) ** 2)
+    client = FedProxClient(round_of(model, {"weight": torch.tensor([[1.0]])}, content, RecordDict()))
+    term = client.extra_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1))
+    assert float(term.detach()) == pytest.approx(0.5 * 0.5 * (3.0 - 1.0) ** 2)
     assert strategy.proximal_mu == 0.5
 
 
@@ -113,7 +88,7 @@ def test_scaffold_client_correction_and_delta():
     start = {"weight": torch.tensor([[1.0, 1.0]])}
     content = RecordDict({"control": ArrayRecord({"weight": Array(np.array([[0.5, 0.5]], dtype=np.float32))})})
     state = RecordDict()
-    client = ScaffoldClient(model, start, content, state, 0.1, 0.0)
+    client = ScaffoldClient(round_of(model, start, content, state))
     model.weight.grad = torch.zeros(1, 2)
     client.after_backward()  # c - c_i = 0.5 - 0
     np.testing.assert_allclose(model.weight.grad.numpy(), [[0.5, 0.5]])

@@ -2,33 +2,50 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from flwr.app import RecordDict
-from torch import nn
+
+from fedimb.models import FeatureClassifier
+
+
+@dataclass
+class ClientRound:
+    """Everything a client algorithm may read in one round.
+
+    ``content`` is the server's message, ``state`` the node's persistent ``context.state``,
+    ``global_weights`` the weights the round started from, (x, y) the local training data.
+    """
+
+    model: FeatureClassifier
+    global_weights: dict[str, torch.Tensor]
+    content: RecordDict
+    state: RecordDict
+    lr: float
+    momentum: float
+    x: torch.Tensor
+    y: torch.Tensor
+    class_counts: torch.Tensor
+    eval_batch_size: int = 1024
+
+    def config_value(self, key: str, default: Any) -> Any:
+        """A value of the server's train ConfigRecord."""
+        config = self.content.get("config")
+        return config[key] if config is not None and key in config else default
 
 
 class ClientAlgorithm:
-    """Plain local SGD (FedAvg's client). Subclasses override only the hooks they need.
-
-    ``content`` is the server's message, ``state`` the node's persistent ``context.state``;
-    ``global_weights`` are the weights the round started from.
-    """
+    """Plain local SGD (FedAvg's client). Subclasses override only the hooks they need."""
 
     name = "fedavg"
 
-    def __init__(self, model: nn.Module, global_weights: dict[str, torch.Tensor],
-                 content: RecordDict, state: RecordDict, lr: float, momentum: float) -> None:
-        self.model = model
-        self.global_weights = global_weights
-        self.content = content
-        self.state = state
-        self.lr = lr
-        self.momentum = momentum
+    def __init__(self, rnd: ClientRound) -> None:
+        self.rnd = rnd
 
-    def extra_loss(self) -> torch.Tensor | None:
-        """A term added to the batch loss (FedProx's proximal term)."""
+    def extra_loss(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+        """A term added to the batch loss (FedProx's proximal term, prototype losses)."""
         return None
 
     def after_backward(self) -> None:
@@ -36,8 +53,3 @@ class ClientAlgorithm:
 
     def finish(self, steps: int, reply: RecordDict, metrics: dict[str, Any]) -> None:
         """Add records or metrics to the reply after local training."""
-
-    def config_value(self, key: str, default: Any) -> Any:
-        """A value of the server's train ConfigRecord."""
-        config = self.content.get("config")
-        return config[key] if config is not None and key in config else default

@@ -28,4 +28,4 @@ class FedNovaClient(ClientAlgorithm):
 
     def finish(self, steps: int, reply: RecordDict, metrics: dict[str, Any]) -> None:
         """Report a_i."""
-        metrics["fednova-a"] = normalising_factor(steps, self.momentum)
+        metrics["fednova-a"] = normalising_factor(steps, self.rnd.momentum)

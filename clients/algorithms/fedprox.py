@@ -12,12 +12,12 @@ class FedProxClient(ClientAlgorithm):
 
     name = "fedprox"
 
-    def extra_loss(self) -> torch.Tensor | None:
+    def extra_loss(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
         """The proximal term over trainable parameters."""
-        mu = float(self.config_value("proximal-mu", 0.0))
+        mu = float(self.rnd.config_value("proximal-mu", 0.0))
         if mu == 0.0:
             return None
-        total = torch.zeros((), device=next(self.model.parameters()).device)
-        for name, param in self.model.named_parameters():
-            total = total + (param - self.global_weights[name].to(param.device)).pow(2).sum()
+        total = logits.new_zeros(())
+        for name, param in self.rnd.model.named_parameters():
+            total = total + (param - self.rnd.global_weights[name].to(param.device)).pow(2).sum()
         return 0.5 * mu * total

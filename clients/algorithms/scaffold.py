@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, RecordDict
 
-from clients.algorithms.base import ClientAlgorithm
+from clients.algorithms.base import ClientAlgorithm, ClientRound
 
 STATE_KEY = "scaffold-control"
 SERVER_CONTROL_KEY = "control"
@@ -24,13 +24,13 @@ class ScaffoldClient(ClientAlgorithm):
 
     name = "scaffold"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        params = dict(self.model.named_parameters())
-        device = next(self.model.parameters()).device
-        server = self.content.get(SERVER_CONTROL_KEY)
-        own = self.state.get(STATE_KEY)
-        self.server_control = {k: self._tensor(server, k, p) .to(device) for k, p in params.items()}
+    def __init__(self, rnd: ClientRound) -> None:
+        super().__init__(rnd)
+        params = dict(rnd.model.named_parameters())
+        device = next(rnd.model.parameters()).device
+        server = rnd.content.get(SERVER_CONTROL_KEY)
+        own = rnd.state.get(STATE_KEY)
+        self.server_control = {k: self._tensor(server, k, p).to(device) for k, p in params.items()}
         self.client_control = {k: self._tensor(own, k, p).to(device) for k, p in params.items()}
         self.correction = {k: self.server_control[k] - self.client_control[k] for k in params}
 
@@ -42,18 +42,18 @@ class ScaffoldClient(ClientAlgorithm):
 
     def after_backward(self) -> None:
         """g ← g + c − c_i."""
-        for name, param in self.model.named_parameters():
+        for name, param in self.rnd.model.named_parameters():
             if param.grad is not None:
                 param.grad.add_(self.correction[name])
 
     def finish(self, steps: int, reply: RecordDict, metrics: dict[str, Any]) -> None:
         """Update c_i, store it, send Δc_i."""
-        scale = 1.0 / (max(steps, 1) * self.lr)
+        scale = 1.0 / (max(steps, 1) * self.rnd.lr)
         new_control: dict[str, torch.Tensor] = {}
         delta: dict[str, torch.Tensor] = {}
-        for name, param in self.model.named_parameters():
-            drift = (self.global_weights[name].to(param.device) - param.detach()) * scale
+        for name, param in self.rnd.model.named_parameters():
+            drift = (self.rnd.global_weights[name].to(param.device) - param.detach()) * scale
             new_control[name] = self.client_control[name] - self.server_control[name] + drift
             delta[name] = (new_control[name] - self.client_control[name]).cpu()
-        self.state[STATE_KEY] = ArrayRecord({k: v.cpu() for k, v in new_control.items()})
+        self.rnd.state[STATE_KEY] = ArrayRecord({k: v.cpu() for k, v in new_control.items()})
         reply[DELTA_KEY] = ArrayRecord(delta)

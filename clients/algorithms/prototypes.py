@@ -1,0 +1,113 @@
+"""Prototype client for ``cafedcl`` (CAFedCL-style) and ``fedproto``.
+
+Loss: L = CE + λ_p·L_proto + λ_g·L_geo, where
+- L_proto = −log softmax_y(z·P/τ) over the classes that have a global prototype (InfoNCE);
+- L_geo = mean over class pairs of (S(p) − S(P))², S the cosine-similarity matrix of class
+  prototypes, p the batch's own class prototypes (so the term is differentiable), P the global.
+After training the client sends per-class statistics under ``proto-stats``: prototype p_c
+(mean of L2-normalised features), count n_c, dispersion σ²_c = mean ||z − p_c||², mean
+normalised entropy u_c = H(softmax)/log C; and its mean confidence 1 − u as a metric.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import math
+
+import torch
+import torch.nn.functional as F
+from flwr.app import ArrayRecord, RecordDict
+
+from clients.algorithms.base import ClientAlgorithm, ClientRound
+
+PROTOTYPES_KEY = "prototypes"  # server → client: P (C×D) and has (C)
+STATS_KEY = "proto-stats"  # client → server
+CONFIDENCE_METRIC = "confidence"
+
+
+def class_statistics(features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+                     num_classes: int) -> dict[str, torch.Tensor]:
+    """Per-class prototype, count, dispersion and mean normalised entropy (zeros for absent classes)."""
+    z = F.normalize(features, dim=1)
+    probs = logits.softmax(1)
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1) / math.log(num_classes)
+    counts = torch.bincount(labels, minlength=num_classes).to(z.dtype)
+    one_hot = F.one_hot(labels, num_classes).to(z.dtype)  # N×C
+    safe = counts.clamp(min=1.0)
+    protos = (one_hot.T @ z) / safe[:, None]
+    dispersion = (one_hot * ((z[:, None, :] - protos[None]) ** 2).sum(2)).sum(0) / safe
+    uncertainty = (one_hot * entropy[:, None]).sum(0) / safe
+    return {"protos": protos, "counts": counts, "dispersion": dispersion, "uncertainty": uncertainty,
+            "confidence": 1.0 - entropy.mean()}
+
+
+def prototype_infonce(features: torch.Tensor, targets: torch.Tensor, prototypes: torch.Tensor,
+                      has: torch.Tensor, tau: float) -> torch.Tensor | None:
+    """−log softmax over available global prototypes at the sample's own class."""
+    available = has.nonzero().flatten()
+    keep = has[targets]
+    if available.numel() < 2 or not keep.any():
+        return None
+    index_of = torch.full((len(has),), -1, dtype=torch.long, device=targets.device)
+    index_of[available] = torch.arange(available.numel(), device=targets.device)
+    z = F.normalize(features[keep], dim=1)
+    sims = z @ prototypes[available].T / tau
+    return F.cross_entropy(sims, index_of[targets[keep]])
+
+
+def geometric_consistency(features: torch.Tensor, targets: torch.Tensor, prototypes: torch.Tensor,
+                          has: torch.Tensor) -> torch.Tensor | None:
+    """Mean squared difference between the batch's and the global class-similarity matrices."""
+    classes = torch.unique(targets)
+    classes = classes[has[classes]]
+    if classes.numel() < 2:
+        return None
+    z = F.normalize(features, dim=1)
+    local = torch.stack([F.normalize(z[targets == c].mean(0), dim=0) for c in classes])
+    glob = F.normalize(prototypes[classes], dim=1)
+    return ((local @ local.T - glob @ glob.T) ** 2).mean()
+
+
+class PrototypeClient(ClientAlgorithm):
+    """Prototype-regularised local training; reports per-class statistics."""
+
+    name = "prototypes"
+
+    def __init__(self, rnd: ClientRound) -> None:
+        super().__init__(rnd)
+        record = rnd.content.get(PROTOTYPES_KEY)
+        device = rnd.x.device
+        self.prototypes = torch.from_numpy(record["P"].numpy().copy()).to(device) if record else None
+        self.has = torch.from_numpy(record["has"].numpy().copy()).to(device).bool() if record else None
+        self.lambda_proto = float(rnd.config_value("proto-lambda", 1.0))
+        self.lambda_geo = float(rnd.config_value("geo-lambda", 0.1))
+        self.tau = float(rnd.config_value("proto-tau", 0.2))
+
+    def extra_loss(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
+        """λ_p·InfoNCE + λ_g·geometric consistency, once global prototypes exist."""
+        if self.prototypes is None:
+            return None
+        total = None
+        if self.lambda_proto:
+            term = prototype_infonce(features, targets, self.prototypes, self.has, self.tau)
+            total = None if term is None else self.lambda_proto * term
+        if self.lambda_geo:
+            geo = geometric_consistency(features, targets, self.prototypes, self.has)
+            if geo is not None:
+                total = self.lambda_geo * geo if total is None else total + self.lambda_geo * geo
+        return total
+
+    @torch.no_grad()
+    def finish(self, steps: int, reply: RecordDict, metrics: dict[str, Any]) -> None:
+        """Per-class statistics of the trained model on the local data."""
+        model, x = self.rnd.model, self.rnd.x
+        model.eval()
+        feats, logits = [], []
+        for i in range(0, len(x), self.rnd.eval_batch_size):
+            f = model.features(x[i:i + self.rnd.eval_batch_size])
+            feats.append(f)
+            logits.append(model.head(f))
+        stats = class_statistics(torch.cat(feats), torch.cat(logits), self.rnd.y, model.head.out_features)
+        metrics[CONFIDENCE_METRIC] = float(stats.pop("confidence"))
+        reply[STATS_KEY] = ArrayRecord({k: v.float().cpu() for k, v in stats.items()})

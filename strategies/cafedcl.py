@@ -1,0 +1,158 @@
+"""CAFedCL-style confidence-aware prototype aggregation, and FedProto as its ablation.
+
+Our design after Wu et al., "Breaking the Prototype Bias Loop" (arXiv 2603.03007; only the
+abstract is public, see ../shared/reference/cafedcl.md), built on FedProto (Tan et al.,
+AAAI 2022). Clients send, per class c they hold: prototype p_k,c, count n_k,c, dispersion
+σ²_k,c and mean normalised entropy u_k,c (``clients/algorithms/prototypes.py``). Per class:
+
+    w̃_k,c = n_k,c · exp(−β·u_k,c) · q_k,c / (σ²_k,c + ε),   w_k,c = w̃_k,c / Σ_j w̃_j,c
+    P_c = normalise(Σ_k w_k,c p_k,c),   then P_c ← normalise(m·P_c(old) + (1 − m)·P_c)
+
+(q = 1 until synthetic samples report a quality). ``fedproto`` is the same loop with
+w̃ = n_k,c and no smoothing: what the confidence weighting adds is the difference.
+Model weights: FedAvg, or ``model_weighting=confidence`` (FedAvg's weights × the client's
+mean confidence 1 − u on its own data, normalised).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedimb.config import ConfigError
+from strategies.base import ReproducibleSampling, StrategyContext, StrategySpec, reweight_replies
+
+PROTOTYPES_KEY = "prototypes"
+STATS_KEY = "proto-stats"
+CONFIDENCE_METRIC = "confidence"
+
+
+@dataclass
+class PrototypeParams:
+    """Server and client knobs of prototype aggregation.
+
+    prototype_weighting: ``confidence`` (CAFedCL-style) or ``count`` (FedProto);
+    beta: β of exp(−β·u); eps: ε added to σ²; ema: m of the smoothing (0 = none);
+    model_weighting: ``fedavg`` or ``confidence``; lambda_proto, lambda_geo, tau: client loss.
+    """
+
+    prototype_weighting: str = "confidence"
+    beta: float = 2.0
+    eps: float = 0.05
+    ema: float = 0.5
+    model_weighting: str = "fedavg"
+    lambda_proto: float = 1.0
+    lambda_geo: float = 0.1
+    tau: float = 0.2
+
+    def check(self, prefix: str) -> None:
+        """Reject values outside their range."""
+        if self.prototype_weighting not in ("confidence", "count"):
+            raise ConfigError(f"{prefix}.prototype_weighting", "choose one of confidence, count")
+        if self.model_weighting not in ("fedavg", "confidence"):
+            raise ConfigError(f"{prefix}.model_weighting", "choose one of fedavg, confidence")
+        if not 0 <= self.ema < 1:
+            raise ConfigError(f"{prefix}.ema", f"must be in [0, 1), got {self.ema}")
+        if self.tau <= 0 or self.eps <= 0:
+            raise ConfigError(f"{prefix}.tau" if self.tau <= 0 else f"{prefix}.eps", "must be > 0")
+
+
+def prototype_weights(counts: np.ndarray, uncertainty: np.ndarray, dispersion: np.ndarray,
+                      quality: np.ndarray | None, beta: float, eps: float, mode: str) -> np.ndarray:
+    """K×C weights w_k,c (columns sum to 1 where any client holds the class, else 0)."""
+    if mode == "count":
+        raw = counts.astype(np.float64)
+    else:
+        q = np.ones_like(counts, dtype=np.float64) if quality is None else quality
+        raw = counts * np.exp(-beta * uncertainty) * q / (dispersion + eps)
+    raw = np.where(counts > 0, raw, 0.0)
+    total = raw.sum(0, keepdims=True)
+    return np.divide(raw, total, out=np.zeros_like(raw), where=total > 0)
+
+
+def _normalise(rows: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return np.divide(rows, norms, out=np.zeros_like(rows), where=norms > 0)
+
+
+def aggregate_prototypes(protos: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """P_c = normalise(Σ_k w_k,c p_k,c) from K×C×D prototypes; returns (P, has)."""
+    has = weights.sum(0) > 0
+    return _normalise(np.einsum("kc,kcd->cd", weights, protos)), has
+
+
+class PrototypeStrategy(ReproducibleSampling, FedAvg):
+    """FedAvg of weights plus global class prototypes sent back every round."""
+
+    def __init__(self, params: PrototypeParams, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.params = params
+        self.prototypes: np.ndarray | None = None
+        self.has: np.ndarray | None = None
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Send the loss knobs and, once they exist, the global prototypes."""
+        config["proto-lambda"] = self.params.lambda_proto
+        config["geo-lambda"] = self.params.lambda_geo
+        config["proto-tau"] = self.params.tau
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        if self.prototypes is not None:
+            record = ArrayRecord({"P": Array(self.prototypes.astype(np.float32)),
+                                  "has": Array(self.has.astype(np.float32))})
+            for message in messages:
+                message.content[PROTOTYPES_KEY] = record
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Aggregate prototypes from the stats records, then the weights."""
+        replies = self.sort_replies(replies)
+        stats = []
+        for message in replies:
+            record = message.content[STATS_KEY]
+            stats.append({k: record[k].numpy() for k in record})
+            del message.content[STATS_KEY]
+        if stats:
+            self._update_prototypes(stats)
+        if self.params.model_weighting == "confidence" and replies:
+            key = self.weighted_by_key
+            reweight_replies(replies, [float(m.content["metrics"][key]) * float(m.content["metrics"][CONFIDENCE_METRIC])
+                                       for m in replies], key)
+        return super().aggregate_train(server_round, replies)
+
+    def _update_prototypes(self, stats: list[dict[str, np.ndarray]]) -> None:
+        p = self.params
+        weights = prototype_weights(
+            np.stack([s["counts"] for s in stats]), np.stack([s["uncertainty"] for s in stats]),
+            np.stack([s["dispersion"] for s in stats]), None, p.beta, p.eps, p.prototype_weighting)
+        new, has = aggregate_prototypes(np.stack([s["protos"] for s in stats]), weights)
+        if self.prototypes is not None and p.ema > 0:
+            both = has & self.has
+            new[both] = _normalise(p.ema * self.prototypes[both] + (1 - p.ema) * new[both])
+            keep_old = self.has & ~has
+            new[keep_old] = self.prototypes[keep_old]
+            has = has | self.has
+        self.prototypes, self.has = new, has
+
+
+def build_cafedcl(ctx: StrategyContext, params: PrototypeParams) -> PrototypeStrategy:
+    """CAFedCL-style strategy from the run's context."""
+    return PrototypeStrategy(params, **ctx.flower_kwargs())
+
+
+@dataclass
+class FedProtoParams(PrototypeParams):
+    """FedProto: count-weighted prototypes, no smoothing, no geometric term."""
+
+    prototype_weighting: str = "count"
+    ema: float = 0.0
+    lambda_geo: float = 0.0
+
+
+CAFEDCL = StrategySpec("cafedcl", build_cafedcl, PrototypeParams, "prototypes", "confidence-aware prototypes")
+FEDPROTO = StrategySpec("fedproto", build_cafedcl, FedProtoParams, "prototypes", "count-weighted prototypes")

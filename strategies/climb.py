@@ -1,0 +1,75 @@
+"""CLIMB (Shen et al., ICLR 2022): class-imbalanced FL as a constrained problem, dual re-weighting.
+
+Each client k has a dual variable λ_k ≥ 0. Aggregation weights are FedAvg's n_k/n times
+(1 + λ_k − mean λ) (clipped at 0, renormalised). After the round, with ℓ_k the loss of the
+round's starting model on client k's data:
+    λ_k ← clip(λ_k + η·(ℓ_k − mean ℓ − ε)/K, 0, λ_max)
+so clients the global model serves badly gain weight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import ArrayRecord, Message, MetricRecord
+from flwr.serverapp.strategy import FedAvg
+
+from strategies.base import ReproducibleSampling, StrategyContext, StrategySpec, reweight_replies
+
+LOSS_METRIC = "climb-loss"
+
+
+@dataclass
+class ClimbParams:
+    """eta: dual step size η; epsilon: tolerance ε; lambda_max: upper bound of λ."""
+
+    eta: float = 2.0
+    epsilon: float = 0.01
+    lambda_max: float = 1.0
+
+
+def climb_weights(num_examples: np.ndarray, lambdas: np.ndarray) -> np.ndarray:
+    """n_k/n · (1 + λ_k − mean λ), clipped at 0 and normalised."""
+    raw = num_examples / num_examples.sum() * np.clip(1.0 + lambdas - lambdas.mean(), 0.0, None)
+    return raw / raw.sum()
+
+
+def dual_update(lambdas: np.ndarray, losses: np.ndarray, params: ClimbParams, num_clients: int) -> np.ndarray:
+    """λ_k ← clip(λ_k + η(ℓ_k − mean ℓ − ε)/K, 0, λ_max)."""
+    step = params.eta * (losses - losses.mean() - params.epsilon) / num_clients
+    return np.clip(lambdas + step, 0.0, params.lambda_max)
+
+
+class ClimbStrategy(ReproducibleSampling, FedAvg):
+    """FedAvg with CLIMB's dual weights."""
+
+    def __init__(self, params: ClimbParams, num_clients: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.params = params
+        self.num_clients = num_clients
+        self.lambdas = np.zeros(num_clients)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Re-weight by (1 + λ − mean λ), then update λ of the participants."""
+        replies = self.sort_replies(replies)
+        if not replies:
+            return None, None
+        order = self._order()
+        pids = np.array([order[m.metadata.src_node_id] for m in replies])
+        key = self.weighted_by_key
+        n = np.array([float(m.content["metrics"][key]) for m in replies])
+        losses = np.array([float(m.content["metrics"][LOSS_METRIC]) for m in replies])
+        lam = self.lambdas[pids]
+        reweight_replies(replies, list(climb_weights(n, lam) * n.sum()), key)
+        self.lambdas[pids] = dual_update(lam, losses, self.params, self.num_clients)
+        return super().aggregate_train(server_round, replies)
+
+
+def build(ctx: StrategyContext, params: ClimbParams) -> ClimbStrategy:
+    """CLIMB from the run's context."""
+    return ClimbStrategy(params, ctx.num_clients, **ctx.flower_kwargs())
+
+
+SPEC = StrategySpec("climb", build, ClimbParams, "climb", "dual re-weighting of clients")

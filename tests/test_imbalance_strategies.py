@@ -1,0 +1,129 @@
+"""CAFedCL-style prototypes, FedProto and CLIMB against hand-computed cases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+
+from clients.algorithms.prototypes import class_statistics, geometric_consistency, prototype_infonce
+from fedimb.config import ConfigError
+from strategies.cafedcl import aggregate_prototypes, prototype_weights
+from strategies.climb import ClimbParams, climb_weights, dual_update
+from tests.fakes import make, reply
+
+
+def test_cafedcl_weights_three_clients_by_hand():
+    counts = np.array([[10.0, 0.0], [10.0, 5.0], [20.0, 5.0]])
+    unc = np.array([[0.0, 0.0], [0.5, 0.2], [0.0, 0.2]])
+    disp = np.array([[0.1, 0.0], [0.1, 0.4], [0.3, 0.1]])
+    w = prototype_weights(counts, unc, disp, None, beta=2.0, eps=0.1, mode="confidence")
+    raw0 = np.array([10 / 0.2, 10 * math.exp(-1.0) / 0.2, 20 / 0.4])
+    np.testing.assert_allclose(w[:, 0], raw0 / raw0.sum())
+    raw1 = np.array([0.0, 5 * math.exp(-0.4) / 0.5, 5 * math.exp(-0.4) / 0.2])
+    np.testing.assert_allclose(w[:, 1], raw1 / raw1.sum())
+    assert w[0, 1] == 0.0  # a client without the class never weighs in
+
+
+def test_fedproto_weights_are_counts():
+    counts = np.array([[10.0, 0.0], [30.0, 5.0]])
+    w = prototype_weights(counts, np.ones_like(counts), np.ones_like(counts), None, 2.0, 0.1, "count")
+    np.testing.assert_allclose(w, [[0.25, 0.0], [0.75, 1.0]])
+
+
+def test_aggregate_prototypes_normalises_and_marks_missing():
+    protos = np.array([[[1.0, 0.0], [0.0, 0.0], [0, 0]], [[0.0, 1.0], [0.0, 2.0], [0, 0]]])
+    weights = np.array([[0.5, 0.0, 0.0], [0.5, 1.0, 0.0]])
+    p, has = aggregate_prototypes(protos, weights)
+    np.testing.assert_allclose(p[0], [math.sqrt(0.5), math.sqrt(0.5)])
+    np.testing.assert_allclose(p[1], [0.0, 1.0])
+    assert has.tolist() == [True, True, False]
+
+
+def test_class_statistics_by_hand():
+    feats = torch.tensor([[1.0, 0.0], [0.0, 1.0], [3.0, 0.0]])
+    logits = torch.tensor([[0.0, 0.0], [10.0, -10.0], [0.0, 0.0]])
+    labels = torch.tensor([0, 0, 1])
+    s = class_statistics(feats, logits, labels, 2)
+    assert torch.allclose(s["protos"][0], torch.tensor([0.5, 0.5]))
+    assert torch.allclose(s["protos"][1], torch.tensor([1.0, 0.0]))
+    assert torch.allclose(s["counts"], torch.tensor([2.0, 1.0]))
+    assert s["dispersion"][0] == pytest.approx(0.5) and s["dispersion"][1] == pytest.approx(0.0)
+    assert s["uncertainty"][1] == pytest.approx(1.0)  # uniform softmax: entropy = log C
+    assert s["uncertainty"][0] == pytest.approx(0.5, abs=1e-3)  # one uniform, one certain
+
+
+def test_prototype_infonce_by_hand():
+    protos = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    has = torch.tensor([True, True, False])
+    feats = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    targets = torch.tensor([0, 1, 2])  # the class-2 sample has no prototype: skipped
+    loss = prototype_infonce(feats, targets, protos, has, tau=0.5)
+    one = -math.log(math.exp(2) / (math.exp(2) + 1))
+    assert float(loss) == pytest.approx(one)
+
+
+def test_geometric_consistency_zero_when_structure_matches():
+    protos = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    has = torch.tensor([True, True])
+    feats = torch.tensor([[5.0, 0.0], [0.0, 2.0]])
+    assert float(geometric_consistency(feats, torch.tensor([0, 1]), protos, has)) == pytest.approx(0.0)
+    feats = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    # local similarity 1 off the diagonal vs 0 globally: two entries of 1 over four
+    assert float(geometric_consistency(feats, torch.tensor([0, 1]), protos, has)) == pytest.approx(0.5)
+
+
+def stats_record(protos, counts, unc, disp) -> ArrayRecord:
+    return ArrayRecord({"protos": torch.tensor(protos), "counts": torch.tensor(counts),
+                        "uncertainty": torch.tensor(unc), "dispersion": torch.tensor(disp)})
+
+
+def test_cafedcl_strategy_sends_prototypes_and_smooths():
+    strategy, spec = make("cafedcl", ema=0.5)
+    assert spec.client_algorithm == "prototypes"
+    replies = []
+    for nid, proto in ((101, [[1.0, 0.0], [0.0, 1.0]]), (102, [[1.0, 0.0], [0.0, 1.0]])):
+        r = reply(nid, {"w": [1.0]}, 10, confidence=0.9)
+        r.content["proto-stats"] = stats_record(proto, [5.0, 5.0], [0.1, 0.1], [0.1, 0.1])
+        replies.append(r)
+    strategy.aggregate_train(1, replies)
+    np.testing.assert_allclose(strategy.prototypes, [[1, 0], [0, 1]], atol=1e-6)
+    r = reply(101, {"w": [1.0]}, 10, confidence=0.9)
+    r.content["proto-stats"] = stats_record([[0.0, 1.0], [0.0, 1.0]], [5.0, 0.0], [0.1, 0.0], [0.1, 0.0])
+    strategy.aggregate_train(2, [r])
+    half = math.sqrt(0.5)
+    np.testing.assert_allclose(strategy.prototypes[0], [half, half], atol=1e-6)  # EMA of old and new
+    np.testing.assert_allclose(strategy.prototypes[1], [0, 1], atol=1e-6)  # kept: nobody sent class 1
+
+    class Grid:
+        def get_node_ids(self):
+            return [101, 102, 103, 104]
+
+    msgs = list(strategy.configure_train(3, ArrayRecord(), ConfigRecord(), Grid()))
+    assert "prototypes" in msgs[0].content and float(msgs[0].content["config"]["proto-lambda"]) == 1.0
+
+
+def test_prototype_params_are_checked():
+    with pytest.raises(ConfigError, match="prototype_weighting"):
+        make("cafedcl", prototype_weighting="entropy")
+
+
+def test_climb_weights_and_dual_update_by_hand():
+    n = np.array([10.0, 30.0])
+    lam = np.array([0.0, 0.4])
+    np.testing.assert_allclose(climb_weights(n, lam), np.array([0.25 * 0.8, 0.75 * 1.2]) / 1.1)
+    new = dual_update(np.array([0.0, 0.5]), np.array([1.0, 3.0]), ClimbParams(eta=2.0, epsilon=0.0, lambda_max=1.0), 2)
+    np.testing.assert_allclose(new, [0.0, 1.0])  # 0 + 2(-1)/2 → clipped at 0; 0.5 + 2(1)/2 → clipped at 1
+
+
+def test_climb_strategy_moves_weight_to_the_worse_client():
+    strategy, _ = make("climb", eta=2.0, epsilon=0.0)
+    strategy.aggregate_train(1, [reply(101, {"w": [0.0]}, 1, **{"climb-loss": 1.0}),
+                                 reply(102, {"w": [1.0]}, 1, **{"climb-loss": 2.0})])
+    assert strategy.lambdas[1] > strategy.lambdas[0] == 0.0
+    out, _ = strategy.aggregate_train(2, [reply(101, {"w": [0.0]}, 1, **{"climb-loss": 1.0}),
+                                          reply(102, {"w": [1.0]}, 1, **{"climb-loss": 1.0})])
+    assert out["w"].numpy()[0] > 0.5
