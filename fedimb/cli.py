@@ -12,7 +12,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from fedimb.config import ConfigError, ExperimentConfig, load_config
+from fedimb.config import ConfigError, load_config
 
 console = Console(stderr=True)
 EXIT_BAD_INPUT = 2
@@ -68,7 +68,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from fedimb.sweep import run_sweep
 
     out = run_sweep(Path(args.suite), args.overrides, Path(args.out) if args.out else None,
-                    dry_run=args.dry_run)
+                    dry_run=args.dry_run, seeds=args.seeds, only=args.only)
     console.print(f"results: {out}", highlight=False)
     return 0
 
@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("overrides", nargs="*", help="overrides applied to every run")
     sweep.add_argument("--out", help="sweep directory (default: the suite's out)")
     sweep.add_argument("--dry-run", action="store_true", help="validate and list the runs only")
+    sweep.add_argument("--seeds", nargs="+", type=int, help="seeds to run (replaces the suite's)")
+    sweep.add_argument("--only", nargs="+", help="shell patterns on cell labels, e.g. 'lt100_dirbal0.1_*'")
     sweep.set_defaults(func=_cmd_sweep)
     report = sub.add_parser("report", help="tables and plots from existing run directories")
     report.add_argument("dirs", nargs="+")
@@ -120,10 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handler(args)
     except ConfigError as exc:
-        console.print(f"[red]{exc}[/]", highlight=False)
+        console.print(f"[red]{exc}[/]", highlight=False, soft_wrap=True)
         return EXIT_BAD_INPUT
     except RunError as exc:
-        console.print(f"[red]{exc}[/]", highlight=False)
+        console.print(f"[red]{exc}[/]", highlight=False, soft_wrap=True)
         return EXIT_RUN_FAILED
     except KeyboardInterrupt:
         console.print("[red]interrupted[/]")
@@ -137,5 +139,3 @@ def _entry() -> None:
 if __name__ == "__main__":
     _entry()
 
-
-__all__ = ["main", "build_parser", "print_summary", "ExperimentConfig"]

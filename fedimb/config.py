@@ -20,6 +20,7 @@ LONG_TAIL_PROFILES = ("exp", "step")
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "inner_dirichlet", "dir_balance")
 LOCAL_DATASETS = ("fmnist", "digits")
 DEVICES = ("auto", "cpu", "cuda")
+EVAL_SPLITS = ("test", "validation")
 
 
 class ConfigError(ValueError):
@@ -39,6 +40,7 @@ class DataConfig:
     hf_image_key: str = "auto"
     hf_label_key: str = "auto"
     hf_test_split: str = "test"
+    validation_fraction: float = 0.0  # share of each training class held out for tuning
 
 
 @dataclass
@@ -111,6 +113,7 @@ class TrainConfig:
 class EvalConfig:
     """Centralised (balanced test set) and client-side evaluation."""
 
+    split: str = "test"  # test (balanced test set) | validation (held-out training samples)
     every: int = 1  # centralised evaluation every N rounds (the last round always)
     client_every: int = 1  # client-side evaluation every N rounds; 0 switches it off
     batch_size: int = 1024
@@ -238,6 +241,11 @@ def validate(cfg: ExperimentConfig) -> None:
     _check_positive("train.batch_size", cfg.train.batch_size)
     _check_positive("train.momentum", cfg.train.momentum, strict=False)
     _check_positive("train.weight_decay", cfg.train.weight_decay, strict=False)
+    if not 0 <= cfg.data.validation_fraction < 1:
+        raise ConfigError("data.validation_fraction", f"must be in [0, 1), got {cfg.data.validation_fraction}")
+    _check_choice("eval.split", cfg.eval.split, EVAL_SPLITS)
+    if cfg.eval.split == "validation" and cfg.data.validation_fraction == 0:
+        raise ConfigError("eval.split", "validation needs data.validation_fraction > 0 (e.g. 0.1)")
     _check_positive("eval.every", cfg.eval.every)
     _check_positive("eval.client_every", cfg.eval.client_every, strict=False)
     _check_positive("eval.batch_size", cfg.eval.batch_size)

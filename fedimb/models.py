@@ -35,8 +35,11 @@ class FeatureClassifier(nn.Module):
 
 
 def _flat_dim(body: nn.Module, input_shape: tuple[int, int, int]) -> int:
+    body.eval()  # BatchNorm cannot take a single sample in training mode
     with torch.no_grad():
-        return int(body(torch.zeros(1, *input_shape)).shape[1])
+        dim = int(body(torch.zeros(1, *input_shape)).shape[1])
+    body.train()
+    return dim
 
 
 def lenet(input_shape: tuple[int, int, int], num_classes: int) -> FeatureClassifier:

@@ -21,7 +21,7 @@ from rich.console import Console
 
 from clients.app import ALGORITHM_KEY, CONFIG_KEY
 from fedimb.config import ExperimentConfig, from_yaml, load_config, to_yaml
-from fedimb.data import load_dataset, partition_stats, plot_partition
+from fedimb.data import DatasetSplits, build_federated_data, load_dataset, partition_stats, plot_partition
 from fedimb.metrics import classification_metrics, client_fairness
 from fedimb.models import build_model, get_weights, set_weights
 from fedimb.records import RunRecorder, package_versions
@@ -127,6 +127,16 @@ class RoundObserver:
         console.print("  ".join(parts), highlight=False, soft_wrap=True)
 
 
+def evaluation_set(cfg: ExperimentConfig) -> tuple[np.ndarray, np.ndarray, DatasetSplits]:
+    """The balanced test set, or (``eval.split=validation``) the held-out training samples."""
+    if cfg.eval.split == "validation":
+        data = build_federated_data(cfg)
+        idx = data.validation_indices
+        return data.splits.train_x[idx], data.splits.train_y[idx], data.splits
+    splits = load_dataset(cfg.data)
+    return splits.test_x, splits.test_y, splits
+
+
 def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     """The whole server side of one run; returns the summary written to ``summary.json``."""
     started = time.time()
@@ -138,9 +148,9 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict[str
     recorder.write_partition(stats)
     plot_partition(hello.counts, run_dir / "partition.png", title=f"{cfg.data.dataset}: {cfg.partition.name}")
 
-    splits = load_dataset(cfg.data)
-    observer = RoundObserver(cfg, recorder, hello.counts.sum(0), torch.from_numpy(splits.test_x),
-                             splits.test_y, splits.input_shape, splits.num_classes)
+    eval_x, eval_y, splits = evaluation_set(cfg)
+    observer = RoundObserver(cfg, recorder, hello.counts.sum(0), torch.from_numpy(eval_x), eval_y,
+                             splits.input_shape, splits.num_classes)
     ctx = StrategyContext(
         num_clients=cfg.federation.num_clients, fraction=cfg.federation.fraction,
         fraction_evaluate=cfg.federation.fraction_evaluate if cfg.eval.client_every else 0.0,

@@ -16,6 +16,7 @@ holds ``summary.json`` is skipped, so an interrupted sweep picks up where it sto
 
 from __future__ import annotations
 
+import fnmatch
 import itertools
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +48,8 @@ def _suite_value(suite: dict[str, Any], key: str, kind: type, default: Any) -> A
 
 
 def plan_sweep(suite_path: Path, extra_overrides: list[str] | tuple[str, ...] = (),
-               out: Path | None = None) -> tuple[list[PlannedRun], Path]:
-    """Expand a suite into validated runs and the sweep's output directory."""
+               out: Path | None = None, seeds: list[int] | None = None) -> tuple[list[PlannedRun], Path]:
+    """Expand a suite into validated runs and the sweep's output directory (``seeds`` replaces the suite's)."""
     if not suite_path.is_file():
         raise ConfigError("suite", f"file not found: {suite_path}")
     suite = OmegaConf.to_container(OmegaConf.load(suite_path), resolve=True)
@@ -59,7 +60,7 @@ def plan_sweep(suite_path: Path, extra_overrides: list[str] | tuple[str, ...] = 
         raise ConfigError(f"suite.{sorted(unknown)[0]}", "unknown key; allowed: name, base, out, overrides, seeds, axes")
     base = suite_path.parent / _suite_value(suite, "base", str, "")
     common = [str(o) for o in _suite_value(suite, "overrides", list, [])] + list(extra_overrides)
-    seeds = _suite_value(suite, "seeds", list, [0])
+    seeds = seeds if seeds else _suite_value(suite, "seeds", list, [0])
     axes = _suite_value(suite, "axes", dict, {})
     sweep_dir = out or Path(_suite_value(suite, "out", str, f"runs/sweeps/{suite_path.stem}"))
     axis_items = []
@@ -84,12 +85,20 @@ def plan_sweep(suite_path: Path, extra_overrides: list[str] | tuple[str, ...] = 
 
 
 def run_sweep(suite_path: Path, extra_overrides: list[str] | tuple[str, ...] = (),
-              out: Path | None = None, dry_run: bool = False) -> Path:
-    """Run every planned run not yet finished, then write the report; return results.md."""
+              out: Path | None = None, dry_run: bool = False, seeds: list[int] | None = None,
+              only: list[str] | None = None) -> Path:
+    """Run every planned run not yet finished, then write the report; return results.md.
+
+    ``only``: shell patterns on cell labels (e.g. ``lt100_dirbal0.1_*``) that narrow the grid.
+    """
     from fedimb.report import write_report
     from fedimb.simulation import check_before_run, run_experiment
 
-    runs, sweep_dir = plan_sweep(suite_path, extra_overrides, out)
+    runs, sweep_dir = plan_sweep(suite_path, extra_overrides, out, seeds)
+    if only:
+        runs = [r for r in runs if any(fnmatch.fnmatch(r.label, pattern) for pattern in only)]
+        if not runs:
+            raise ConfigError("--only", f"no cell label matches {' '.join(only)}")
     for run in runs:
         check_before_run(run.cfg)
     console.print(f"sweep: {len(runs)} runs → {sweep_dir}", highlight=False)

@@ -282,3 +282,20 @@ def test_build_federated_data_fmnist_lt():
     fed = build_federated_data(cfg)
     assert fed.counts.sum(axis=0).tolist() == [6000, 4301, 3083, 2210, 1584, 1135, 814, 583, 418, 300]
     assert np.bincount(fed.splits.test_y).tolist() == [1000] * 10
+
+
+def test_validation_hold_out_is_stratified_and_disjoint_from_clients():
+    from fedimb.config import load_config
+    from fedimb.data import build_federated_data
+
+    cfg = load_config(None, ["data.dataset=digits", "data.validation_fraction=0.2", "eval.split=validation",
+                             "federation.num_clients=4", "imbalance.factor=5"])
+    data = build_federated_data(cfg)
+    clients = np.concatenate(data.client_indices)
+    assert len(np.intersect1d(clients, data.validation_indices)) == 0
+    full = build_federated_data(load_config(None, ["data.dataset=digits", "federation.num_clients=4",
+                                                   "imbalance.factor=5"]))
+    assert len(clients) + len(data.validation_indices) == len(np.concatenate(full.client_indices))
+    held = np.bincount(data.splits.train_y[data.validation_indices], minlength=10)
+    kept = np.bincount(data.splits.train_y[full.train_indices], minlength=10)
+    np.testing.assert_allclose(held, np.maximum(1, np.round(0.2 * kept)))

@@ -37,15 +37,32 @@ __all__ = [
 class FederatedData:
     """A dataset split over clients.
 
-    ``train_indices``: samples kept by the long tail (indices into ``splits.train_x``);
+    ``train_indices``: samples kept by the long tail and not held out (indices into ``splits.train_x``);
     ``client_indices[k]``: client k's samples, also indices into ``splits.train_x``;
-    ``counts``: K x C class counts. The test set is left as loaded (balanced).
+    ``counts``: K x C class counts; ``validation_indices``: held-out training samples
+    (``data.validation_fraction`` of each class, for tuning without the test set).
+    The test set is left as loaded (balanced).
     """
 
     splits: DatasetSplits
     train_indices: np.ndarray
     client_indices: list[np.ndarray]
     counts: np.ndarray
+    validation_indices: np.ndarray
+
+
+def hold_out(labels: np.ndarray, indices: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``indices`` into (kept, held-out), holding out ``fraction`` of each class (at least one)."""
+    if fraction <= 0:
+        return indices, indices[:0]
+    rng = np.random.default_rng([seed, 11])
+    held = []
+    for cls in np.unique(labels[indices]):
+        members = indices[labels[indices] == cls]
+        take = max(1, int(round(fraction * len(members)))) if len(members) > 1 else 0
+        held.append(rng.choice(members, size=take, replace=False))
+    held_out = np.sort(np.concatenate(held))
+    return np.setdiff1d(indices, held_out), held_out
 
 
 @functools.lru_cache(maxsize=4)
@@ -57,11 +74,13 @@ def _build_cached(
     kept = apply_long_tail(
         splits.train_y, imb.factor, imb.profile, imb.step_minor_fraction, seed, splits.num_classes
     )
+    data_cfg = DataConfig(*data)
+    kept, validation = hold_out(splits.train_y, kept, data_cfg.validation_fraction, seed)
     parts = partition_indices(splits.train_y[kept], num_clients, PartitionConfig(*partition), seed)
     # kept is sorted, so mapping sorted positions through it keeps each client's list sorted
     client_indices = [kept[p] for p in parts]
     counts = client_class_counts(splits.train_y, client_indices, splits.num_classes)
-    return FederatedData(splits, kept, client_indices, counts)
+    return FederatedData(splits, kept, client_indices, counts, validation)
 
 
 def build_federated_data(cfg: ExperimentConfig) -> FederatedData:
