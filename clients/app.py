@@ -16,6 +16,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from clients.active import labelled_positions, query_step, store_positions
 from clients.algorithms import CLIENT_ALGORITHMS
 from clients.algorithms.base import ClientRound
 from clients.losses import LossContext, build_loss
@@ -76,6 +77,17 @@ def _session(message: Message, context: Context) -> ClientSession:
                          data.splits.input_shape)
 
 
+def _labelled_view(session: ClientSession, context: Context) -> ClientSession:
+    """In active learning, a client trains on its labelled pool only."""
+    if not session.cfg.active_learning.enabled:
+        return session
+    positions = labelled_positions(context.state, len(session.y), session.cfg, session.partition_id)
+    idx = torch.from_numpy(positions).to(session.device)
+    y = session.y[idx]
+    counts = torch.bincount(y, minlength=session.num_classes).float()
+    return dataclasses.replace(session, x=session.x[idx], y=y, class_counts=counts)
+
+
 def _model(session: ClientSession, arrays: ArrayRecord) -> tuple[FeatureClassifier, dict[str, torch.Tensor]]:
     model = build_model(session.cfg.model.name, session.input_shape, session.num_classes, session.cfg.seed)
     global_weights = arrays.to_torch_state_dict()
@@ -98,7 +110,7 @@ def hello(message: Message, context: Context) -> Message:
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """Local training from the global weights; replies weights, counts and train loss."""
-    session = _session(message, context)
+    session = _labelled_view(_session(message, context), context)
     cfg = session.cfg
     model, global_weights = _model(session, message.content["arrays"])
     config = message.content["config"]
@@ -121,6 +133,24 @@ def train(message: Message, context: Context) -> Message:
     algorithm.finish(result.steps, reply, metrics)
     reply["metrics"] = MetricRecord(metrics)
     return Message(reply, reply_to=message)
+
+
+@app.query("select")
+def select(message: Message, context: Context) -> Message:
+    """Active-learning query: pick samples with the configured sampler, reveal their labels."""
+    session = _session(message, context)
+    cfg = session.cfg
+    model, _ = _model(session, message.content["arrays"])
+    config = message.content["config"]
+    labelled = labelled_positions(context.state, len(session.y), cfg, session.partition_id)
+    gamma_bar = float(config["gamma-bar"]) if "gamma-bar" in config else None
+    step = int(config.get("fal-step", 0))
+    grown, report = query_step(cfg, model, session.x, session.y, labelled, int(config["budget"]), gamma_bar,
+                               cfg.seed * 1_000_003 + step * 10_007 + session.partition_id,
+                               session.input_shape, session.num_classes)
+    store_positions(context.state, grown)
+    metrics = {"partition-id": session.partition_id, "num-labelled": int(len(grown)), **report}
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
 
 
 @app.evaluate()

@@ -20,13 +20,14 @@ EXIT_RUN_FAILED = 1
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from fedimb.simulation import default_run_dir, run_experiment
+    from fedimb.simulation import check_before_run, default_run_dir, run_experiment
 
     cfg = load_config(args.config, args.overrides)
+    check_before_run(cfg)  # bad input stops here, before anything is printed or written
     run_dir = Path(args.out) if args.out else default_run_dir(cfg)
     console.print(f"[bold]fedimb run[/]: {cfg.strategy.name} on {cfg.data.dataset} "
                   f"({cfg.partition.name}, {cfg.federation.num_clients} clients, "
-                  f"{cfg.federation.rounds} rounds) → {run_dir}", highlight=False)
+                  f"{cfg.federation.rounds} rounds) → {run_dir}", highlight=False, soft_wrap=True)
     summary = run_experiment(cfg, run_dir)
     print_summary(summary)
     console.print(f"records: {run_dir}", highlight=False)

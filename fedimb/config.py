@@ -132,6 +132,22 @@ class SimulationConfig:
 
 
 @dataclass
+class ActiveLearningConfig:
+    """Federated active learning: labelled pools grow by queries between FL stages."""
+
+    enabled: bool = False
+    initial_fraction: float = 0.05  # of each client's pool, labelled at random before step 0
+    step_fraction: float = 0.05  # budget per step: round(N_train, -2) * step_fraction / K per client
+    steps: int = 8  # query steps (5% -> 45% with the defaults)
+    rounds_per_step: int = 10  # FedAvg rounds of each stage
+    reset_model: bool = True  # fresh random init every stage (the FairFAL paper) or continue
+    sampler: str = "random"
+    sampler_params: dict[str, Any] = field(default_factory=dict)
+    local_epochs: int = 50  # local-only model (samplers that need one): at most this many epochs
+    local_stop_accuracy: float = 0.99  # ... stopping once its train accuracy reaches this
+
+
+@dataclass
 class ExperimentConfig:
     """One federated experiment."""
 
@@ -146,6 +162,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    active_learning: ActiveLearningConfig = field(default_factory=ActiveLearningConfig)
 
 
 def _allowed_keys(node: DictConfig) -> str:
@@ -189,7 +206,7 @@ def load_config(
         for text in overrides:
             key, value = _parse_override(text)
             if OmegaConf.select(merged, key, default="__missing__") == "__missing__" and not (
-                key.startswith("strategy.params.") or key.startswith("train.loss.params.")
+                key.startswith(("strategy.params.", "train.loss.params.", "active_learning.sampler_params."))
             ):
                 raise _unknown_key(key)
             OmegaConf.update(merged, key, _yaml_value(value), merge=True)
@@ -253,6 +270,13 @@ def validate(cfg: ExperimentConfig) -> None:
     _check_positive("simulation.num_gpus", cfg.simulation.num_gpus, strict=False)
     _check_positive("simulation.threads_per_client", cfg.simulation.threads_per_client)
     _check_choice("simulation.device", cfg.simulation.device, DEVICES)
+    al = cfg.active_learning
+    for name in ("initial_fraction", "step_fraction", "local_stop_accuracy"):
+        if not 0 < getattr(al, name) <= 1:
+            raise ConfigError(f"active_learning.{name}", f"must be in (0, 1], got {getattr(al, name)}")
+    _check_positive("active_learning.steps", al.steps, strict=False)
+    _check_positive("active_learning.rounds_per_step", al.rounds_per_step)
+    _check_positive("active_learning.local_epochs", al.local_epochs)
     if cfg.data.dataset in LOCAL_DATASETS or "/" not in cfg.data.dataset:
         _check_choice("data.dataset", cfg.data.dataset, list(LOCAL_DATASETS) + ["<hf-owner>/<name>"])
     if cfg.data.dataset == "fmnist" and not Path(cfg.data.root).is_dir():

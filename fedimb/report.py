@@ -50,10 +50,12 @@ def partition_label(config: dict[str, Any]) -> str:
 
 
 def method_label(config: dict[str, Any], summary: dict[str, Any]) -> str:
-    """Strategy name, plus ``+<loss>`` when the client loss is not ``ce``."""
+    """Strategy name, plus ``+<loss>`` when the client loss is not ``ce``, plus ``/<sampler>`` in active learning."""
     strategy = (config.get("strategy") or {}).get("name") or summary.get("strategy") or "unknown"
     loss = ((config.get("train") or {}).get("loss") or {}).get("name", "ce")
-    return f"{strategy}+{loss}" if loss and loss != "ce" else str(strategy)
+    label = f"{strategy}+{loss}" if loss and loss != "ce" else str(strategy)
+    active = config.get("active_learning") or {}
+    return f"{label}/{active.get('sampler', '?')}" if active.get("enabled") else label
 
 
 def _number(value: Any) -> float:

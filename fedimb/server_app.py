@@ -17,15 +17,17 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 from rich.console import Console
 
 from clients.app import ALGORITHM_KEY, CONFIG_KEY
 from fedimb.config import ExperimentConfig, from_yaml, load_config, to_yaml
 from fedimb.data import DatasetSplits, build_federated_data, load_dataset, partition_stats, plot_partition
-from fedimb.metrics import classification_metrics, client_fairness
+from fedimb.metrics import class_groups, classification_metrics, client_fairness
 from fedimb.models import build_model, get_weights, set_weights
 from fedimb.records import RunRecorder, package_versions
-from strategies import build_strategy
+from strategies import build_strategy, strategy_spec
+from strategies.active_learning import ActiveLearningLoop, write_fal_records
 from strategies.base import StrategyContext
 
 console = Console(stderr=True)
@@ -81,8 +83,14 @@ class RoundObserver:
     test_y: np.ndarray
     input_shape: tuple[int, int, int]
     num_classes: int
+    rounds_per_stage: int = 0  # rounds of one strategy.start (all rounds unless active learning)
+    round_offset: int = 0  # rounds of earlier active-learning stages
     pending: dict[str, Any] = field(default_factory=dict)
     started: float = field(default_factory=time.time)
+
+    def start_stage(self, stage: int) -> None:
+        """Active learning: number this stage's rounds after the earlier stages'."""
+        self.round_offset = stage * self.rounds_per_stage
 
     def train_metrics(self, records: list[RecordDict], weight_key: str) -> MetricRecord:
         """Sample-weighted mean of the clients' train metrics."""
@@ -101,8 +109,8 @@ class RoundObserver:
 
     def central_evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         """Global model on the balanced test set every ``eval.every`` rounds and at the end."""
-        last = server_round == self.cfg.federation.rounds
-        if server_round % self.cfg.eval.every and not last:
+        last = server_round == self.rounds_per_stage
+        if (server_round % self.cfg.eval.every and not last) or (server_round == 0 and self.round_offset):
             return None
         model = build_model(self.cfg.model.name, self.input_shape, self.num_classes, self.cfg.seed)
         set_weights(model, arrays.to_torch_state_dict())
@@ -113,12 +121,12 @@ class RoundObserver:
         metrics = classification_metrics(self.test_y, preds.numpy(), self.num_classes, self.train_counts)
         row = {**metrics, **self.pending}
         self.pending = {}
-        self.recorder.log_round(server_round, row)
-        self._print(server_round, row)
+        self.recorder.log_round(self.round_offset + server_round, row)
+        self._print(self.round_offset + server_round, row)
         return MetricRecord({k: float(v) for k, v in metrics.items() if not isinstance(v, list)})
 
     def _print(self, server_round: int, row: dict[str, Any]) -> None:
-        parts = [f"round {server_round:>3}/{self.cfg.federation.rounds}",
+        parts = [f"round {server_round:>3}/{total_rounds(self.cfg)}",
                  f"acc {row['accuracy']:.4f}", f"bal {row['balanced_accuracy']:.4f}",
                  f"f1 {row['macro_f1']:.4f}", f"tail {row['tail_recall']:.4f}"]
         if "client_accuracy_std" in row:
@@ -137,8 +145,14 @@ def evaluation_set(cfg: ExperimentConfig) -> tuple[np.ndarray, np.ndarray, Datas
     return splits.test_x, splits.test_y, splits
 
 
-def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
-    """The whole server side of one run; returns the summary written to ``summary.json``."""
+def total_rounds(cfg: ExperimentConfig) -> int:
+    """Rounds of the whole run: all active-learning stages, or ``federation.rounds``."""
+    al = cfg.active_learning
+    return (al.steps + 1) * al.rounds_per_step if al.enabled else cfg.federation.rounds
+
+
+def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> None:
+    """The whole server side of one run: hello, rounds (or active-learning stages), records."""
     started = time.time()
     config_text = to_yaml(cfg)
     recorder = RunRecorder(run_dir)
@@ -149,32 +163,46 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> dict[str
     plot_partition(hello.counts, run_dir / "partition.png", title=f"{cfg.data.dataset}: {cfg.partition.name}")
 
     eval_x, eval_y, splits = evaluation_set(cfg)
+    per_stage = cfg.active_learning.rounds_per_step if cfg.active_learning.enabled else cfg.federation.rounds
     observer = RoundObserver(cfg, recorder, hello.counts.sum(0), torch.from_numpy(eval_x), eval_y,
-                             splits.input_shape, splits.num_classes)
+                             splits.input_shape, splits.num_classes, rounds_per_stage=per_stage)
     ctx = StrategyContext(
         num_clients=cfg.federation.num_clients, fraction=cfg.federation.fraction,
         fraction_evaluate=cfg.federation.fraction_evaluate if cfg.eval.client_every else 0.0,
         min_clients=cfg.federation.min_clients, seed=cfg.seed, client_eval_every=cfg.eval.client_every,
-        rounds=cfg.federation.rounds, train_metrics_aggr_fn=observer.train_metrics,
+        rounds=observer.rounds_per_stage, train_metrics_aggr_fn=observer.train_metrics,
         evaluate_metrics_aggr_fn=observer.evaluate_metrics,
     )
-    strategy, spec = build_strategy(cfg, ctx)
-    strategy.bind(ctx, hello.partition_of)
-    model = build_model(cfg.model.name, splits.input_shape, splits.num_classes, cfg.seed)
-    train_config = ConfigRecord({CONFIG_KEY: config_text, ALGORITHM_KEY: spec.client_algorithm})
-    strategy.start(grid=grid, initial_arrays=ArrayRecord(get_weights(model)),
-                   num_rounds=cfg.federation.rounds, train_config=train_config,
-                   evaluate_config=ConfigRecord({CONFIG_KEY: config_text}),
-                   evaluate_fn=observer.central_evaluate)
-    if not recorder.rounds or recorder.rounds[-1]["round"] != cfg.federation.rounds:
+
+    def make_strategy() -> Strategy:
+        strategy, _ = build_strategy(cfg, ctx)
+        strategy.bind(ctx, hello.partition_of)
+        return strategy
+
+    def initial_arrays() -> ArrayRecord:
+        return ArrayRecord(get_weights(build_model(cfg.model.name, splits.input_shape, splits.num_classes, cfg.seed)))
+
+    train_config = ConfigRecord({CONFIG_KEY: config_text, ALGORITHM_KEY: strategy_spec(cfg.strategy.name).client_algorithm})
+    evaluate_config = ConfigRecord({CONFIG_KEY: config_text})
+    extra: dict[str, Any] = {}
+    if cfg.active_learning.enabled:
+        loop = ActiveLearningLoop(cfg, grid, hello.partition_of, config_text, make_strategy, initial_arrays,
+                                  observer.central_evaluate, observer.start_stage,
+                                  class_groups(splits.num_classes, hello.counts.sum(0))["tail"], int(hello.counts.sum()))
+        extra["active_learning"] = loop.run(train_config, evaluate_config)
+        write_fal_records(run_dir, loop.steps, cfg.active_learning.initial_fraction, cfg.active_learning.step_fraction)
+    else:
+        make_strategy().start(grid=grid, initial_arrays=initial_arrays(), num_rounds=cfg.federation.rounds,
+                              train_config=train_config, evaluate_config=evaluate_config,
+                              evaluate_fn=observer.central_evaluate)
+    if not recorder.rounds or recorder.rounds[-1]["round"] != total_rounds(cfg):
         raise RunFailed("the federation stopped before its last round; see the errors above")
-    summary = recorder.write_summary({
+    recorder.write_summary({
         "name": cfg.name, "seed": cfg.seed, "strategy": cfg.strategy.name,
         "loss": cfg.train.loss.name, "versions": package_versions(),
-        "wall_time_per_round_s": (time.time() - started) / cfg.federation.rounds,
+        "wall_time_per_round_s": (time.time() - started) / total_rounds(cfg), **extra,
     })
     recorder.plot_curves()
-    return summary
 
 
 def _config_from_run_config(context: Context) -> tuple[ExperimentConfig, Path]:
