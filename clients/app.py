@@ -20,6 +20,7 @@ from clients.active import labelled_positions, query_step, store_positions
 from clients.algorithms import CLIENT_ALGORITHMS
 from clients.algorithms.base import ClientRound
 from clients.losses import LossContext, build_loss
+from clients.synthetic import load_pool, sample_pool, store_pool, topup_counts
 from clients.trainer import pick_device, predict_logits, to_tensors, train_local
 from fedimb.config import ExperimentConfig, from_yaml
 from fedimb.data import build_federated_data
@@ -107,10 +108,20 @@ def hello(message: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": metrics}), reply_to=message)
 
 
+def _with_synthetic(session: ClientSession, context: Context) -> tuple[ClientSession, int | None]:
+    """Append the stored synthetic pool to the real data; returns the number of real samples."""
+    pool = load_pool(context.state, session.device)
+    if pool is None or len(pool[1]) == 0:
+        return session, None
+    x, y = torch.cat([session.x, pool[0]]), torch.cat([session.y, pool[1]])
+    counts = session.class_counts + torch.bincount(pool[1], minlength=session.num_classes).float()
+    return dataclasses.replace(session, x=x, y=y, class_counts=counts), int(len(session.y))
+
+
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """Local training from the global weights; replies weights, counts and train loss."""
-    session = _labelled_view(_session(message, context), context)
+    session, real_count = _with_synthetic(_labelled_view(_session(message, context), context), context)
     cfg = session.cfg
     model, global_weights = _model(session, message.content["arrays"])
     config = message.content["config"]
@@ -123,16 +134,55 @@ def train(message: Message, context: Context) -> Message:
     torch.manual_seed(cfg.seed * 100_003 + server_round * 1_009 + session.partition_id)
     loss_ctx = LossContext(session.class_counts, progress=server_round / cfg.federation.rounds)
     result = train_local(model, session.x, session.y, cfg.train, loss_fn, loss_params, loss_ctx, algorithm,
-                         seed=cfg.seed * 1_000_003 + server_round * 10_007 + session.partition_id)
+                         seed=cfg.seed * 1_000_003 + server_round * 10_007 + session.partition_id,
+                         real_count=real_count, synthetic_weight=cfg.synthetic.loss_weight)
     reply = RecordDict({"arrays": ArrayRecord(get_weights(model))})
     metrics: dict = {
-        "num-examples": result.num_examples,
+        "num-examples": int(len(session.y) if real_count is None else real_count),
         "train_loss": result.mean_loss,
         "local-steps": result.steps,
     }
     algorithm.finish(result.steps, reply, metrics)
     reply["metrics"] = MetricRecord(metrics)
     return Message(reply, reply_to=message)
+
+
+@app.train("generator")
+def train_generator_round(message: Message, context: Context) -> Message:
+    """One federated round of the diffusion generator on this client's real data (no image leaves)."""
+    from fedimb.generation import build_generator, train_generator
+
+    session = _session(message, context)
+    syn = session.cfg.synthetic
+    unet = build_generator(syn.generator_size, session.input_shape, session.num_classes, session.cfg.seed)
+    unet.load_state_dict(message.content["arrays"].to_torch_state_dict())
+    unet.to(session.device)
+    server_round = int(message.content["config"].get("server-round", 0))
+    loss = train_generator(unet, session.x, session.y, steps=syn.local_steps, batch_size=syn.batch_size, lr=syn.lr,
+                           seed=session.cfg.seed * 7_919 + server_round * 101 + session.partition_id)
+    metrics = MetricRecord({"num-examples": int(len(session.y)), "generator_loss": float(loss)})
+    reply = RecordDict({"arrays": ArrayRecord(unet.cpu().state_dict()), "metrics": metrics})
+    return Message(reply, reply_to=message)
+
+
+@app.query("topup")
+def topup(message: Message, context: Context) -> Message:
+    """Store the synthetic pool: shipped by the server, or sampled here from a shipped generator."""
+    session = _session(message, context)
+    syn = session.cfg.synthetic
+    if "pool" in message.content:
+        record = message.content["pool"]
+        x, y = torch.from_numpy(record["x"].numpy().copy()), torch.from_numpy(record["y"].numpy().copy()).long()
+    else:
+        from fedimb.generation import build_generator
+
+        unet = build_generator(syn.generator_size, session.input_shape, session.num_classes, session.cfg.seed)
+        unet.load_state_dict(message.content["generator"].to_torch_state_dict())
+        counts = topup_counts(session.class_counts.cpu().numpy().astype(int), syn.target_per_class, syn.max_ratio)
+        x, y = sample_pool(unet.to(session.device), counts, syn, seed=session.cfg.seed * 31 + session.partition_id)
+    store_pool(context.state, x, y)
+    metrics = MetricRecord({"partition-id": session.partition_id, "num-synthetic": int(len(y))})
+    return Message(RecordDict({"metrics": metrics}), reply_to=message)
 
 
 @app.query("select")

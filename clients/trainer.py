@@ -34,10 +34,13 @@ def train_local(
     loss_ctx: LossContext,
     algorithm: ClientAlgorithm,
     seed: int,
+    real_count: int | None = None,
+    synthetic_weight: float = 1.0,
 ) -> TrainResult:
     """Run ``cfg.local_epochs`` epochs of mini-batch SGD on (x, y) in place on ``model``.
 
-    Shuffling is drawn from ``seed`` so a client's round is reproducible.
+    Shuffling is drawn from ``seed`` so a client's round is reproducible. Samples from position
+    ``real_count`` on are synthetic; each weighs ``synthetic_weight`` real samples in the loss.
     """
     model.train()
     optimiser = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
@@ -53,7 +56,7 @@ def train_local(
                 continue  # BatchNorm cannot normalise a single sample
             features = model.features(x[batch])
             logits = model.head(features)
-            loss = loss_fn(logits, y[batch], loss_ctx, loss_params)
+            loss = _batch_loss(loss_fn, loss_params, loss_ctx, logits, y[batch], batch, real_count, synthetic_weight)
             extra = algorithm.extra_loss(features, logits, y[batch])
             total = loss if extra is None else loss + extra
             optimiser.zero_grad(set_to_none=True)
@@ -63,6 +66,22 @@ def train_local(
             steps += 1
             loss_sum += float(loss.detach())
     return TrainResult(num_examples=n, steps=steps, mean_loss=loss_sum / max(steps, 1))
+
+
+def _batch_loss(loss_fn: LossFn, loss_params: Any, loss_ctx: LossContext, logits: torch.Tensor,
+                targets: torch.Tensor, batch: torch.Tensor, real_count: int | None, weight: float) -> torch.Tensor:
+    """The batch loss, with synthetic samples weighted: (n_r·L_r + w·n_s·L_s) / (n_r + w·n_s)."""
+    if real_count is None or weight == 1.0:
+        return loss_fn(logits, targets, loss_ctx, loss_params)
+    synthetic = batch >= real_count
+    n_syn = int(synthetic.sum())
+    if n_syn == 0 or n_syn == len(batch):
+        return loss_fn(logits, targets, loss_ctx, loss_params)
+    real = ~synthetic
+    n_real = len(batch) - n_syn
+    loss_real = loss_fn(logits[real], targets[real], loss_ctx, loss_params)
+    loss_syn = loss_fn(logits[synthetic], targets[synthetic], loss_ctx, loss_params)
+    return (n_real * loss_real + weight * n_syn * loss_syn) / (n_real + weight * n_syn)
 
 
 def _has_batchnorm(model: nn.Module) -> bool:

@@ -21,6 +21,8 @@ PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "inner_dirichlet", "dir_
 LOCAL_DATASETS = ("fmnist", "digits")
 DEVICES = ("auto", "cpu", "cuda")
 EVAL_SPLITS = ("test", "validation")
+SYNTHETIC_TRAINING = ("federated", "central", "pretrained")
+SYNTHETIC_POLICIES = ("server_pool", "client_sample")
 
 
 class ConfigError(ValueError):
@@ -148,6 +150,28 @@ class ActiveLearningConfig:
 
 
 @dataclass
+class SyntheticConfig:
+    """Synthetic minority samples from a class-conditional diffusion generator."""
+
+    enabled: bool = False
+    generator_size: str = "cpu"  # fedimb.generation.GENERATOR_SIZES
+    training: str = "federated"  # federated | central | pretrained
+    generator_path: str = ""  # pretrained: a save_generator directory
+    rounds: int = 5  # federated generator rounds
+    local_steps: int = 200  # generator steps per client per round (central: steps × clients × rounds)
+    batch_size: int = 64
+    lr: float = 2e-3
+    guidance_scale: float = 2.0
+    ddim_steps: int = 20
+    policy: str = "server_pool"  # server_pool: server samples and ships; client_sample: clients sample
+    target_per_class: int = 0  # top up every class to this count (0 = the client's largest class)
+    max_ratio: float = 1.0  # cap on synthetic:real samples per client
+    loss_weight: float = 1.0  # weight of a synthetic sample in the loss, relative to a real one
+    quality_per_class: int = 100  # generated samples per class for the recognisability report
+    cache_dir: str = "runs/cache/synthetic"  # generators and pools keyed by what made them; "" = off
+
+
+@dataclass
 class ExperimentConfig:
     """One federated experiment."""
 
@@ -163,6 +187,7 @@ class ExperimentConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     active_learning: ActiveLearningConfig = field(default_factory=ActiveLearningConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
 def _allowed_keys(node: DictConfig) -> str:
@@ -277,6 +302,17 @@ def validate(cfg: ExperimentConfig) -> None:
     _check_positive("active_learning.steps", al.steps, strict=False)
     _check_positive("active_learning.rounds_per_step", al.rounds_per_step)
     _check_positive("active_learning.local_epochs", al.local_epochs)
+    syn = cfg.synthetic
+    _check_choice("synthetic.training", syn.training, SYNTHETIC_TRAINING)
+    _check_choice("synthetic.policy", syn.policy, SYNTHETIC_POLICIES)
+    if syn.enabled and syn.training == "pretrained" and not Path(syn.generator_path).is_dir():
+        raise ConfigError("synthetic.generator_path", f"directory not found: '{syn.generator_path}' (needed by training=pretrained)")
+    for name in ("rounds", "local_steps", "batch_size", "ddim_steps", "quality_per_class"):
+        _check_positive(f"synthetic.{name}", getattr(syn, name))
+    for name in ("lr", "max_ratio", "loss_weight"):
+        _check_positive(f"synthetic.{name}", getattr(syn, name))
+    _check_positive("synthetic.target_per_class", syn.target_per_class, strict=False)
+    _check_positive("synthetic.guidance_scale", syn.guidance_scale, strict=False)
     if cfg.data.dataset in LOCAL_DATASETS or "/" not in cfg.data.dataset:
         _check_choice("data.dataset", cfg.data.dataset, list(LOCAL_DATASETS) + ["<hf-owner>/<name>"])
     if cfg.data.dataset == "fmnist" and not Path(cfg.data.root).is_dir():

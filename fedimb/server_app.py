@@ -185,6 +185,11 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> None:
     train_config = ConfigRecord({CONFIG_KEY: config_text, ALGORITHM_KEY: strategy_spec(cfg.strategy.name).client_algorithm})
     evaluate_config = ConfigRecord({CONFIG_KEY: config_text})
     extra: dict[str, Any] = {}
+    if cfg.synthetic.enabled:
+        from strategies.synthetic import prepare_synthetic  # diffusers loads only when asked for
+
+        extra["synthetic"] = prepare_synthetic(grid, cfg, ctx, hello.partition_of, hello.counts, splits,
+                                               config_text, run_dir)
     if cfg.active_learning.enabled:
         loop = ActiveLearningLoop(cfg, grid, hello.partition_of, config_text, make_strategy, initial_arrays,
                                   observer.central_evaluate, observer.start_stage,

@@ -1,0 +1,67 @@
+"""Client side of synthetic top-up: how many samples per class, the stored pool, generator rounds.
+
+A client's synthetic pool lives in ``context.state`` (images and labels), delivered once by the
+server (``server_pool``) or sampled by the client from a shipped generator (``client_sample``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, RecordDict
+
+from fedimb.config import SyntheticConfig
+
+POOL_KEY = "synthetic-pool"
+
+
+def topup_counts(counts: np.ndarray, target_per_class: int, max_ratio: float) -> np.ndarray:
+    """Synthetic samples per class: up to the target (0 = largest local class), capped at max_ratio × real.
+
+    When the cap binds, every class's need is scaled down by the same factor (floored) and the
+    leftover units go to the largest fractional parts, lower class first on ties.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    target = int(target_per_class) if target_per_class > 0 else int(counts.max(initial=0))
+    need = np.clip(target - counts, 0, None)
+    cap = int(np.floor(max_ratio * counts.sum()))
+    if need.sum() <= cap:
+        return need
+    exact = need * (cap / need.sum())
+    out = np.floor(exact).astype(np.int64)
+    order = sorted(range(len(need)), key=lambda c: (-(exact[c] - out[c]), c))
+    for c in order[: cap - int(out.sum())]:
+        out[c] += 1
+    return out
+
+
+def store_pool(state: RecordDict, x: torch.Tensor, y: torch.Tensor) -> None:
+    """Keep the synthetic pool in the node state."""
+    state[POOL_KEY] = ArrayRecord({"x": x.detach().cpu().float(), "y": y.detach().cpu().long()})
+
+
+def load_pool(state: RecordDict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The stored synthetic pool on ``device``, or None."""
+    if POOL_KEY not in state:
+        return None
+    record = state[POOL_KEY]
+    x = torch.from_numpy(record["x"].numpy().copy()).to(device)
+    y = torch.from_numpy(record["y"].numpy().copy()).to(device)
+    return x, y
+
+
+def labels_for(counts: np.ndarray) -> torch.Tensor:
+    """A label vector with counts[c] copies of class c, in class order."""
+    return torch.from_numpy(np.repeat(np.arange(len(counts)), counts)).long()
+
+
+def sample_pool(unet, counts: np.ndarray, cfg: SyntheticConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample ``counts[c]`` images of each class c from the generator."""
+    from fedimb.generation import sample
+
+    labels = labels_for(counts)
+    if len(labels) == 0:
+        return torch.empty(0), labels
+    images = sample(unet, labels, guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.ddim_steps,
+                    seed=seed)
+    return images, labels

@@ -1,0 +1,155 @@
+"""Synthetic minority samples: train the generator (federated by default), report its quality,
+deliver each client its top-up, before the classifier federation starts.
+
+Federated training is FedAvg over the generator's weights with ``train.generator`` messages:
+clients train on their own images and send weights back; no image leaves a client. The
+generator and the server-sampled pools are cached under ``synthetic.cache_dir`` keyed by
+everything that made them, so ``--resume``, reruns and sweeps over strategies reuse them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from rich.console import Console
+
+from clients.synthetic import labels_for, sample_pool, topup_counts
+from fedimb.config import ExperimentConfig
+from fedimb.data import DatasetSplits
+from fedimb.generation import (build_generator, load_generator, recognisability, sample, sample_grid,
+                               save_generator, train_generator, train_reference_classifier)
+from strategies.base import ReproducibleSampling, StrategyContext
+
+GENERATOR_TRAIN = f"{MessageType.TRAIN}.generator"
+TOPUP_QUERY = f"{MessageType.QUERY}.topup"
+console = Console(stderr=True)
+
+
+class GeneratorFedAvg(ReproducibleSampling, FedAvg):
+    """FedAvg over the generator's weights; its messages go to the ``train.generator`` handler."""
+
+    def _construct_messages(self, record: RecordDict, node_ids: list[int], message_type: str) -> Iterable[Message]:
+        kind = GENERATOR_TRAIN if message_type == MessageType.TRAIN else message_type
+        return [Message(content=record, message_type=kind, dst_node_id=n) for n in node_ids]
+
+
+def cache_key(cfg: ExperimentConfig) -> str:
+    """Hash of what determines the generator: data, long tail, partition, clients, seed, generator knobs."""
+    syn = asdict(cfg.synthetic)
+    for knob in ("policy", "target_per_class", "max_ratio", "loss_weight", "quality_per_class", "cache_dir"):
+        syn.pop(knob)
+    made_of = {"seed": cfg.seed, "data": asdict(cfg.data), "imbalance": asdict(cfg.imbalance),
+               "partition": asdict(cfg.partition), "num_clients": cfg.federation.num_clients, "synthetic": syn}
+    return hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _cache_dir(cfg: ExperimentConfig, run_dir: Path) -> Path:
+    root = Path(cfg.synthetic.cache_dir) if cfg.synthetic.cache_dir else run_dir / "synthetic"
+    return root / cache_key(cfg)
+
+
+def obtain_generator(grid: Grid, cfg: ExperimentConfig, ctx: StrategyContext, partition_of: dict[int, int],
+                     splits: DatasetSplits, config_text: str, cache: Path):
+    """Load the cached or pretrained generator, or train it (federated or central) and cache it."""
+    syn = cfg.synthetic
+    if syn.training == "pretrained":
+        return load_generator(syn.generator_path), 0.0
+    if (cache / "generator").is_dir():
+        console.print(f"generator: reusing {cache / 'generator'}", highlight=False)
+        return load_generator(cache / "generator"), 0.0
+    started = time.time()
+    unet = build_generator(syn.generator_size, splits.input_shape, splits.num_classes, cfg.seed)
+    if syn.training == "federated":
+        strategy = GeneratorFedAvg(**{**ctx.flower_kwargs(), "fraction_evaluate": 0.0, "min_evaluate_nodes": 0,
+                                      "train_metrics_aggr_fn": None, "evaluate_metrics_aggr_fn": None})
+        strategy.bind(ctx, partition_of)
+        result = strategy.start(grid=grid, initial_arrays=ArrayRecord(unet.state_dict()), num_rounds=syn.rounds,
+                                train_config=ConfigRecord({"fedimb-config": config_text}))
+        unet.load_state_dict(result.arrays.to_torch_state_dict())
+    else:  # central: only a simulation's server can see every client's images
+        from fedimb.data import build_federated_data
+
+        data = build_federated_data(cfg)
+        idx = np.concatenate(data.client_indices)
+        steps = syn.local_steps * syn.rounds * cfg.federation.num_clients
+        train_generator(unet, torch.from_numpy(splits.train_x[idx]), torch.from_numpy(splits.train_y[idx]),
+                        steps=steps, batch_size=syn.batch_size, lr=syn.lr, seed=cfg.seed, progress=True)
+    save_generator(unet, cache / "generator")
+    return unet, time.time() - started
+
+
+def quality_report(unet, cfg: ExperimentConfig, splits: DatasetSplits, run_dir: Path) -> dict[str, Any]:
+    """Per-class recognisability of generated samples by a classifier trained on the real balanced train set."""
+    syn = cfg.synthetic
+    labels = labels_for(np.full(splits.num_classes, syn.quality_per_class))
+    started = time.time()
+    images = sample(unet, labels, guidance_scale=syn.guidance_scale, num_inference_steps=syn.ddim_steps,
+                    seed=cfg.seed, progress=True)
+    per_second = len(labels) / max(time.time() - started, 1e-9)
+    reference = train_reference_classifier(torch.from_numpy(splits.train_x), torch.from_numpy(splits.train_y),
+                                           splits.num_classes, seed=cfg.seed)
+    scores = recognisability(reference, images, labels, splits.num_classes)
+    sample_grid(images, labels, splits.num_classes, run_dir / "synthetic_grid.png")
+    return {"recognisability": scores, "mean_recognisability": float(np.mean(scores)),
+            "min_recognisability": float(np.min(scores)), "sampling_images_per_s": per_second,
+            "ddim_steps": syn.ddim_steps}
+
+
+def deliver(grid: Grid, cfg: ExperimentConfig, unet, partition_of: dict[int, int], counts: np.ndarray,
+            config_text: str, cache: Path) -> list[int]:
+    """Send every client its top-up (a pool or the generator); returns synthetic samples per client."""
+    syn = cfg.synthetic
+    messages = []
+    for node_id, pid in sorted(partition_of.items(), key=lambda item: item[1]):
+        content = RecordDict({"config": ConfigRecord({"fedimb-config": config_text})})
+        if syn.policy == "server_pool":
+            content["pool"] = _server_pool(unet, counts[pid], cfg, cache, pid)
+        else:
+            content["generator"] = ArrayRecord(unet.state_dict())
+        messages.append(Message(content=content, message_type=TOPUP_QUERY, dst_node_id=node_id))
+    replies = list(grid.send_and_receive(messages))
+    failed = [m for m in replies if m.has_error()]
+    if failed or len(replies) != len(messages):
+        raise RuntimeError(f"synthetic top-up failed: {failed[0].error.reason if failed else 'missing replies'}")
+    by_pid = {int(m.content["metrics"]["partition-id"]): int(m.content["metrics"]["num-synthetic"]) for m in replies}
+    return [by_pid[p] for p in sorted(by_pid)]
+
+
+def _server_pool(unet, client_counts: np.ndarray, cfg: ExperimentConfig, cache: Path, pid: int) -> ArrayRecord:
+    syn = cfg.synthetic
+    need = topup_counts(client_counts, syn.target_per_class, syn.max_ratio)
+    path = cache / f"pool-t{syn.target_per_class}-r{syn.max_ratio}-w{syn.guidance_scale}-s{syn.ddim_steps}-c{pid}.pt"
+    if path.is_file():
+        x, y = torch.load(path)
+    else:
+        x, y = sample_pool(unet, need, syn, seed=cfg.seed * 31 + pid)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save((x, y), tmp)
+        tmp.replace(path)
+    return ArrayRecord({"x": x.float(), "y": y.long()})
+
+
+def prepare_synthetic(grid: Grid, cfg: ExperimentConfig, ctx: StrategyContext, partition_of: dict[int, int],
+                      counts: np.ndarray, splits: DatasetSplits, config_text: str, run_dir: Path) -> dict[str, Any]:
+    """Generator, quality report and delivery; returns the ``synthetic`` block of summary.json."""
+    cache = _cache_dir(cfg, run_dir)
+    unet, train_seconds = obtain_generator(grid, cfg, ctx, partition_of, splits, config_text, cache)
+    report = quality_report(unet, cfg, splits, run_dir)
+    report["generator_training_s"] = train_seconds
+    report["generator_dir"] = str(cache / "generator")
+    report["synthetic_per_client"] = deliver(grid, cfg, unet, partition_of, counts, config_text, cache)
+    console.print(f"synthetic: mean recognisability {report['mean_recognisability']:.3f}, "
+                  f"per client {report['synthetic_per_client']}", highlight=False)
+    return report
