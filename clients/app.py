@@ -20,7 +20,7 @@ from clients.active import labelled_positions, query_step, store_positions
 from clients.algorithms import CLIENT_ALGORITHMS
 from clients.algorithms.base import ClientRound
 from clients.losses import LossContext, build_loss
-from clients.synthetic import load_pool, sample_pool, store_pool, topup_counts
+from clients.synthetic import generator_from, load_pool, sample_pool, store_pool, topup_counts
 from clients.trainer import pick_device, predict_logits, to_tensors, train_local
 from fedimb.config import ExperimentConfig, from_yaml
 from fedimb.data import build_federated_data
@@ -150,16 +150,16 @@ def train(message: Message, context: Context) -> Message:
 @app.train("generator")
 def train_generator_round(message: Message, context: Context) -> Message:
     """One federated round of the diffusion generator on this client's real data (no image leaves)."""
-    from fedimb.generation import build_generator, train_generator
+    from fedimb.generation import train_generator
 
     session = _session(message, context)
     syn = session.cfg.synthetic
-    unet = build_generator(syn.generator_size, session.input_shape, session.num_classes, session.cfg.seed)
-    unet.load_state_dict(message.content["arrays"].to_torch_state_dict())
-    unet.to(session.device)
+    unet = generator_from(message.content["arrays"], message.content["config"], session.cfg,
+                          session.input_shape, session.num_classes).to(session.device)
     server_round = int(message.content["config"].get("server-round", 0))
+    # EMA restarts on every call: over a few hundred local steps it would lag the weights being averaged
     loss = train_generator(unet, session.x, session.y, steps=syn.local_steps, batch_size=syn.batch_size, lr=syn.lr,
-                           seed=session.cfg.seed * 7_919 + server_round * 101 + session.partition_id)
+                           seed=session.cfg.seed * 7_919 + server_round * 101 + session.partition_id, ema_decay=0.0)
     metrics = MetricRecord({"num-examples": int(len(session.y)), "generator_loss": float(loss)})
     reply = RecordDict({"arrays": ArrayRecord(unet.cpu().state_dict()), "metrics": metrics})
     return Message(reply, reply_to=message)
@@ -174,10 +174,8 @@ def topup(message: Message, context: Context) -> Message:
         record = message.content["pool"]
         x, y = torch.from_numpy(record["x"].numpy().copy()), torch.from_numpy(record["y"].numpy().copy()).long()
     else:
-        from fedimb.generation import build_generator
-
-        unet = build_generator(syn.generator_size, session.input_shape, session.num_classes, session.cfg.seed)
-        unet.load_state_dict(message.content["generator"].to_torch_state_dict())
+        unet = generator_from(message.content["generator"], message.content["config"], session.cfg,
+                              session.input_shape, session.num_classes)
         counts = topup_counts(session.class_counts.cpu().numpy().astype(int), syn.target_per_class, syn.max_ratio)
         x, y = sample_pool(unet.to(session.device), counts, syn, seed=session.cfg.seed * 31 + session.partition_id)
     store_pool(context.state, x, y)

@@ -13,6 +13,17 @@ from flwr.app import ArrayRecord, RecordDict
 from fedimb.config import SyntheticConfig
 
 POOL_KEY = "synthetic-pool"
+RANGE_KEY = "generator-range"  # [lo, hi] of the training images, sent with every generator
+
+
+def generator_from(record: ArrayRecord, config, cfg, input_shape: tuple[int, int, int], num_classes: int):
+    """Rebuild the server's generator from its weights and the data range in the message config."""
+    from fedimb.generation import build_generator
+
+    lo, hi = (float(v) for v in config[RANGE_KEY])
+    unet = build_generator(cfg.synthetic.generator_size, input_shape, num_classes, cfg.seed, data_range=(lo, hi))
+    unet.load_state_dict(record.to_torch_state_dict())
+    return unet
 
 
 def topup_counts(counts: np.ndarray, target_per_class: int, max_ratio: float) -> np.ndarray:

@@ -24,10 +24,10 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from rich.console import Console
 
-from clients.synthetic import labels_for, sample_pool, topup_counts
+from clients.synthetic import RANGE_KEY, labels_for, sample_pool, topup_counts
 from fedimb.config import ExperimentConfig
 from fedimb.data import DatasetSplits
-from fedimb.generation import (build_generator, load_generator, recognisability, sample, sample_grid,
+from fedimb.generation import (build_generator, data_range, load_generator, recognisability, sample, sample_grid,
                                save_generator, train_generator, train_reference_classifier)
 from strategies.base import ReproducibleSampling, StrategyContext
 
@@ -42,6 +42,11 @@ class GeneratorFedAvg(ReproducibleSampling, FedAvg):
     def _construct_messages(self, record: RecordDict, node_ids: list[int], message_type: str) -> Iterable[Message]:
         kind = GENERATOR_TRAIN if message_type == MessageType.TRAIN else message_type
         return [Message(content=record, message_type=kind, dst_node_id=n) for n in node_ids]
+
+
+def value_range(splits: DatasetSplits) -> tuple[float, float]:
+    """The range of the normalised training images: every generator copy maps it to [−1, 1] the same way."""
+    return float(splits.train_x.min()), float(splits.train_x.max())
 
 
 def cache_key(cfg: ExperimentConfig) -> str:
@@ -69,13 +74,15 @@ def obtain_generator(grid: Grid, cfg: ExperimentConfig, ctx: StrategyContext, pa
         console.print(f"generator: reusing {cache / 'generator'}", highlight=False)
         return load_generator(cache / "generator"), 0.0
     started = time.time()
-    unet = build_generator(syn.generator_size, splits.input_shape, splits.num_classes, cfg.seed)
+    unet = build_generator(syn.generator_size, splits.input_shape, splits.num_classes, cfg.seed,
+                           data_range=value_range(splits))
     if syn.training == "federated":
         strategy = GeneratorFedAvg(**{**ctx.flower_kwargs(), "fraction_evaluate": 0.0, "min_evaluate_nodes": 0,
                                       "train_metrics_aggr_fn": None, "evaluate_metrics_aggr_fn": None})
         strategy.bind(ctx, partition_of)
         result = strategy.start(grid=grid, initial_arrays=ArrayRecord(unet.state_dict()), num_rounds=syn.rounds,
-                                train_config=ConfigRecord({"fedimb-config": config_text}))
+                                train_config=ConfigRecord({"fedimb-config": config_text,
+                                                           RANGE_KEY: list(value_range(splits))}))
         unet.load_state_dict(result.arrays.to_torch_state_dict())
     else:  # central: only a simulation's server can see every client's images
         from fedimb.data import build_federated_data
@@ -112,7 +119,8 @@ def deliver(grid: Grid, cfg: ExperimentConfig, unet, partition_of: dict[int, int
     syn = cfg.synthetic
     messages = []
     for node_id, pid in sorted(partition_of.items(), key=lambda item: item[1]):
-        content = RecordDict({"config": ConfigRecord({"fedimb-config": config_text})})
+        content = RecordDict({"config": ConfigRecord({"fedimb-config": config_text,
+                                                      RANGE_KEY: list(data_range(unet))})})
         if syn.policy == "server_pool":
             content["pool"] = _server_pool(unet, counts[pid], cfg, cache, pid)
         else:

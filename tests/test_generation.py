@@ -1,0 +1,169 @@
+"""The diffusion generator: shapes, label conditioning, save/load, quality helpers (tiny tensors)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fedimb.config import ConfigError
+from fedimb.generation import (
+    GENERATOR_SIZES,
+    build_generator,
+    data_range,
+    load_generator,
+    null_class,
+    recognisability,
+    sample,
+    sample_grid,
+    save_generator,
+    train_generator,
+    train_reference_classifier,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models: more threads only add overhead, and the tests share the machine.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def halves(n: int, size: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class 0: bright left half; class 1: bright right half; dark elsewhere, a little noise."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    images = -0.5 + 0.1 * torch.randn((n, 1, size, size), generator=gen)
+    images[labels == 0, :, :, : size // 2] += 2.0
+    images[labels == 1, :, :, size // 2 :] += 2.0
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def trained() -> nn.Module:
+    """The "cpu" generator trained briefly on the two half-bright classes (8×8)."""
+    unet = build_generator("cpu", (1, 8, 8), num_classes=2)
+    images, labels = halves(64)
+    loss = train_generator(unet, images, labels, steps=150, batch_size=32)
+    assert math.isfinite(loss) and loss < 0.2
+    return unet
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (1, 8, 8), (3, 12, 12)])
+def test_sample_shape_and_dtype(shape):
+    unet = build_generator("cpu", shape, num_classes=3, data_range=(-1.0, 2.0))
+    assert null_class(unet) == 3
+    labels = torch.tensor([0, 1, 2, 2, 1])
+    out = sample(unet, labels, num_inference_steps=2, batch_size=2)
+    assert out.shape == (5, *shape) and out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+
+
+def test_odd_size_is_padded_and_cropped():
+    unet = build_generator("small", (1, 10, 10), num_classes=2)  # 3 levels need multiples of 4
+    images, labels = halves(8, size=10)
+    train_generator(unet, images, labels, steps=2, batch_size=4)
+    assert sample(unet, labels[:3], num_inference_steps=2).shape == (3, 1, 10, 10)
+
+
+def test_unknown_size_names_the_field():
+    with pytest.raises(ConfigError, match="synthetic.generator_size.*cpu"):
+        build_generator("huge", (1, 28, 28), 10)
+
+
+def test_bad_inputs_are_refused():
+    unet = build_generator("cpu", (1, 8, 8), num_classes=2)
+    images, labels = halves(4)
+    with pytest.raises(ValueError, match="labels must lie in"):
+        sample(unet, torch.tensor([3]))
+    with pytest.raises(ValueError, match="no data range"):
+        sample(unet, torch.tensor([1]))
+    with pytest.raises(ValueError, match="shape"):
+        train_generator(unet, images[:, :, :4], labels, steps=1)
+
+
+def test_same_seed_same_init():
+    a, b = build_generator("cpu", (1, 8, 8), 2, seed=4), build_generator("cpu", (1, 8, 8), 2, seed=4)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    assert set(GENERATOR_SIZES) >= {"cpu", "small", "gpu"}
+
+
+def test_samples_follow_their_label(trained):
+    labels = torch.tensor([0] * 16 + [1] * 16)
+    out = sample(trained, labels, guidance_scale=2.0, num_inference_steps=10)
+    left_minus_right = out[..., :4].mean((1, 2, 3)) - out[..., 4:].mean((1, 2, 3))
+    assert (left_minus_right[:16] > 0).float().mean() >= 0.9
+    assert (left_minus_right[16:] < 0).float().mean() >= 0.9
+    # Samples come back in the data's space, not the UNet's [-1, 1].
+    lo, hi = data_range(trained)
+    assert out.max() > 1.0 and lo < out.mean() < hi
+
+
+def test_sampling_is_seeded_and_batch_size_free(trained):
+    labels = torch.tensor([0, 1, 0, 1, 1])
+    a = sample(trained, labels, num_inference_steps=4, seed=3, batch_size=5)
+    b = sample(trained, labels, num_inference_steps=4, seed=3, batch_size=2)
+    c = sample(trained, labels, num_inference_steps=4, seed=4, batch_size=5)
+    assert torch.allclose(a, b, atol=1e-5)
+    assert not torch.allclose(a, c)
+
+
+def test_state_dict_transfer_needs_the_shared_range(trained):
+    # Federated rounds move weights only: a copy built with the same range samples the same.
+    copy = build_generator("cpu", (1, 8, 8), num_classes=2, data_range=data_range(trained))
+    copy.load_state_dict(trained.state_dict())
+    labels = torch.tensor([0, 1])
+    assert torch.equal(sample(copy, labels, num_inference_steps=3), sample(trained, labels, num_inference_steps=3))
+
+
+def test_save_load_round_trip(trained, tmp_path):
+    save_generator(trained, tmp_path / "gen")
+    save_generator(trained, tmp_path / "gen")  # overwriting an existing generator is fine
+    assert {p.name for p in (tmp_path / "gen").iterdir()} == {
+        "config.json", "diffusion_pytorch_model.safetensors", "scheduler_config.json"
+    }
+    loaded = load_generator(tmp_path / "gen")
+    assert data_range(loaded) == data_range(trained)
+    assert loaded.config.num_train_timesteps == trained.config.num_train_timesteps
+    labels = torch.tensor([0, 1, 1])
+    assert torch.equal(sample(trained, labels, num_inference_steps=4), sample(loaded, labels, num_inference_steps=4))
+
+
+def test_sample_grid_writes_png(tmp_path):
+    images, labels = halves(10)
+    path = sample_grid(images, labels, num_classes=3, path=tmp_path / "grid.png", per_class=4,
+                       class_names=["left", "right", "none"])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class FixedLogits(nn.Module):
+    """Predicts class 0 for the first `n_zero` images of every batch, class 1 after."""
+
+    def __init__(self, n_zero: int) -> None:
+        super().__init__()
+        self.n_zero = n_zero
+        self.unused = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(len(x), 3)
+        logits[: self.n_zero, 0] = 1.0
+        logits[self.n_zero :, 1] = 1.0
+        return logits
+
+
+def test_recognisability_hand_case():
+    images = torch.zeros(6, 1, 8, 8)
+    labels = torch.tensor([0, 0, 0, 1, 1, 1])
+    # Predictions: 0 0 1 1 1 1 -> class 0: 2/3 right, class 1: 3/3, class 2: no samples.
+    scores = recognisability(FixedLogits(2), images, labels, num_classes=3)
+    assert scores[:2] == pytest.approx([2 / 3, 1.0]) and math.isnan(scores[2])
+
+
+def test_reference_classifier_learns_the_halves():
+    images, labels = halves(128)
+    clf = train_reference_classifier(images, labels, num_classes=2, epochs=2)
+    assert recognisability(clf, *halves(32, seed=1), num_classes=2) == [1.0, 1.0]

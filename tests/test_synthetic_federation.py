@@ -1,0 +1,58 @@
+"""Synthetic samples in the federation: what crosses the wire, and top-ups that match the policy."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from clients.app import CONFIG_KEY, train_generator_round
+from clients.synthetic import RANGE_KEY, topup_counts
+from fedimb.config import load_config, to_yaml
+from fedimb.data import build_federated_data
+from fedimb.generation import build_generator
+from fedimb.simulation import run_experiment
+from tests.conftest import DIGITS_SMALL
+
+SYN = ["synthetic.enabled=true", "synthetic.rounds=1", "synthetic.local_steps=5", "synthetic.quality_per_class=4",
+       "synthetic.ddim_steps=4", "imbalance.factor=10", "partition.name=dir_balance", "partition.alpha=0.3",
+       "federation.num_clients=3", "federation.rounds=1", "eval.client_every=0"]
+
+
+def test_generator_round_sends_only_weights_and_scalars():
+    cfg = load_config(None, DIGITS_SMALL + SYN)
+    data = build_federated_data(cfg)
+    shape, classes = data.splits.input_shape, data.splits.num_classes
+    unet = build_generator("cpu", shape, classes, seed=0, data_range=(-1.0, 5.0))
+    content = RecordDict({"arrays": ArrayRecord(unet.state_dict()),
+                          "config": ConfigRecord({CONFIG_KEY: to_yaml(cfg), RANGE_KEY: [-1.0, 5.0], "server-round": 1})})
+    message = Message(content=content, dst_node_id=7, message_type="train.generator")
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 3}, state=RecordDict(),
+                      run_config={})
+    reply = train_generator_round(message, context).content
+    assert set(reply.keys()) == {"arrays", "metrics"}
+    assert set(reply["arrays"].keys()) == set(unet.state_dict().keys())  # the generator's weights, nothing else
+    for key, array in reply["arrays"].items():
+        assert tuple(array.shape) == tuple(unet.state_dict()[key].shape)
+    assert all(not isinstance(v, list) for v in reply["metrics"].values())
+    assert int(reply["metrics"]["num-examples"]) == len(data.client_indices[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["server_pool", "client_sample"])
+def test_topups_match_the_policy_exactly(policy, tmp_path):
+    cfg = load_config(None, DIGITS_SMALL + SYN + [f"synthetic.policy={policy}", "synthetic.max_ratio=0.5",
+                                                  f"synthetic.cache_dir={tmp_path / 'cache'}"])
+    summary = run_experiment(cfg, tmp_path / "run")
+    counts = build_federated_data(cfg).counts
+    expected = [int(topup_counts(c, 0, 0.5).sum()) for c in counts]
+    assert summary["synthetic"]["synthetic_per_client"] == expected
+    assert len(summary["synthetic"]["recognisability"]) == 10
+    assert (tmp_path / "run" / "synthetic_grid.png").is_file()
+    assert (tmp_path / "cache").is_dir() and any((tmp_path / "cache").rglob("config.json"))
+    if policy == "server_pool":  # a rerun reuses the cached generator and pools
+        again = run_experiment(cfg, tmp_path / "again")
+        assert again["synthetic"]["generator_training_s"] == 0.0
+        assert json.loads((tmp_path / "again" / "summary.json").read_text())["synthetic"]["synthetic_per_client"] == expected
