@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord
 
 from clients.algorithms.prototypes import class_statistics, geometric_consistency, prototype_infonce
 from fedimb.config import ConfigError

@@ -146,10 +146,13 @@ def test_sampling_is_reproducible_and_independent_of_node_ids():
         strategy.bind(cfg_ctx, {offset + 13 * p: p for p in range(10)})
 
         class Grid:
-            def get_node_ids(self):
-                return {offset + 13 * p for p in range(10)}
+            def __init__(self, ids: set[int]) -> None:
+                self.ids = ids
 
-        msgs = strategy.configure_train(2, ArrayRecord(), ConfigRecord(), Grid())
+            def get_node_ids(self):
+                return self.ids
+
+        msgs = strategy.configure_train(2, ArrayRecord(), ConfigRecord(), Grid({offset + 13 * p for p in range(10)}))
         picks.append(sorted(strategy.partition_of[m.metadata.dst_node_id] for m in msgs))
     assert picks[0] == picks[1] and len(picks[0]) == 3
 
