@@ -334,6 +334,13 @@ def from_yaml(text: str) -> ExperimentConfig:
     return OmegaConf.to_object(merged)  # type: ignore[return-value]
 
 
+def registered(registry: dict[str, Any], name: str, field_name: str) -> Any:
+    """The registry entry ``name``, or a ConfigError naming the field and the registered names."""
+    if name not in registry:
+        raise ConfigError(field_name, f"'{name}' is not allowed; choose one of {', '.join(registry)}")
+    return registry[name]
+
+
 def build_params(params_cls: type, values: dict[str, Any], field_prefix: str) -> Any:
     """Build the params dataclass of a registered algorithm from a YAML dict, checking keys and types."""
     try:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedimb.config import ConfigError
+from fedimb.config import registered
 
 
 class FeatureClassifier(nn.Module):
@@ -113,11 +113,10 @@ MODELS: dict[str, Callable[[tuple[int, int, int], int], FeatureClassifier]] = {
 
 def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int, seed: int = 0) -> FeatureClassifier:
     """Build model ``name`` with weights initialised deterministically from ``seed``."""
-    if name not in MODELS:
-        raise ConfigError("model.name", f"'{name}' is not allowed; choose one of {', '.join(MODELS)}")
+    factory = registered(MODELS, name, "model.name")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MODELS[name](input_shape, num_classes)
+        return factory(input_shape, num_classes)
 
 
 def is_exchanged(key: str) -> bool:

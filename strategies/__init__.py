@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import Strategy
 
-from fedimb.config import ConfigError, ExperimentConfig, build_params
+from fedimb.config import ExperimentConfig, build_params, registered
 from strategies import cafedcl, climb, fedadam, fedavg, fedavgm, fednova, fedprox, scaffold
 from strategies.base import StrategyContext, StrategySpec
 
@@ -23,9 +23,7 @@ STRATEGIES: dict[str, StrategySpec] = {spec.name: spec for spec in (
 
 def strategy_spec(name: str) -> StrategySpec:
     """The registry entry for ``name``, or a ConfigError listing the names."""
-    if name not in STRATEGIES:
-        raise ConfigError("strategy.name", f"'{name}' is not allowed; choose one of {', '.join(STRATEGIES)}")
-    return STRATEGIES[name]
+    return registered(STRATEGIES, name, "strategy.name")
 
 
 def check_strategy_config(cfg: ExperimentConfig) -> None:

@@ -6,7 +6,7 @@ from typing import Any
 
 from clients.losses import balanced_softmax, ce, fedlc, fedrs, focal, ldam_drw, logit_adjust
 from clients.losses.base import LossContext, LossFn, LossSpec
-from fedimb.config import ConfigError, build_params
+from fedimb.config import build_params, registered
 
 LOSSES: dict[str, LossSpec] = {spec.name: spec for spec in (
     ce.LOSS,
@@ -23,7 +23,5 @@ __all__ = ["LOSSES", "LossContext", "LossFn", "LossSpec", "build_loss"]
 
 def build_loss(name: str, params: dict[str, Any]) -> tuple[LossFn, Any]:
     """The loss function registered as ``name`` and its checked params."""
-    if name not in LOSSES:
-        raise ConfigError("train.loss.name", f"'{name}' is not allowed; choose one of {', '.join(LOSSES)}")
-    spec = LOSSES[name]
+    spec = registered(LOSSES, name, "train.loss.name")
     return spec.fn, build_params(spec.params_cls, params, "train.loss.params")

@@ -6,7 +6,7 @@ from typing import Any
 
 from clients.samplers import badge, coreset, entropy, fairfal, kafal, least_confidence, logo, margin, random
 from clients.samplers.base import QueryContext, SamplerResult, SamplerSpec
-from fedimb.config import ConfigError, build_params
+from fedimb.config import build_params, registered
 
 SAMPLERS: dict[str, SamplerSpec] = {spec.name: spec for spec in (
     random.SAMPLER,
@@ -25,7 +25,5 @@ __all__ = ["SAMPLERS", "QueryContext", "SamplerResult", "SamplerSpec", "build_sa
 
 def build_sampler(name: str, params: dict[str, Any]) -> tuple[SamplerSpec, Any]:
     """The sampler registered as ``name`` and its checked params."""
-    if name not in SAMPLERS:
-        raise ConfigError("active_learning.sampler", f"'{name}' is not allowed; choose one of {', '.join(SAMPLERS)}")
-    spec = SAMPLERS[name]
+    spec = registered(SAMPLERS, name, "active_learning.sampler")
     return spec, build_params(spec.params_cls, params, "active_learning.sampler_params")
