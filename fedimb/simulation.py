@@ -84,7 +84,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
         cause = exc
         while cause.__cause__ is not None:
             cause = cause.__cause__
-        raise RunError(f"run failed: {cause}") from exc
+        raise RunError("run failed: " + " ".join(str(cause).split())) from exc  # one line, whatever Flower wrapped
     finally:
         _shutdown_ray()
     summary_path = run_dir / "summary.json"
