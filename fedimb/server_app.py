@@ -28,7 +28,7 @@ from fedimb.models import build_model, get_weights, set_weights
 from fedimb.records import RunRecorder, package_versions
 from strategies import build_strategy, strategy_spec
 from strategies.active_learning import ActiveLearningLoop, write_fal_records
-from strategies.base import StrategyContext
+from strategies.base import StrategyContext, error_reason
 
 console = Console(stderr=True)
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -58,7 +58,7 @@ def say_hello(grid: Grid, cfg: ExperimentConfig, config_text: str, timeout: floa
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     failed = [m for m in replies if m.has_error()]
     if failed or len(replies) != len(node_ids):
-        reason = failed[0].error.reason if failed else "no reply"
+        reason = error_reason(failed[0]) if failed else "no reply"
         raise RunFailed(f"hello round failed on {len(failed) or len(node_ids) - len(replies)} node(s): {reason}")
     partition_of: dict[int, int] = {}
     rows: dict[int, list[int]] = {}
@@ -237,8 +237,9 @@ def make_server_app(config_text: str | None = None, run_dir: Path | None = None)
             cfg, out = _config_from_run_config(context)
         else:
             cfg, out = from_yaml(config_text), run_dir
-        if not cfg.simulation.verbose:
-            logging.getLogger("flwr").setLevel(logging.ERROR)
+        flwr_logger = logging.getLogger("flwr")
+        if not cfg.simulation.verbose and flwr_logger.level < logging.ERROR:  # quieter, never louder than the caller set
+            flwr_logger.setLevel(logging.ERROR)
         run_federation(grid, cfg, out)
 
     return app

@@ -69,7 +69,8 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
     from fedimb.server_app import make_server_app
 
     if not cfg.simulation.verbose:
-        logging.getLogger("flwr").setLevel(logging.ERROR)
+        # Flower logs a client's traceback from deep inside Ray; RunError below carries its reason in one line
+        logging.getLogger("flwr").setLevel(logging.CRITICAL)
         warnings.filterwarnings("ignore")
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -84,7 +85,8 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
         cause = exc
         while cause.__cause__ is not None:
             cause = cause.__cause__
-        raise RunError("run failed: " + " ".join(str(cause).split())) from exc  # one line, whatever Flower wrapped
+        hint = "" if cfg.simulation.verbose else " (simulation.verbose=true shows the traceback)"
+        raise RunError("run failed: " + " ".join(str(cause).split()) + hint) from exc  # one line, whatever Flower wrapped
     finally:
         _shutdown_ray()
     summary_path = run_dir / "summary.json"

@@ -21,6 +21,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedimb.config import ExperimentConfig
 from fedimb.records import atomic_write_text, save_figure
+from strategies.base import error_reason
 
 QUERY_TYPE = f"{MessageType.QUERY}.select"
 
@@ -89,7 +90,7 @@ class ActiveLearningLoop:
         replies = list(self.grid.send_and_receive(messages))
         failed = [m for m in replies if m.has_error()]
         if failed or len(replies) != len(node_ids):
-            reason = failed[0].error.reason if failed else "missing replies"
+            reason = error_reason(failed[0]) if failed else "missing replies"
             raise RuntimeError(f"query step {step} failed: {reason}")
         metrics = [m.content["metrics"] for m in replies]
         histogram = np.sum([np.asarray(m["histogram"]) for m in metrics], axis=0)

@@ -22,6 +22,14 @@ class ClientFailed(RuntimeError):
     """A ClientApp replied with an error."""
 
 
+def error_reason(message: Message) -> str:
+    """The client's own exception message out of the layers Ray and Flower wrap around it."""
+    reason = " ".join(str(message.error.reason).split())
+    if "Message: " in reason:
+        reason = reason.rsplit("Message: ", 1)[1]
+    return reason.rstrip("'>\" ").strip()
+
+
 MetricsAggregator = Callable[[list[RecordDict], str], MetricRecord]
 
 
@@ -128,7 +136,7 @@ class ReproducibleSampling:
         for message in replies:
             if message.has_error():
                 pid = order.get(message.metadata.src_node_id, "?")
-                raise ClientFailed(f"client (partition {pid}) failed: {message.error.reason}")
+                raise ClientFailed(f"client (partition {pid}) failed: {error_reason(message)}")
         return replies
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

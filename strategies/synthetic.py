@@ -29,7 +29,7 @@ from fedimb.config import ExperimentConfig
 from fedimb.data import DatasetSplits
 from fedimb.generation import (build_generator, data_range, load_generator, recognisability, sample, sample_grid,
                                save_generator, train_generator, train_reference_classifier)
-from strategies.base import ReproducibleSampling, StrategyContext
+from strategies.base import ReproducibleSampling, StrategyContext, error_reason
 
 GENERATOR_TRAIN = f"{MessageType.TRAIN}.generator"
 TOPUP_QUERY = f"{MessageType.QUERY}.topup"
@@ -129,7 +129,7 @@ def deliver(grid: Grid, cfg: ExperimentConfig, unet, partition_of: dict[int, int
     replies = list(grid.send_and_receive(messages))
     failed = [m for m in replies if m.has_error()]
     if failed or len(replies) != len(messages):
-        raise RuntimeError(f"synthetic top-up failed: {failed[0].error.reason if failed else 'missing replies'}")
+        raise RuntimeError(f"synthetic top-up failed: {error_reason(failed[0]) if failed else 'missing replies'}")
     by_pid = {int(m.content["metrics"]["partition-id"]): int(m.content["metrics"]["num-synthetic"]) for m in replies}
     return [by_pid[p] for p in sorted(by_pid)]
 
