@@ -132,7 +132,8 @@ def train(message: Message, context: Context) -> Message:
                                           session.class_counts, cfg.eval.batch_size))
     loss_fn, loss_params = build_loss(cfg.train.loss.name, cfg.train.loss.params)
     torch.manual_seed(cfg.seed * 100_003 + server_round * 1_009 + session.partition_id)
-    loss_ctx = LossContext(session.class_counts, progress=server_round / cfg.federation.rounds)
+    stage_rounds = cfg.active_learning.rounds_per_step if cfg.active_learning.enabled else cfg.federation.rounds
+    loss_ctx = LossContext(session.class_counts, progress=server_round / stage_rounds)
     result = train_local(model, session.x, session.y, cfg.train, loss_fn, loss_params, loss_ctx, algorithm,
                          seed=cfg.seed * 1_000_003 + server_round * 10_007 + session.partition_id,
                          real_count=real_count, synthetic_weight=cfg.synthetic.loss_weight)
