@@ -43,6 +43,7 @@ class DataConfig:
     hf_label_key: str = "auto"
     hf_test_split: str = "test"
     validation_fraction: float = 0.0  # share of each training class held out for tuning
+    scaling: str = "standard"  # standard: per-channel mean 0 / std 1; unit: pixels in [0, 1] (ToTensor)
 
 
 @dataclass
@@ -283,6 +284,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _check_positive("train.batch_size", cfg.train.batch_size)
     _check_positive("train.momentum", cfg.train.momentum, strict=False)
     _check_positive("train.weight_decay", cfg.train.weight_decay, strict=False)
+    _check_choice("data.scaling", cfg.data.scaling, ("standard", "unit"))
     if not 0 <= cfg.data.validation_fraction < 1:
         raise ConfigError("data.validation_fraction", f"must be in [0, 1), got {cfg.data.validation_fraction}")
     _check_choice("eval.split", cfg.eval.split, EVAL_SPLITS)

@@ -299,3 +299,14 @@ def test_validation_hold_out_is_stratified_and_disjoint_from_clients():
     held = np.bincount(data.splits.train_y[data.validation_indices], minlength=10)
     kept = np.bincount(data.splits.train_y[full.train_indices], minlength=10)
     np.testing.assert_allclose(held, np.maximum(1, np.round(0.2 * kept)))
+
+
+def test_unit_scaling_matches_to_tensor_and_standard_is_centred():
+    from fedimb.config import DataConfig
+    from fedimb.data import load_dataset
+
+    unit = load_dataset(DataConfig(dataset="digits", scaling="unit"))
+    assert unit.train_x.min() == 0.0 and unit.train_x.max() == 1.0  # digits' pixels are 0..16
+    standard = load_dataset(DataConfig(dataset="digits"))
+    assert abs(float(standard.train_x.mean())) < 1e-4
+    np.testing.assert_allclose(unit.train_x * 16.0, np.round(unit.train_x * 16.0), atol=1e-5)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from fedimb.config import ConfigError, DataConfig
+from fedimb.config import ConfigError, DataConfig, registered
 
 FMNIST_FILES = {
     "train_x": "train-images-idx3-ubyte",
@@ -64,11 +64,20 @@ def standardise(train_x: np.ndarray, test_x: np.ndarray) -> tuple[np.ndarray, np
     )
 
 
+def unit_scale(train_x: np.ndarray, test_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Divide both sets by the train set's largest value: pixels in [0, 1], like torchvision's ToTensor."""
+    top = np.float32(max(float(train_x.max()), 1e-8))
+    return train_x.astype(np.float32) / top, test_x.astype(np.float32) / top
+
+
+SCALINGS = {"standard": standardise, "unit": unit_scale}
+
+
 def _make_splits(
     train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-    num_classes: int, name: str,
+    num_classes: int, name: str, scaling: str = "standard",
 ) -> DatasetSplits:
-    tr, te = standardise(train_x, test_x)
+    tr, te = registered(SCALINGS, scaling, "data.scaling")(train_x, test_x)
     return DatasetSplits(tr, train_y.astype(np.int64), te, test_y.astype(np.int64), num_classes, name)
 
 
@@ -109,7 +118,7 @@ def load_fmnist(cfg: DataConfig) -> DatasetSplits:
     arrays = {key: read_idx(_find_idx(root, stem)) for key, stem in FMNIST_FILES.items()}
     return _make_splits(
         arrays["train_x"][:, None], arrays["train_y"], arrays["test_x"][:, None], arrays["test_y"],
-        10, "fmnist",
+        10, "fmnist", cfg.scaling,
     )
 
 
@@ -126,7 +135,7 @@ def load_digits_splits(cfg: DataConfig) -> DatasetSplits:
     y = bunch.target.astype(np.int64)
     # a fixed seed: the test set must be the same whatever the experiment seed is
     tr_x, te_x, tr_y, te_y = train_test_split(x, y, test_size=0.25, stratify=y, random_state=0)
-    return _make_splits(tr_x, tr_y, te_x, te_y, 10, "digits")
+    return _make_splits(tr_x, tr_y, te_x, te_y, 10, "digits", cfg.scaling)
 
 
 # ---------------------------------------------------------------- Hugging Face
@@ -184,7 +193,8 @@ def _images(ds: Any, key: str, channels: int) -> np.ndarray:
 
 
 def splits_from_hf(
-    train_ds: Any, test_ds: Any, image_key: str = "auto", label_key: str = "auto", name: str = "hf"
+    train_ds: Any, test_ds: Any, image_key: str = "auto", label_key: str = "auto", name: str = "hf",
+    scaling: str = "standard",
 ) -> DatasetSplits:
     """Convert two ``datasets.Dataset`` objects (images + integer labels) into :class:`DatasetSplits`.
 
@@ -210,7 +220,7 @@ def splits_from_hf(
         num_classes = int(max(train_y.max(), test_y.max())) + 1
     return _make_splits(
         _images(train_ds, img, channels), train_y, _images(test_ds, img, channels), test_y,
-        num_classes, name,
+        num_classes, name, scaling,
     )
 
 
@@ -225,7 +235,8 @@ def load_hf_dataset(cfg: DataConfig) -> DatasetSplits:
         raise ConfigError("data.dataset", msg) from None
     if "train" not in dd or cfg.hf_test_split not in dd:
         raise ConfigError("data.hf_test_split", f"need 'train' and '{cfg.hf_test_split}'; splits: {list(dd)}")
-    return splits_from_hf(dd["train"], dd[cfg.hf_test_split], cfg.hf_image_key, cfg.hf_label_key, cfg.dataset)
+    return splits_from_hf(dd["train"], dd[cfg.hf_test_split], cfg.hf_image_key, cfg.hf_label_key, cfg.dataset,
+                          cfg.scaling)
 
 
 # ---------------------------------------------------------------- registry and cache
@@ -237,9 +248,10 @@ DATASET_LOADERS: dict[str, Callable[[DataConfig], DatasetSplits]] = {
 
 
 @functools.lru_cache(maxsize=4)
-def _load_cached(dataset: str, root: str, image_key: str, label_key: str, test_split: str) -> DatasetSplits:
+def _load_cached(dataset: str, root: str, image_key: str, label_key: str, test_split: str,
+                 scaling: str) -> DatasetSplits:
     # every Ray client process calls load_dataset: decode the files once per process
-    cfg = DataConfig(dataset, root, image_key, label_key, test_split)
+    cfg = DataConfig(dataset, root, image_key, label_key, test_split, scaling=scaling)
     if cfg.dataset in DATASET_LOADERS:
         return DATASET_LOADERS[cfg.dataset](cfg)
     if "/" in cfg.dataset:
@@ -250,4 +262,4 @@ def _load_cached(dataset: str, root: str, image_key: str, label_key: str, test_s
 
 def load_dataset(cfg: DataConfig) -> DatasetSplits:
     """Load the dataset that ``cfg`` names (cached per process on the config's fields)."""
-    return _load_cached(cfg.dataset, cfg.root, cfg.hf_image_key, cfg.hf_label_key, cfg.hf_test_split)
+    return _load_cached(cfg.dataset, cfg.root, cfg.hf_image_key, cfg.hf_label_key, cfg.hf_test_split, cfg.scaling)
