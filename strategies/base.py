@@ -14,7 +14,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -75,6 +76,24 @@ class StrategySpec:
 @dataclass
 class NoParams:
     """For strategies without hyper-parameters."""
+
+
+def attach_record(messages: list[Message], key: str, arrays: dict[str, np.ndarray]) -> None:
+    """Put the same extra ArrayRecord (control variates, prototypes) into every outgoing message."""
+    record = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    for message in messages:
+        message.content[key] = record
+
+
+def take_records(replies: list[Message], key: str) -> list[dict[str, np.ndarray]]:
+    """Remove the extra ArrayRecord ``key`` from each reply (Flower's FedAvg accepts exactly one) and return them."""
+    taken = []
+    for message in replies:
+        if key in message.content:
+            record = message.content[key]
+            taken.append({k: record[k].numpy() for k in record})
+            del message.content[key]
+    return taken
 
 
 def reweight_replies(replies: list[Message], weights: list[float], key: str) -> None:

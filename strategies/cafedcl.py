@@ -20,12 +20,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedimb.config import ConfigError
-from strategies.base import ReproducibleSampling, StrategyContext, StrategySpec, reweight_replies
+from strategies.base import (ReproducibleSampling, StrategyContext, StrategySpec, attach_record, reweight_replies,
+                             take_records)
 
 PROTOTYPES_KEY = "prototypes"
 STATS_KEY = "proto-stats"
@@ -103,20 +104,14 @@ class PrototypeStrategy(ReproducibleSampling, FedAvg):
         config["proto-tau"] = self.params.tau
         messages = list(super().configure_train(server_round, arrays, config, grid))
         if self.prototypes is not None:
-            record = ArrayRecord({"P": Array(self.prototypes.astype(np.float32)),
-                                  "has": Array(self.has.astype(np.float32))})
-            for message in messages:
-                message.content[PROTOTYPES_KEY] = record
+            attach_record(messages, PROTOTYPES_KEY, {"P": self.prototypes.astype(np.float32),
+                                                     "has": self.has.astype(np.float32)})
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate prototypes from the stats records, then the weights."""
         replies = self.sort_replies(replies)
-        stats = []
-        for message in replies:
-            record = message.content[STATS_KEY]
-            stats.append({k: record[k].numpy() for k in record})
-            del message.content[STATS_KEY]
+        stats = take_records(replies, STATS_KEY)
         if stats:
             self._update_prototypes(stats)
         if self.params.model_weighting == "confidence" and replies:

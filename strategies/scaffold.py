@@ -11,11 +11,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from strategies.base import NoParams, ReproducibleSampling, StrategyContext, StrategySpec
+from strategies.base import NoParams, ReproducibleSampling, StrategyContext, StrategySpec, attach_record, take_records
 
 CONTROL_KEY = "control"
 DELTA_KEY = "control-delta"
@@ -46,20 +46,13 @@ class ScaffoldStrategy(ReproducibleSampling, FedAvg):
         """Send c next to the weights (clients treat a missing c as zeros)."""
         messages = list(super().configure_train(server_round, arrays, config, grid))
         if self.control:
-            record = ArrayRecord({k: Array(v) for k, v in self.control.items()})
-            for message in messages:
-                message.content[CONTROL_KEY] = record
+            attach_record(messages, CONTROL_KEY, self.control)
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Take Δc_i out of each reply, update c, then let FedAvg average the weights."""
         replies = self.sort_replies(replies)
-        deltas = []
-        for message in replies:
-            if not message.has_error() and DELTA_KEY in message.content:
-                record = message.content[DELTA_KEY]
-                deltas.append({k: record[k].numpy() for k in record})
-                del message.content[DELTA_KEY]
+        deltas = take_records(replies, DELTA_KEY)
         if deltas:
             self.control = update_control(self.control, deltas, self.num_clients)
         return super().aggregate_train(server_round, replies)
