@@ -28,7 +28,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     console.print(f"[bold]fedimb run[/]: {cfg.strategy.name} on {cfg.data.dataset} "
                   f"({cfg.partition.name}, {cfg.federation.num_clients} clients, "
                   f"{cfg.federation.rounds} rounds) → {run_dir}", highlight=False, soft_wrap=True)
-    summary = run_experiment(cfg, run_dir)
+    summary = run_experiment(cfg, run_dir, checked=True)
     print_summary(summary)
     console.print(f"records: {run_dir}", highlight=False)
     return 0

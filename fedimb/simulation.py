@@ -58,9 +58,13 @@ def check_before_run(cfg: ExperimentConfig) -> None:
         raise ConfigError("simulation.num_gpus", "> 0 but simulation.device=cpu; set device to auto or cuda")
 
 
-def run_experiment(cfg: ExperimentConfig, run_dir: Path) -> dict[str, Any]:
-    """Check, run the federation on Ray, return the summary; raise :class:`RunError` on failure."""
-    check_before_run(cfg)
+def run_experiment(cfg: ExperimentConfig, run_dir: Path, checked: bool = False) -> dict[str, Any]:
+    """Check (unless the caller did: ``checked``), run the federation on Ray, return the summary.
+
+    Raises :class:`RunError` on failure.
+    """
+    if not checked:
+        check_before_run(cfg)
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     from flwr.simulation import run_simulation

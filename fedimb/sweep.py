@@ -111,5 +111,5 @@ def run_sweep(suite_path: Path, extra_overrides: list[str] | tuple[str, ...] = (
             console.print(f"[{i}/{len(runs)}] {run.run_dir.name}: done before, skipped", highlight=False)
             continue
         console.print(f"[{i}/{len(runs)}] {run.run_dir.name}", highlight=False)
-        run_experiment(run.cfg, run.run_dir)
+        run_experiment(run.cfg, run.run_dir, checked=True)  # every run was checked above
     return write_report([r.run_dir for r in runs], sweep_dir)

@@ -69,12 +69,12 @@ def hold_out(labels: np.ndarray, indices: np.ndarray, fraction: float, seed: int
 def _build_cached(
     seed: int, data: tuple, imbalance: tuple, partition: tuple, num_clients: int
 ) -> FederatedData:
-    splits = load_dataset(DataConfig(*data))
+    data_cfg = DataConfig(*data)
+    splits = load_dataset(data_cfg)
     imb = ImbalanceConfig(*imbalance)
     kept = apply_long_tail(
         splits.train_y, imb.factor, imb.profile, imb.step_minor_fraction, seed, splits.num_classes
     )
-    data_cfg = DataConfig(*data)
     kept, validation = hold_out(splits.train_y, kept, data_cfg.validation_fraction, seed)
     parts = partition_indices(splits.train_y[kept], num_clients, PartitionConfig(*partition), seed)
     # kept is sorted, so mapping sorted positions through it keeps each client's list sorted
