@@ -21,7 +21,7 @@ from clients.algorithms import CLIENT_ALGORITHMS
 from clients.algorithms.base import ClientRound
 from clients.losses import LossContext, build_loss
 from clients.synthetic import generator_from, load_pool, sample_pool, store_pool, topup_counts
-from clients.trainer import pick_device, predict_logits, to_tensors, train_local
+from clients.trainer import pick_device, predict_logits, round_lr, to_tensors, train_local
 from fedimb.config import ExperimentConfig, from_yaml
 from fedimb.data import build_federated_data
 from fedimb.data.local_testset import local_test_indices
@@ -126,15 +126,16 @@ def train(message: Message, context: Context) -> Message:
     model, global_weights = _model(session, message.content["arrays"])
     config = message.content["config"]
     server_round = int(config.get("server-round", 0))
+    stage_rounds = cfg.active_learning.rounds_per_step if cfg.active_learning.enabled else cfg.federation.rounds
+    train_cfg = dataclasses.replace(cfg.train, lr=round_lr(cfg.train, server_round, stage_rounds))
     algorithm_cls = CLIENT_ALGORITHMS[str(config.get(ALGORITHM_KEY, "fedavg"))]
     algorithm = algorithm_cls(ClientRound(model, global_weights, message.content, context.state,
-                                          cfg.train.lr, cfg.train.momentum, session.x, session.y,
+                                          train_cfg.lr, cfg.train.momentum, session.x, session.y,
                                           session.class_counts, cfg.eval.batch_size))
     loss_fn, loss_params = build_loss(cfg.train.loss.name, cfg.train.loss.params)
     torch.manual_seed(cfg.seed * 100_003 + server_round * 1_009 + session.partition_id)
-    stage_rounds = cfg.active_learning.rounds_per_step if cfg.active_learning.enabled else cfg.federation.rounds
     loss_ctx = LossContext(session.class_counts, progress=server_round / stage_rounds)
-    result = train_local(model, session.x, session.y, cfg.train, loss_fn, loss_params, loss_ctx, algorithm,
+    result = train_local(model, session.x, session.y, train_cfg, loss_fn, loss_params, loss_ctx, algorithm,
                          seed=cfg.seed * 1_000_003 + server_round * 10_007 + session.partition_id,
                          real_count=real_count, synthetic_weight=cfg.synthetic.loss_weight)
     reply = RecordDict({"arrays": ArrayRecord(get_weights(model))})

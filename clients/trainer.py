@@ -24,6 +24,16 @@ class TrainResult:
     mean_loss: float
 
 
+def round_lr(train: TrainConfig, server_round: int, stage_rounds: int) -> float:
+    """The learning rate of ``server_round`` (1-based) under ``train.lr_decay_at`` step decay.
+
+    A milestone at fraction f of ``stage_rounds`` rounds decays the rounds after round f·R:
+    with R = 100 and f = 0.75, rounds 1–75 use lr and rounds 76–100 use lr × factor.
+    """
+    passed = sum(server_round > at * stage_rounds for at in train.lr_decay_at)
+    return train.lr * train.lr_decay_factor**passed
+
+
 def train_local(
     model: FeatureClassifier,
     x: torch.Tensor,

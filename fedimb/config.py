@@ -109,6 +109,10 @@ class TrainConfig:
     batch_size: int = 64
     momentum: float = 0.9
     weight_decay: float = 1e-5
+    # Step decay: lr × lr_decay_factor after each listed fraction of the rounds (of the active-learning
+    # stage when active learning runs); FairFAL's protocol is [0.75] (×0.1 after round 75 of 100).
+    lr_decay_at: list[float] = field(default_factory=list)
+    lr_decay_factor: float = 0.1
     loss: LossConfig = field(default_factory=LossConfig)
 
 
@@ -284,6 +288,9 @@ def validate(cfg: ExperimentConfig) -> None:
     _check_positive("train.batch_size", cfg.train.batch_size)
     _check_positive("train.momentum", cfg.train.momentum, strict=False)
     _check_positive("train.weight_decay", cfg.train.weight_decay, strict=False)
+    _check_positive("train.lr_decay_factor", cfg.train.lr_decay_factor)
+    if any(not 0 < at < 1 for at in cfg.train.lr_decay_at):
+        raise ConfigError("train.lr_decay_at", f"fractions of the rounds must lie in (0, 1), got {list(cfg.train.lr_decay_at)}")
     _check_choice("data.scaling", cfg.data.scaling, ("standard", "unit"))
     if not 0 <= cfg.data.validation_fraction < 1:
         raise ConfigError("data.validation_fraction", f"must be in [0, 1), got {cfg.data.validation_fraction}")

@@ -41,6 +41,7 @@ def test_shipped_experiments_load(path):
     ("data.dataset=cifar", "data.dataset", "fmnist, digits"),
     ("data.root=/nonexistent/fmnist", "data.root", "directory not found"),
     ("train.lr", "train.lr", "key=value"),
+    ("train.lr_decay_at=[0.5,1.5]", "train.lr_decay_at", "(0, 1)"),
 ])
 def test_bad_values_name_the_field(override, field, hint):
     with pytest.raises(ConfigError) as err:
@@ -81,3 +82,14 @@ def test_partition_command_prints_table_and_writes_heatmap(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and png.stat().st_size > 1000
     assert "IR" in out and "TV" in out
+
+
+def test_round_lr_steps_down_after_each_milestone():
+    from clients.trainer import round_lr
+
+    train = load_config(ROOT / "experiments/fal_fmnist.yaml").train  # lr 0.01, decay ×0.1 after 75%
+    assert [round_lr(train, r, 100) for r in (1, 75)] == [0.01, 0.01]
+    assert round_lr(train, 76, 100) == pytest.approx(0.001)
+    two = load_config(ROOT / "experiments/quickstart.yaml", ["train.lr=1", "train.lr_decay_at=[0.5,0.8]",
+                                                             "train.lr_decay_factor=0.5"]).train
+    assert [round_lr(two, r, 10) for r in (5, 6, 8, 9)] == [1.0, 0.5, 0.5, 0.25]
