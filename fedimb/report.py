@@ -50,10 +50,13 @@ def partition_label(config: dict[str, Any]) -> str:
 
 
 def method_label(config: dict[str, Any], summary: dict[str, Any]) -> str:
-    """Strategy name, plus ``+<loss>`` when the client loss is not ``ce``, plus ``/<sampler>`` in active learning."""
+    """Strategy name, plus ``+<loss>`` when the client loss is not ``ce``, ``+synthetic`` with a
+    generator top-up, and ``/<sampler>`` in active learning."""
     strategy = (config.get("strategy") or {}).get("name") or summary.get("strategy") or "unknown"
     loss = ((config.get("train") or {}).get("loss") or {}).get("name", "ce")
     label = f"{strategy}+{loss}" if loss and loss != "ce" else str(strategy)
+    if (config.get("synthetic") or {}).get("enabled"):
+        label += "+synthetic"
     active = config.get("active_learning") or {}
     return f"{label}/{active.get('sampler', '?')}" if active.get("enabled") else label
 

@@ -72,7 +72,9 @@ def obtain_generator(grid: Grid, cfg: ExperimentConfig, ctx: StrategyContext, pa
         return load_generator(syn.generator_path), 0.0
     if (cache / "generator").is_dir():
         console.print(f"generator: reusing {cache / 'generator'}", highlight=False)
-        return load_generator(cache / "generator"), 0.0
+        made = cache / "training.json"
+        seconds = float(json.loads(made.read_text())["seconds"]) if made.is_file() else 0.0
+        return load_generator(cache / "generator"), seconds
     started = time.time()
     unet = build_generator(syn.generator_size, splits.input_shape, splits.num_classes, cfg.seed,
                            data_range=value_range(splits))
@@ -92,8 +94,11 @@ def obtain_generator(grid: Grid, cfg: ExperimentConfig, ctx: StrategyContext, pa
         steps = syn.local_steps * syn.rounds * cfg.federation.num_clients
         train_generator(unet, torch.from_numpy(splits.train_x[idx]), torch.from_numpy(splits.train_y[idx]),
                         steps=steps, batch_size=syn.batch_size, lr=syn.lr, seed=cfg.seed, progress=True)
+    seconds = time.time() - started
     save_generator(unet, cache / "generator")
-    return unet, time.time() - started
+    # Kept beside the cached generator so a run that reuses it still reports what training cost.
+    (cache / "training.json").write_text(json.dumps({"seconds": seconds, "training": syn.training}))
+    return unet, seconds
 
 
 def quality_report(unet, cfg: ExperimentConfig, splits: DatasetSplits, run_dir: Path) -> dict[str, Any]:
@@ -153,9 +158,12 @@ def prepare_synthetic(grid: Grid, cfg: ExperimentConfig, ctx: StrategyContext, p
                       counts: np.ndarray, splits: DatasetSplits, config_text: str, run_dir: Path) -> dict[str, Any]:
     """Generator, quality report and delivery; returns the ``synthetic`` block of summary.json."""
     cache = _cache_dir(cfg, run_dir)
+    reused = cfg.synthetic.training != "pretrained" and (cache / "generator").is_dir()
     unet, train_seconds = obtain_generator(grid, cfg, ctx, partition_of, splits, config_text, cache)
     report = quality_report(unet, cfg, splits, run_dir)
-    report["generator_training_s"] = train_seconds
+    report["generator_training_s"] = train_seconds  # of the cached generator when it was reused
+    report["generator_reused"] = reused
+    report["generator_params"] = sum(p.numel() for p in unet.parameters())
     report["generator_dir"] = str(cache / "generator")
     report["synthetic_per_client"] = deliver(grid, cfg, unet, partition_of, counts, config_text, cache)
     console.print(f"synthetic: mean recognisability {report['mean_recognisability']:.3f}, "

@@ -13,12 +13,15 @@ from fedimb.generation import (
     GENERATOR_SIZES,
     build_generator,
     data_range,
+    from_model_space,
     load_generator,
     null_class,
+    patch_size,
     recognisability,
     sample,
     sample_grid,
     save_generator,
+    to_model_space,
     train_generator,
     train_reference_classifier,
 )
@@ -48,7 +51,7 @@ def trained() -> nn.Module:
     """The "cpu" generator trained briefly on the two half-bright classes (8×8)."""
     unet = build_generator("cpu", (1, 8, 8), num_classes=2)
     images, labels = halves(64)
-    loss = train_generator(unet, images, labels, steps=150, batch_size=32)
+    loss = train_generator(unet, images, labels, steps=300, batch_size=32)
     assert math.isfinite(loss) and loss < 0.2
     return unet
 
@@ -61,6 +64,19 @@ def test_sample_shape_and_dtype(shape):
     out = sample(unet, labels, num_inference_steps=2, batch_size=2)
     assert out.shape == (5, *shape) and out.dtype == torch.float32
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("size, shape", [("cpu", (1, 28, 28)), ("cpu", (1, 10, 10)), ("cpu28", (1, 28, 28)),
+                                         ("cpu", (3, 12, 12))])
+def test_model_space_round_trip(size, shape):
+    """Patching (space-to-depth), padding and the range map are undone exactly on the way back."""
+    unet = build_generator(size, shape, num_classes=2, data_range=(-0.5, 3.0))
+    images = torch.rand((4, *shape)) * 3.5 - 0.5
+    inside = to_model_space(unet, images)
+    patch = patch_size(unet)
+    assert inside.shape[1] == unet.config.in_channels == shape[0] * patch * patch
+    assert inside.min() >= -1.0 - 1e-6 and inside.max() <= 1.0 + 1e-6
+    assert torch.allclose(from_model_space(unet, inside), images, atol=1e-5)
 
 
 def test_odd_size_is_padded_and_cropped():

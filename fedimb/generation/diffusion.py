@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel
 
-from fedimb.generation.model import image_size, null_class, padded_size, set_data_range
+from fedimb.generation.model import image_channels, image_size, null_class, padded_size, patch_size, set_data_range
 from fedimb.generation.model import data_range as stored_range
 
 
@@ -52,13 +52,15 @@ def to_model_space(unet: UNet2DModel, images: torch.Tensor) -> torch.Tensor:
     (height, width), (ph, pw) = image_size(unet), padded_size(unet)
     if (ph, pw) != (height, width):
         x = F.pad(x, (0, pw - width, 0, ph - height), mode="replicate")
-    return x
+    return F.pixel_unshuffle(x, patch_size(unet)) if patch_size(unet) > 1 else x
 
 
 def from_model_space(unet: UNet2DModel, x: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`to_model_space`: crop the padding, map [-1, 1] back to the data range."""
     lo, hi = stored_range(unet) or (-1.0, 1.0)
     height, width = image_size(unet)
+    if patch_size(unet) > 1:
+        x = F.pixel_shuffle(x, patch_size(unet))
     return (x[..., :height, :width] + 1.0) * ((hi - lo) / 2.0) + lo
 
 
@@ -77,7 +79,7 @@ def _progress(enabled: bool, total: int, description: str) -> Iterator[Callable[
 def _check_inputs(unet: UNet2DModel, labels: torch.Tensor, images: torch.Tensor | None = None) -> None:
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > null_class(unet)):
         raise ValueError(f"labels must lie in [0, {null_class(unet)}] (the last id is the null class)")
-    expected = (unet.config.in_channels, *image_size(unet))
+    expected = (image_channels(unet), *image_size(unet))
     if images is not None and tuple(images.shape[1:]) != expected:
         raise ValueError(f"images of shape {tuple(images.shape[1:])} given to a generator for {expected}")
     if images is not None and len(images) != len(labels):
@@ -190,8 +192,10 @@ def sample(
     scheduler = sampling_scheduler(unet, num_inference_steps)
     guided = guidance_scale != 1.0
     # All starting noise drawn at once, so the images do not depend on batch_size.
+    patch = patch_size(unet)
+    inner = tuple(side // patch for side in padded_size(unet))
     noise = torch.randn(
-        (len(labels), unet.config.in_channels, *padded_size(unet)), generator=torch.Generator().manual_seed(seed)
+        (len(labels), unet.config.in_channels, *inner), generator=torch.Generator().manual_seed(seed)
     )
     out = []
     chunks = range(0, len(labels), batch_size)
@@ -210,7 +214,7 @@ def sample(
                 advance()
             out.append(from_model_space(unet, x).float().cpu())
     unet.train(was_training)
-    empty = torch.zeros((0, unet.config.in_channels, *image_size(unet)))
+    empty = torch.zeros((0, image_channels(unet), *image_size(unet)))
     return torch.cat(out) if out else empty
 
 
