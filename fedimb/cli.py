@@ -1,4 +1,4 @@
-"""``fedimb run | sweep | report | partition``.
+"""``fedimb run [--resume RUN_DIR] | sweep | report | partition``.
 
 Bad input exits with code 2 and one line naming the field; a failed run exits with 1.
 """
@@ -22,6 +22,10 @@ EXIT_RUN_FAILED = 1
 def _cmd_run(args: argparse.Namespace) -> int:
     from fedimb.simulation import check_before_run, default_run_dir, run_experiment
 
+    if args.resume:
+        return _resume(args)
+    if args.config is None:
+        raise ConfigError("config", "give a config YAML, or --resume RUN_DIR")
     cfg = load_config(args.config, args.overrides)
     check_before_run(cfg)  # bad input stops here, before anything is printed or written
     run_dir = Path(args.out) if args.out else default_run_dir(cfg)
@@ -29,6 +33,31 @@ def _cmd_run(args: argparse.Namespace) -> int:
                   f"({cfg.partition.name}, {cfg.federation.num_clients} clients, "
                   f"{cfg.federation.rounds} rounds) → {run_dir}", highlight=False, soft_wrap=True)
     summary = run_experiment(cfg, run_dir, checked=True)
+    print_summary(summary)
+    console.print(f"records: {run_dir}", highlight=False)
+    return 0
+
+
+def _resume(args: argparse.Namespace) -> int:
+    """``fedimb run --resume RUN_DIR``: continue a run from its checkpoint with its own config.yaml."""
+    from fedimb.checkpoint import ResumeError, plan_resume
+    from fedimb.simulation import check_before_run, run_experiment
+
+    if args.config or args.overrides or args.out:
+        # a changed config would not continue the run that the checkpoint belongs to
+        raise ResumeError("takes only the run directory; its config.yaml is the config")
+    run_dir = Path(args.resume)
+    plan = plan_resume(run_dir)
+    if plan.finished is not None:
+        accuracy = plan.finished.get("final", {}).get("accuracy")
+        shown = f"{accuracy:.4f}" if isinstance(accuracy, (int, float)) else "n/a"
+        console.print(f"run finished: {run_dir} (final accuracy {shown}); nothing to do", highlight=False)
+        return 0
+    check_before_run(plan.cfg)
+    start = "from the start (no checkpoint)" if plan.done_round is None else f"after round {plan.done_round}"
+    console.print(f"[bold]fedimb run --resume[/]: {plan.cfg.strategy.name} on {plan.cfg.data.dataset}, "
+                  f"{start} of {plan.cfg.federation.rounds} → {run_dir}", highlight=False, soft_wrap=True)
+    summary = run_experiment(plan.cfg, run_dir, checked=True, resume=True)
     print_summary(summary)
     console.print(f"records: {run_dir}", highlight=False)
     return 0
@@ -90,9 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedimb", description="Federated learning on imbalanced, non-IID data.")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one federation")
-    run.add_argument("config")
+    run.add_argument("config", nargs="?")
     run.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     run.add_argument("--out", help="run directory (default runs/<name>/<strategy>-...)")
+    run.add_argument("--resume", metavar="RUN_DIR",
+                     help="continue an interrupted run from its last checkpoint (no config or overrides)")
     run.set_defaults(func=_cmd_run)
     part = sub.add_parser("partition", help="show a partition's class counts and statistics")
     part.add_argument("config")
@@ -116,13 +147,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
+    from fedimb.checkpoint import ResumeError
     from fedimb.simulation import RunError
 
     args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.func
     try:
         return handler(args)
-    except ConfigError as exc:
+    except (ConfigError, ResumeError) as exc:
         console.print(f"[red]{exc}[/]", highlight=False, soft_wrap=True)
         return EXIT_BAD_INPUT
     except RunError as exc:

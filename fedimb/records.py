@@ -5,6 +5,7 @@ Layout of one run directory::
     config.yaml      resolved experiment config
     partition.json   per-client class counts and other partition statistics
     rounds.csv       one row per logged round (rewritten whole after every round)
+    checkpoint.pt    the last completed round's model and server state (fedimb/checkpoint.py)
     summary.json     final and best metrics, wall time, seed, package versions, ...
     curves.png       metric curves over rounds
 
@@ -178,6 +179,17 @@ class RunRecorder:
         row.update({k: _plain(v) for k, v in metrics.items() if k not in row})
         self._list_bases.update(k for k, v in metrics.items() if _is_sequence(v))
         self.rounds.append(row)
+        return self._write_csv()
+
+    def restore(self, rows: list[dict[str, Any]], elapsed_s: float) -> Path:
+        """Continue a resumed run: its logged rows and wall clock so far; rewrites ``rounds.csv``.
+
+        Rows that a killed run logged after its last checkpoint are dropped here and logged
+        again when their rounds run again.
+        """
+        self.rounds = [dict(row) for row in rows]
+        self._list_bases = {k for row in rows for k, v in row.items() if _is_sequence(v)}
+        self._t0 = time.monotonic() - elapsed_s
         return self._write_csv()
 
     def _write_csv(self) -> Path:

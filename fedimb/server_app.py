@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from rich.console import Console
 
 from clients.app import ALGORITHM_KEY, CONFIG_KEY
+from fedimb.checkpoint import Checkpoint, config_digest, load_checkpoint, resume_blocker, save_checkpoint
 from fedimb.config import ExperimentConfig, from_yaml, load_config, to_yaml
 from fedimb.data import DatasetSplits, build_federated_data, load_dataset, partition_stats, plot_partition
 from fedimb.metrics import class_groups, classification_metrics, client_fairness
@@ -28,7 +30,7 @@ from fedimb.models import build_model, get_weights, set_weights
 from fedimb.records import RunRecorder, package_versions
 from strategies import build_strategy, strategy_spec
 from strategies.active_learning import ActiveLearningLoop, write_fal_records
-from strategies.base import StrategyContext, error_reason
+from strategies.base import RoundOffset, StrategyContext, error_reason
 
 console = Console(stderr=True)
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -151,11 +153,25 @@ def total_rounds(cfg: ExperimentConfig) -> int:
     return (al.steps + 1) * al.rounds_per_step if al.enabled else cfg.federation.rounds
 
 
-def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> None:
-    """The whole server side of one run: hello, rounds (or active-learning stages), records."""
-    started = time.time()
+def _resume_point(cfg: ExperimentConfig, run_dir: Path) -> Checkpoint | None:
+    """The checkpoint a resumed run continues from (None: it starts over), checked against the config."""
+    blocker = resume_blocker(cfg)
+    if blocker:
+        raise RunFailed(f"--resume: {blocker}")
+    checkpoint = load_checkpoint(run_dir)
+    if checkpoint is not None and checkpoint.config_sha256 != config_digest(cfg):
+        raise RunFailed(f"--resume: config.yaml changed since the checkpoint in {run_dir} was written")
+    return checkpoint
+
+
+def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -> None:
+    """The whole server side of one run: hello, rounds (or active-learning stages), records.
+
+    ``resume``: continue from the run directory's checkpoint (``fedimb run --resume``).
+    """
     config_text = to_yaml(cfg)
     recorder = RunRecorder(run_dir)
+    checkpoint = _resume_point(cfg, run_dir) if resume else None
     recorder.write_config(config_text)
     hello = say_hello(grid, cfg, config_text)
     stats = partition_stats(hello.counts)
@@ -166,6 +182,11 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> None:
     per_stage = cfg.active_learning.rounds_per_step if cfg.active_learning.enabled else cfg.federation.rounds
     observer = RoundObserver(cfg, recorder, hello.counts.sum(0), torch.from_numpy(eval_x), eval_y,
                              splits.input_shape, splits.num_classes, rounds_per_stage=per_stage)
+    if checkpoint is not None:
+        recorder.restore(checkpoint.rows, checkpoint.elapsed_s)
+        observer.pending = dict(checkpoint.pending)
+        observer.started -= checkpoint.elapsed_s
+        console.print(f"resuming after round {checkpoint.round}/{total_rounds(cfg)}", highlight=False)
     ctx = StrategyContext(
         num_clients=cfg.federation.num_clients, fraction=cfg.federation.fraction,
         fraction_evaluate=cfg.federation.fraction_evaluate if cfg.eval.client_every else 0.0,
@@ -197,17 +218,49 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path) -> None:
         extra["active_learning"] = loop.run(train_config, evaluate_config)
         write_fal_records(run_dir, loop.steps, cfg.active_learning.initial_fraction, cfg.active_learning.step_fraction)
     else:
-        make_strategy().start(grid=grid, initial_arrays=initial_arrays(), num_rounds=cfg.federation.rounds,
-                              train_config=train_config, evaluate_config=evaluate_config,
-                              evaluate_fn=observer.central_evaluate)
+        run_rounds(grid, cfg, run_dir, make_strategy(), initial_arrays, checkpoint, observer, train_config,
+                   evaluate_config)
     if not recorder.rounds or recorder.rounds[-1]["round"] != total_rounds(cfg):
         raise RunFailed("the federation stopped before its last round; see the errors above")
     recorder.write_summary({
         "name": cfg.name, "seed": cfg.seed, "strategy": cfg.strategy.name,
         "loss": cfg.train.loss.name, "versions": package_versions(),
-        "wall_time_per_round_s": (time.time() - started) / total_rounds(cfg), **extra,
+        "wall_time_per_round_s": recorder.elapsed() / total_rounds(cfg), **extra,
     })
     recorder.plot_curves()
+
+
+def run_rounds(grid: Grid, cfg: ExperimentConfig, run_dir: Path, strategy: Strategy,
+               initial_arrays: Callable[[], ArrayRecord], checkpoint: Checkpoint | None, observer: RoundObserver,
+               train_config: ConfigRecord, evaluate_config: ConfigRecord) -> None:
+    """The rounds after ``checkpoint`` (all of them without one), checkpointing after each.
+
+    Runs that cannot resume (``resume_blocker``) write no checkpoint: it would never be read.
+    """
+    keep = resume_blocker(cfg) is None
+    digest = config_digest(cfg)
+
+    def evaluate_and_checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        metrics = observer.central_evaluate(server_round, arrays)
+        if keep:
+            state = strategy.state_dict() if hasattr(strategy, "state_dict") else {}
+            save_checkpoint(run_dir, Checkpoint(
+                round=server_round, config_sha256=digest, arrays={k: v.numpy() for k, v in arrays.items()},
+                rows=observer.recorder.rounds, pending=observer.pending, strategy_state=state,
+                elapsed_s=observer.recorder.elapsed()))
+        return metrics
+
+    done = 0
+    arrays = initial_arrays()
+    runner: Strategy = strategy
+    if checkpoint is not None:
+        done = checkpoint.round
+        arrays = ArrayRecord({k: Array(v) for k, v in checkpoint.arrays.items()})
+        if hasattr(strategy, "load_state_dict"):  # every fedimb strategy has it (ReproducibleSampling)
+            strategy.load_state_dict(checkpoint.strategy_state)
+        runner = RoundOffset(strategy, done)
+    runner.start(grid=grid, initial_arrays=arrays, num_rounds=cfg.federation.rounds - done,
+                 train_config=train_config, evaluate_config=evaluate_config, evaluate_fn=evaluate_and_checkpoint)
 
 
 def _config_from_run_config(context: Context) -> tuple[ExperimentConfig, Path]:
@@ -227,8 +280,11 @@ def _config_from_run_config(context: Context) -> tuple[ExperimentConfig, Path]:
     return cfg, out / f"{cfg.name}-{int(time.time())}"
 
 
-def make_server_app(config_text: str | None = None, run_dir: Path | None = None) -> ServerApp:
-    """A ServerApp for one resolved config, or (no arguments) one that reads the run config."""
+def make_server_app(config_text: str | None = None, run_dir: Path | None = None, resume: bool = False) -> ServerApp:
+    """A ServerApp for one resolved config, or (no arguments) one that reads the run config.
+
+    ``resume``: continue ``run_dir`` from its checkpoint.
+    """
     app = ServerApp()
 
     @app.main()
@@ -240,7 +296,7 @@ def make_server_app(config_text: str | None = None, run_dir: Path | None = None)
         flwr_logger = logging.getLogger("flwr")
         if not cfg.simulation.verbose and flwr_logger.level < logging.ERROR:  # quieter, never louder than the caller set
             flwr_logger.setLevel(logging.ERROR)
-        run_federation(grid, cfg, out)
+        run_federation(grid, cfg, out, resume=resume and run_dir is not None)
 
     return app
 

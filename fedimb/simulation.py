@@ -58,9 +58,10 @@ def check_before_run(cfg: ExperimentConfig) -> None:
         raise ConfigError("simulation.num_gpus", "> 0 but simulation.device=cpu; set device to auto or cuda")
 
 
-def run_experiment(cfg: ExperimentConfig, run_dir: Path, checked: bool = False) -> dict[str, Any]:
+def run_experiment(cfg: ExperimentConfig, run_dir: Path, checked: bool = False, resume: bool = False) -> dict[str, Any]:
     """Check (unless the caller did: ``checked``), run the federation on Ray, return the summary.
 
+    ``resume``: continue ``run_dir`` from its last checkpoint (see :mod:`fedimb.checkpoint`).
     Raises :class:`RunError` on failure.
     """
     if not checked:
@@ -79,7 +80,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path, checked: bool = False) 
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         run_simulation(
-            server_app=make_server_app(to_yaml(cfg), run_dir),
+            server_app=make_server_app(to_yaml(cfg), run_dir, resume=resume),
             client_app=client_app,
             num_supernodes=cfg.federation.num_clients,
             backend_config=backend_config(cfg),  # type: ignore[arg-type]

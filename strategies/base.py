@@ -1,9 +1,13 @@
-"""What every fedimb strategy shares: reproducible client sampling and the registry entry type.
+"""What every fedimb strategy shares: reproducible client sampling, checkpointable state, the registry entry type.
 
 Flower's node ids are random on every run and ``sample_nodes`` draws with the global
 ``random`` module, so the mixin presents node ids in partition order and seeds that draw from
 (seed, round). Replies are also put in partition order before aggregation, because float
 sums in arrival order would differ from run to run.
+
+A strategy that carries something from one round to the next (a momentum buffer, prototypes,
+dual variables) names those attributes in ``state_attrs``; the mixin's ``state_dict()`` /
+``load_state_dict()`` put them into the run's checkpoint and back (``fedimb run --resume``).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+
 
 class ClientFailed(RuntimeError):
     """A ClientApp replied with an error."""
@@ -127,12 +132,26 @@ def _seeded_random(*key: int) -> Iterator[None]:
 
 
 class ReproducibleSampling:
-    """Mixin placed before a Flower strategy: seeded sampling, ordered aggregation, eval cadence."""
+    """Mixin placed before a Flower strategy: seeded sampling, ordered aggregation, eval cadence, state."""
 
     partition_of: dict[int, int]
     seed: int = 0
     client_eval_every: int = 1
     rounds: int = 0
+    # Attributes that carry over from one round to the next (numpy arrays, lists or dicts of
+    # them, numbers, None); everything else is rebuilt from the config or within a round.
+    state_attrs: tuple[str, ...] = ()
+
+    def state_dict(self) -> dict[str, Any]:
+        """The strategy's state after a round: ``state_attrs`` by name."""
+        return {name: getattr(self, name) for name in self.state_attrs}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned; a missing or unknown name is an error."""
+        if set(state) != set(self.state_attrs):
+            raise ValueError(f"{type(self).__name__} state has {sorted(state)}, expected {sorted(self.state_attrs)}")
+        for name, value in state.items():
+            setattr(self, name, value)
 
     def bind(self, ctx: StrategyContext, partition_of: dict[int, int]) -> None:
         """Give the strategy the seed and the node id → partition id map from the hello round."""
@@ -182,3 +201,46 @@ class ReproducibleSampling:
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Aggregate in partition order."""
         return super().aggregate_evaluate(server_round, self.sort_replies(replies))  # type: ignore[misc]
+
+
+class RoundOffset(Strategy):
+    """Runs a strategy's rounds ``done + 1 .. done + num_rounds`` through Flower's ``start``.
+
+    Flower's ``Strategy.start`` always numbers rounds from 1; a resumed run must give the
+    strategy, the clients (seeds, lr schedule) and ``evaluate_fn`` the run's own round
+    numbers, and must not evaluate its starting model again (round ``done`` is recorded).
+    """
+
+    def __init__(self, strategy: Strategy, done: int) -> None:
+        self.strategy = strategy
+        self.done = done
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """The wrapped strategy's, at the run's round."""
+        return self.strategy.configure_train(server_round + self.done, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The wrapped strategy's, at the run's round."""
+        return self.strategy.aggregate_train(server_round + self.done, replies)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """The wrapped strategy's, at the run's round."""
+        return self.strategy.configure_evaluate(server_round + self.done, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        """The wrapped strategy's, at the run's round."""
+        return self.strategy.aggregate_evaluate(server_round + self.done, replies)
+
+    def summary(self) -> None:
+        """The wrapped strategy's."""
+        self.strategy.summary()
+
+    def start(self, *args: Any, evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+              **kwargs: Any) -> Any:
+        """Flower's loop; ``evaluate_fn`` sees the run's round numbers and skips the starting model."""
+        def shifted(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+            return None if server_round == 0 else evaluate_fn(server_round + self.done, arrays)
+
+        return super().start(*args, evaluate_fn=shifted if evaluate_fn else None, **kwargs)

@@ -90,6 +90,8 @@ def aggregate_prototypes(protos: np.ndarray, weights: np.ndarray) -> tuple[np.nd
 class PrototypeStrategy(ReproducibleSampling, FedAvg):
     """FedAvg of weights plus global class prototypes sent back every round."""
 
+    state_attrs = ("prototypes", "has")  # the EMA smooths against these
+
     def __init__(self, params: PrototypeParams, **kwargs) -> None:
         super().__init__(**kwargs)
         self.params = params

@@ -45,6 +45,8 @@ def dual_update(lambdas: np.ndarray, losses: np.ndarray, params: ClimbParams, nu
 class ClimbStrategy(ReproducibleSampling, FedAvg):
     """FedAvg with CLIMB's dual weights."""
 
+    state_attrs = ("lambdas",)
+
     def __init__(self, params: ClimbParams, num_clients: int, **kwargs) -> None:
         super().__init__(**kwargs)
         self.params = params

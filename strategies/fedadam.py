@@ -22,6 +22,9 @@ class FedAdamParams:
 class FedAdamStrategy(ReproducibleSampling, FedAdam):
     """Adam on the averaged client update."""
 
+    # Flower sets current_arrays in every configure_train; the moments carry over
+    state_attrs = ("m_t", "v_t")
+
 
 def build(ctx: StrategyContext, params: FedAdamParams) -> FedAdamStrategy:
     """FedAdam from the run's context."""

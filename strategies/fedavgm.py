@@ -20,6 +20,9 @@ class FedAvgMParams:
 class FedAvgMStrategy(ReproducibleSampling, FedAvgM):
     """FedAvg with momentum on the server update."""
 
+    # Flower resets current_arrays from the round's weights when it is None, so only the buffer carries over
+    state_attrs = ("momentum_vector",)
+
 
 def build(ctx: StrategyContext, params: FedAvgMParams) -> FedAvgMStrategy:
     """FedAvgM from the run's context."""

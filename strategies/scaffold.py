@@ -36,6 +36,8 @@ def update_control(control: dict[str, np.ndarray], deltas: list[dict[str, np.nda
 class ScaffoldStrategy(ReproducibleSampling, FedAvg):
     """FedAvg of weights plus the server control variate."""
 
+    state_attrs = ("control",)
+
     def __init__(self, num_clients: int, **kwargs) -> None:
         super().__init__(**kwargs)
         self.num_clients = num_clients
