@@ -240,8 +240,10 @@ def run_rounds(grid: Grid, cfg: ExperimentConfig, run_dir: Path, strategy: Strat
     keep = resume_blocker(cfg) is None
     digest = config_digest(cfg)
 
+    as_evaluated = getattr(strategy, "evaluation_arrays", lambda arrays: arrays)  # e.g. a prototype head
+
     def evaluate_and_checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        metrics = observer.central_evaluate(server_round, arrays)
+        metrics = observer.central_evaluate(server_round, as_evaluated(arrays))
         if keep:
             state = strategy.state_dict() if hasattr(strategy, "state_dict") else {}
             save_checkpoint(run_dir, Checkpoint(

@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -39,7 +40,9 @@ class PrototypeParams:
 
     prototype_weighting: ``confidence`` (CAFedCL-style) or ``count`` (FedProto);
     beta: β of exp(−β·u); eps: ε added to σ²; ema: m of the smoothing (0 = none);
-    model_weighting: ``fedavg`` or ``confidence``; lambda_proto, lambda_geo, tau: client loss.
+    model_weighting: ``fedavg`` or ``confidence``; lambda_proto, lambda_geo, tau: client loss;
+    inference: ``head`` (the model's own linear head) or ``prototype`` (nearest global
+    prototype by cosine, FedProto's rule: no class prior, so no head bias towards frequent classes).
     """
 
     prototype_weighting: str = "confidence"
@@ -50,9 +53,12 @@ class PrototypeParams:
     lambda_proto: float = 1.0
     lambda_geo: float = 0.1
     tau: float = 0.2
+    inference: str = "head"
 
     def check(self, prefix: str) -> None:
         """Reject values outside their range."""
+        if self.inference not in ("head", "prototype"):
+            raise ConfigError(f"{prefix}.inference", "choose one of head, prototype")
         if self.prototype_weighting not in ("confidence", "count"):
             raise ConfigError(f"{prefix}.prototype_weighting", "choose one of confidence, count")
         if self.model_weighting not in ("fedavg", "confidence"):
@@ -109,6 +115,25 @@ class PrototypeStrategy(ReproducibleSampling, FedAvg):
             attach_record(messages, PROTOTYPES_KEY, {"P": self.prototypes.astype(np.float32),
                                                      "has": self.has.astype(np.float32)})
         return messages
+
+    def evaluation_arrays(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The global model as evaluated (central and client side); training always uses ``arrays``.
+
+        ``inference=prototype``: the head becomes W = P/τ, b = 0 (−1e9 for classes nobody
+        holds). argmax_c z·P_c equals argmax_c cos(z, P_c) because ‖z‖ is shared by all
+        classes, so a plain linear head carries the nearest-prototype rule.
+        """
+        if self.params.inference != "prototype" or self.prototypes is None:
+            return arrays
+        state = arrays.to_torch_state_dict()
+        state["head.weight"] = torch.from_numpy(self.prototypes / self.params.tau).float()
+        state["head.bias"] = torch.from_numpy(np.where(self.has, 0.0, -1e9)).float()
+        return ArrayRecord(state)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """Client-side evaluation of the model as evaluated (see ``evaluation_arrays``)."""
+        return super().configure_evaluate(server_round, self.evaluation_arrays(arrays), config, grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate prototypes from the stats records, then the weights."""

@@ -106,6 +106,32 @@ def test_cafedcl_strategy_sends_prototypes_and_smooths():
     assert "prototypes" in msgs[0].content and float(msgs[0].content["config"]["proto-lambda"]) == 1.0
 
 
+def test_prototype_inference_head_picks_the_nearest_prototype():
+    """With inference=prototype the evaluated model's argmax is the cosine-nearest global prototype."""
+    from fedimb.models import build_model, get_weights, set_weights
+
+    model = build_model("mlp", (1, 8, 8), 3, seed=0)
+    strategy, _ = make("cafedcl", inference="prototype", tau=0.5)
+    arrays = ArrayRecord(get_weights(model))
+    assert strategy.evaluation_arrays(arrays) is arrays  # no prototypes yet: the head as trained
+    dim = model.head.in_features
+    protos = np.zeros((3, dim))
+    protos[0, 0], protos[1, 1] = 1.0, 1.0
+    strategy.prototypes, strategy.has = protos, np.array([True, True, False])  # class 2: nobody holds it
+    state = strategy.evaluation_arrays(arrays).to_torch_state_dict()
+    np.testing.assert_allclose(state["head.weight"].numpy(), protos / 0.5)
+    set_weights(model, state)
+    z = torch.zeros((3, dim))
+    z[0, 0], z[0, 1] = 5.0, 1.0  # long but mostly along P_0
+    z[1, 0], z[1, 1] = 0.1, 0.3  # short, closer to P_1
+    z[2, 2] = 1.0  # orthogonal to both: still never the absent class
+    assert model.head(z).argmax(1).tolist() == [0, 1, 0]
+    assert "head.weight" in arrays and not np.allclose(arrays.to_torch_state_dict()["head.weight"].numpy(),
+                                                       protos / 0.5)  # training weights untouched
+    with pytest.raises(ConfigError, match="inference"):
+        make("cafedcl", inference="knn")
+
+
 def test_prototype_params_are_checked():
     with pytest.raises(ConfigError, match="prototype_weighting"):
         make("cafedcl", prototype_weighting="entropy")
