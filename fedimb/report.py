@@ -50,9 +50,13 @@ def partition_label(config: dict[str, Any]) -> str:
 
 
 def method_label(config: dict[str, Any], summary: dict[str, Any]) -> str:
-    """Strategy name, plus ``+<loss>`` when the client loss is not ``ce``, ``+synthetic`` with a
-    generator top-up, and ``/<sampler>`` in active learning."""
+    """Strategy name with the params set in the config (``cafedcl(inference=prototype)``), plus
+    ``+<loss>`` when the client loss is not ``ce``, ``+synthetic`` with a generator top-up, and
+    ``/<sampler>`` in active learning."""
     strategy = (config.get("strategy") or {}).get("name") or summary.get("strategy") or "unknown"
+    params = (config.get("strategy") or {}).get("params") or {}
+    if params:  # runs that differ only in a strategy knob are different methods
+        strategy = f"{strategy}(" + ",".join(f"{k}={params[k]}" for k in sorted(params)) + ")"
     loss = ((config.get("train") or {}).get("loss") or {}).get("name", "ce")
     label = f"{strategy}+{loss}" if loss and loss != "ce" else str(strategy)
     if (config.get("synthetic") or {}).get("enabled"):

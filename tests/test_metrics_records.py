@@ -213,3 +213,12 @@ def test_report_mean_std(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError):
         write_report([runs / "broken"], tmp_path / "empty")
+
+
+def test_method_label_names_strategy_params_loss_and_synthetic():
+    from fedimb.report import method_label
+
+    config = {"strategy": {"name": "cafedcl", "params": {"tau": 0.1, "inference": "prototype"}},
+              "train": {"loss": {"name": "balanced_softmax"}}, "synthetic": {"enabled": True}}
+    assert method_label(config, {}) == "cafedcl(inference=prototype,tau=0.1)+balanced_softmax+synthetic"
+    assert method_label({"strategy": {"name": "fedavg", "params": {}}}, {}) == "fedavg"
