@@ -64,6 +64,8 @@ def main() -> int:
     parser.add_argument("--cafedcl", default="cafedcl", help="method label of the CAFedCL-style row to check")
     parser.add_argument("--fedproto", default="fedproto", help="method label of the ablation")
     parser.add_argument("--doc", default="docs/results/imbalance.md")
+    parser.add_argument("--notes", default="docs/results/imbalance_notes.md",
+                        help="hand-written analysis inserted after the floors (kept across regenerations)")
     args = parser.parse_args()
     doc = Path(args.doc)
     assets = doc.with_suffix("")
@@ -74,6 +76,7 @@ def main() -> int:
     write_report(runs, assets)
     groups = aggregate(collect_runs(runs))
     floor_text, ok = floors(groups, args.cafedcl, args.fedproto)
+    notes = Path(args.notes).read_text() + "\n" if Path(args.notes).is_file() else ""
     tuning_runs = find_run_dirs(args.tuning) if Path(args.tuning).is_dir() else []
     tuning = (results_markdown(aggregate(collect_runs(tuning_runs)), ("balanced_accuracy", "tail_recall",
                                                                         "client_accuracy_std"))
@@ -81,16 +84,16 @@ def main() -> int:
     text = (
         "# Imbalance-aware methods on FMNIST-LT\n\n"
         f"Written {time.strftime('%Y-%m-%d %H:%M')} by `python benchmarks/imbalance.py {' '.join(sys.argv[1:])}` "
-        "from the runs of\n\n"
-        "```\nfedimb sweep experiments/suites/imbalance_fmnist.yaml\n"
-        "fedimb sweep experiments/suites/imbalance_fmnist.yaml --seeds 1 2 --only 'lt100_dirbal0.1_*'\n"
+        "from the finished runs of these sweeps (the (n) in each cell counts the seeds that exist)\n\n"
+        "```\nfedimb sweep experiments/suites/imbalance_fmnist.yaml --seeds 0 1 2 --only 'lt100_dirbal0.1_*'\n"
+        "fedimb sweep experiments/suites/imbalance_fmnist.yaml     # the other settings, seed 0\n"
         "fedimb sweep experiments/suites/cafedcl_tuning.yaml\n```\n\n"
         "Setting: FMNIST with a global exp long tail (rho = 20 or 100; balanced test set), 10 clients, all "
         "participating, LeNet, 30 rounds × 2 local epochs (SGD lr 0.01, momentum 0.9, batch 64). "
         "Final-round metrics, mean ± std over seeds (n), percent. Tail recall = mean recall of the rarest "
         "third of classes by training count (here sneaker, bag, ankle boot: easy classes on FMNIST, so "
         "balanced accuracy is the more telling figure).\n\n"
-        f"## Floors\n\n{floor_text}\n\nAll floors hold: {'yes' if ok else 'no'}.\n\n"
+        f"## Floors\n\n{floor_text}\n\nAll floors hold: {'yes' if ok else 'no'}.\n\n{notes}"
         "## Tuning on a validation split (never the test set)\n\n"
         "20% of every training class held out and used as the evaluation set; rho = 100, dir_balance 0.1, seed 0.\n\n"
         f"{tuning}\n"
