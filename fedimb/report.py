@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -200,20 +201,22 @@ def plot_comparison(groups: list[dict[str, Any]], path: Path) -> Path:
     methods = _unique([g["method"] for g in groups])
     by_key = {(g["setting"], g["method"]): g for g in groups}
     width = 0.8 / max(len(methods), 1)
-    fig = Figure(figsize=(max(6.0, 1.6 * len(settings) * max(1, len(methods)) ** 0.5), 7.5))
+    # Wide enough for every bar, whatever the number of settings; the legend gets its own column.
+    fig = Figure(figsize=(max(8.0, 0.35 * len(settings) * len(methods) + 4.0), 7.5), layout="constrained")
     axes = fig.subplots(2, 1, squeeze=False).ravel()
     xs = np.arange(len(settings))
+    colours = matplotlib.colormaps["tab20"].colors  # 20 distinct colours: methods do not share one
     for ax, metric, title in zip(axes, ("balanced_accuracy", "accuracy"), ("Balanced accuracy", "Accuracy")):
         for i, method in enumerate(methods):
             means = [_number(by_key.get((s, method), {}).get(f"{metric}_mean")) * 100 for s in settings]
             stds = [_number(by_key.get((s, method), {}).get(f"{metric}_std")) * 100 for s in settings]
             # NaN bars (method not run in a setting) are drawn as nothing rather than as 0.
-            ax.bar(xs + (i - (len(methods) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=method)
-        ax.set_xticks(xs, settings, rotation=20, ha="right")
+            ax.bar(xs + (i - (len(methods) - 1) / 2) * width, means, width, yerr=stds, capsize=3, label=method,
+                   color=colours[i % len(colours)])
+        ax.set_xticks(xs, settings, rotation=20 if len(settings) > 1 else 0, ha="right" if len(settings) > 1 else "center")
         ax.set_ylabel(f"{title} (%)")
         ax.grid(axis="y", alpha=0.3)
-    axes[0].legend(fontsize="small", ncols=min(len(methods), 4))
-    fig.tight_layout()
+    axes[0].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return save_figure(fig, path)
 
 
