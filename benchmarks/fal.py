@@ -70,7 +70,7 @@ def main() -> int:
     table = "\n".join(lines)
     setting = ("paper's protocol (cnn4, 100 rounds/stage)" if args.full else
                f"reduced protocol: {args.model}, {args.rounds} rounds per stage, 5 local epochs, "
-               "reset to random init each stage")
+               "reset to random init each stage, lr 0.01 × 0.1 after 75% of each stage")
     print(f"FMNIST-LT rho=20, dir_balance alpha=0.1, 10 clients, 5% -> 45% labelled; {setting}")
     print(table)
     doc = Path(args.doc)
