@@ -33,14 +33,14 @@ METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "tail_recall", "client_a
 FLOORS = {"tail_recall": 5.0, "balanced_accuracy": 2.0}  # points over fedavg (the issue's floors)
 
 
-def generator_table(reports: dict[int, dict], synthetic_cfg) -> str:
+def generator_table(reports: dict[int, dict], synthetic_cfg, num_clients: int) -> str:
     """One row per seed: cost, speed and recognisability of its federated generator."""
     lines = ["| seed | size | params | rounds × local steps × clients | training (min) | DDIM steps | guidance "
              "| images/s | mean recog. | min recog. | per class |", "|" + "---|" * 11]
     for seed, rep in sorted(reports.items()):
         per_class = " ".join(f"{v:.2f}" for v in rep["recognisability"])
         lines.append(f"| {seed} | {synthetic_cfg.generator_size} | {rep.get('generator_params', 0):,} "
-                     f"| {synthetic_cfg.rounds} × {synthetic_cfg.local_steps} × 10 "
+                     f"| {synthetic_cfg.rounds} × {synthetic_cfg.local_steps} × {num_clients} "
                      f"| {rep['generator_training_s'] / 60:.1f} | {rep['ddim_steps']} | {synthetic_cfg.guidance_scale:g} "
                      f"| {rep['sampling_images_per_s']:.1f} | {rep['mean_recognisability']:.3f} "
                      f"| {rep['min_recognisability']:.3f} | {per_class} |")
@@ -78,6 +78,11 @@ def main() -> int:
                          seeds=args.seeds)
     chosen = sorted((r for r in runs if r.label in args.methods),
                     key=lambda r: (r.cfg.seed, args.methods.index(r.label)))
+    if not chosen:
+        known = sorted({r.label for r in runs})
+        print(f"--methods: none of {' '.join(args.methods)} is a cell of the suite; choose from {', '.join(known)}",
+              file=sys.stderr)
+        return 2
     finals: dict[str, list[dict]] = {label: [] for label in args.methods}
     reports: dict[int, dict] = {}
     doc = Path(args.doc)
@@ -93,7 +98,7 @@ def main() -> int:
             reports[run.cfg.seed] = summary["synthetic"]
             shutil.copyfile(run.run_dir / "synthetic_grid.png", grids / f"grid_s{run.cfg.seed}.png")
     syn_cfg = chosen[0].cfg.synthetic
-    gen = generator_table(reports, syn_cfg)
+    gen = generator_table(reports, syn_cfg, chosen[0].cfg.federation.num_clients)
     methods = method_table({k: v for k, v in finals.items() if v})
     setting = ("FMNIST-LT rho=100, dir_balance alpha=0.1, 10 clients, lenet, 30 rounds × 2 local epochs; "
                f"top-up policy {syn_cfg.policy}, to the client's largest class, synthetic:real ≤ {syn_cfg.max_ratio:g}, "
