@@ -14,8 +14,9 @@ carries what sampling needs to reproduce training, so one saved folder is the wh
 
 * ``_fedimb_image_shape``: ``[C, H, W]`` of the images, and ``_fedimb_patch``: p of the
   space-to-depth step. With p > 1 the UNet works on ``pixel_unshuffle(x, p)``, a
-  (C·p², H/p, W/p) tensor: 4× fewer positions for p = 2, so the CPU size trains and samples
-  ~4.5× faster than at full resolution for the same channels (the patch embedding of DiT).
+  (C·p², H/p, W/p) tensor: 4× fewer positions for p = 2, so with the same channels the CPU
+  size trains 2.4× and samples 3.4× faster than at full resolution on 2 idle threads (the
+  patch embedding of DiT).
 
 Spatial sizes: the patch divides H and W, and each extra resolution level halves them again,
 so H and W must be multiples of ``p · 2 ** (levels - 1)``. 28×28 works unpadded with p = 2
@@ -37,9 +38,10 @@ IMAGE_SHAPE_KEY = "_fedimb_image_shape"
 PATCH_KEY = "_fedimb_patch"
 
 # UNet2DModel kwargs by name (plus our "patch", see the module docstring). Parameters on
-# 1×28×28 with 10 classes (+1 null); speeds on one CPU thread (benchmarks/synthetic_speed.py):
-#   cpu      161,268  patch 2 (4×14×14), (16, 32), no attention; ~450 train samples/s
-#   cpu28    160,401  the same channels at full 28×28: ~100 train samples/s
+# 1×28×28 with 10 classes (+1 null); speeds on 2 idle CPU threads, batch 64 training and 20
+# guided DDIM steps (python benchmarks/synthetic_speed.py --sizes cpu cpu28):
+#   cpu      161,268  patch 2 (4×14×14), (16, 32), no attention; 557 train samples/s, 44.6 images/s
+#   cpu28    160,401  the same channels at full 28×28: 228 train samples/s, 13.0 images/s
 #   small  1,114,209  (32, 64, 64), attention at 7×7 and in the middle block
 #   gpu   16,056,961  (64, 128, 256), 2 layers per block, attention at 14×14, 7×7 and middle
 # GroupNorm's default 32 groups does not divide 16 channels, hence norm_num_groups=8 below.
