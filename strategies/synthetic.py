@@ -27,6 +27,7 @@ from rich.console import Console
 from clients.synthetic import RANGE_KEY, labels_for, sample_pool, topup_counts
 from fedimb.config import ExperimentConfig
 from fedimb.data import DatasetSplits
+from fedimb.records import atomic_write_text
 from fedimb.generation import (build_generator, data_range, load_generator, recognisability, sample, sample_grid,
                                save_generator, train_generator, train_reference_classifier)
 from strategies.base import ReproducibleSampling, StrategyContext, error_reason
@@ -66,15 +67,18 @@ def _cache_dir(cfg: ExperimentConfig, run_dir: Path) -> Path:
 
 def obtain_generator(grid: Grid, cfg: ExperimentConfig, ctx: StrategyContext, partition_of: dict[int, int],
                      splits: DatasetSplits, config_text: str, cache: Path):
-    """Load the cached or pretrained generator, or train it (federated or central) and cache it."""
+    """Load the cached or pretrained generator, or train it (federated or central) and cache it.
+
+    Returns (generator, seconds its training took, whether it came from the cache).
+    """
     syn = cfg.synthetic
     if syn.training == "pretrained":
-        return load_generator(syn.generator_path), 0.0
+        return load_generator(syn.generator_path), 0.0, False
     if (cache / "generator").is_dir():
         console.print(f"generator: reusing {cache / 'generator'}", highlight=False)
         made = cache / "training.json"
         seconds = float(json.loads(made.read_text())["seconds"]) if made.is_file() else 0.0
-        return load_generator(cache / "generator"), seconds
+        return load_generator(cache / "generator"), seconds, True
     started = time.time()
     unet = build_generator(syn.generator_size, splits.input_shape, splits.num_classes, cfg.seed,
                            data_range=value_range(splits))
@@ -97,8 +101,8 @@ def obtain_generator(grid: Grid, cfg: ExperimentConfig, ctx: StrategyContext, pa
     seconds = time.time() - started
     save_generator(unet, cache / "generator")
     # Kept beside the cached generator so a run that reuses it still reports what training cost.
-    (cache / "training.json").write_text(json.dumps({"seconds": seconds, "training": syn.training}))
-    return unet, seconds
+    atomic_write_text(cache / "training.json", json.dumps({"seconds": seconds, "training": syn.training}))
+    return unet, seconds, False
 
 
 def quality_report(unet, cfg: ExperimentConfig, splits: DatasetSplits, run_dir: Path) -> dict[str, Any]:
@@ -158,8 +162,7 @@ def prepare_synthetic(grid: Grid, cfg: ExperimentConfig, ctx: StrategyContext, p
                       counts: np.ndarray, splits: DatasetSplits, config_text: str, run_dir: Path) -> dict[str, Any]:
     """Generator, quality report and delivery; returns the ``synthetic`` block of summary.json."""
     cache = _cache_dir(cfg, run_dir)
-    reused = cfg.synthetic.training != "pretrained" and (cache / "generator").is_dir()
-    unet, train_seconds = obtain_generator(grid, cfg, ctx, partition_of, splits, config_text, cache)
+    unet, train_seconds, reused = obtain_generator(grid, cfg, ctx, partition_of, splits, config_text, cache)
     report = quality_report(unet, cfg, splits, run_dir)
     report["generator_training_s"] = train_seconds  # of the cached generator when it was reused
     report["generator_reused"] = reused
