@@ -2,6 +2,8 @@
 
     python benchmarks/fal.py --samplers random entropy fairfal --seeds 0 1 2   # reduced CPU protocol
     python benchmarks/fal.py --full                                           # the paper's protocol (GPU)
+    python benchmarks/fal.py --samplers fairfal random entropy margin --seeds 0 1 2 --table-only
+                                                  # table of the finished runs, nothing trained
 
 The reduced protocol (default) is stated in the output: LeNet, ``--rounds`` rounds per stage,
 5 local epochs, 5% → 45% labelled. Finished runs are reused. Prints accuracy per labelled
@@ -21,10 +23,47 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from fedimb.records import copy_run_records, save_figure  # noqa: E402
 from fedimb.sweep import plan_sweep  # noqa: E402
 
 PAPER = {"random": 85.60, "entropy": 86.28, "badge": 86.65, "coreset": 86.15, "kafal": 87.05,
          "logo": 86.98, "fairfal": 87.37}
+
+
+def floors(curves: dict[str, list[list[float]]], tails: dict[str, list[float]]) -> tuple[str, bool]:
+    """The issue's floors on the reduced protocol: FairFAL beats Random and Entropy at the last
+    labelled share (means over seeds) and queries a larger tail share than Entropy."""
+    if not {"fairfal", "random", "entropy"} <= set(curves):
+        return "(floors not checked: need fairfal, random and entropy)", False
+    final = {k: float(np.mean([c[-1] for c in v])) for k, v in curves.items()}
+    tail = {k: 100 * float(np.mean(v)) for k, v in tails.items()}
+    checks = [("accuracy at the last share over random", final["fairfal"] - final["random"]),
+              ("accuracy at the last share over entropy", final["fairfal"] - final["entropy"]),
+              ("tail share of queries over entropy", tail["fairfal"] - tail["entropy"])]
+    lines = ["| floor (fairfal) | measured (points) | needed | holds |", "|---|---|---|---|"]
+    lines += [f"| {name} | {value:+.2f} | > 0 | {'yes' if value > 0 else 'no'} |" for name, value in checks]
+    return "\n".join(lines), all(value > 0 for _, value in checks)
+
+
+def plot_curves(curves: dict[str, list[list[float]]], fractions: list[float], path: Path) -> Path:
+    """Mean learning curve (test accuracy per labelled share) of every sampler, std as a band."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    x = 100 * np.asarray(fractions)
+    for label, runs in curves.items():
+        acc = np.asarray(runs)
+        mean = acc.mean(0)
+        ax.plot(x, mean, marker="o", markersize=3, label=f"{label} (n={len(acc)})",
+                linewidth=2.5 if label == "fairfal" else 1.2)
+        if len(acc) > 1:
+            ax.fill_between(x, mean - acc.std(0), mean + acc.std(0), alpha=0.15)
+    ax.set(xlabel="labelled share (%)", ylabel="test accuracy (%)", title="FMNIST-LT, federated active learning")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    return save_figure(fig, path)
 
 
 def main() -> int:
@@ -37,6 +76,10 @@ def main() -> int:
     parser.add_argument("--full", action="store_true", help="the paper's protocol: cnn4, 100 rounds per stage")
     parser.add_argument("--out", default="runs/bench/fal")
     parser.add_argument("--doc", default="docs/results/fal.md")
+    parser.add_argument("--notes", default="docs/results/fal_notes.md",
+                        help="hand-written analysis inserted after the floors (kept across regenerations)")
+    parser.add_argument("--table-only", action="store_true",
+                        help="train nothing: tabulate the finished runs among the chosen samplers and seeds")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     from fedimb.simulation import run_experiment
@@ -45,13 +88,17 @@ def main() -> int:
     runs, _ = plan_sweep(ROOT / "experiments/suites/fal_fmnist.yaml", protocol + args.overrides,
                          Path(args.out), seeds=args.seeds)
     chosen = [r for r in runs if r.label in args.samplers]
+    finished = []
     curves: dict[str, list[list[float]]] = {}
     tails: dict[str, list[float]] = {}
     fractions: list[float] = []
     for run in chosen:
         if not (run.run_dir / "summary.json").is_file():
+            if args.table_only:
+                continue
             print(f"running {run.run_dir.name}", flush=True)
             run_experiment(run.cfg, run.run_dir)
+        finished.append(run.run_dir)
         steps = json.loads((run.run_dir / "summary.json").read_text())["active_learning"]
         al = run.cfg.active_learning
         fractions = [al.initial_fraction + al.step_fraction * s["step"] for s in steps]
@@ -73,12 +120,25 @@ def main() -> int:
                "reset to random init each stage, lr 0.01 × 0.1 after 75% of each stage")
     print(f"FMNIST-LT rho=20, dir_balance alpha=0.1, 10 clients, 5% -> 45% labelled; {setting}")
     print(table)
+    floor_text, ok = floors(curves, tails)
+    print(floor_text)
     doc = Path(args.doc)
-    doc.parent.mkdir(parents=True, exist_ok=True)
+    assets = doc.with_suffix("")
+    if curves:
+        plot_curves({k: curves[k] for k in args.samplers if k in curves}, fractions, assets / "curves.png")
+    # Laid out like --out (run directories under runs/) so that --out records --table-only reads them.
+    records = assets / "records" / ("full" if args.full else f"{args.model}_r{args.rounds}")
+    if any(records.resolve() not in d.resolve().parents for d in finished):  # not already reading the copies
+        copy_run_records(finished, records / "runs")
+    notes = Path(args.notes).read_text() + "\n" if Path(args.notes).is_file() else ""
     doc.write_text(f"# Federated active learning on FMNIST-LT\n\nCommand: `python benchmarks/fal.py {' '.join(sys.argv[1:])}`"
                    f"  \nWritten {time.strftime('%Y-%m-%d %H:%M')}. Setting: {setting}. Test accuracy (%) "
-                   "per labelled share; tail share = share of queried samples from the rarest third of "
-                   f"classes, mean over steps.\n\n{table}\n")
+                   "per labelled share, mean ± std over seeds; tail share = share of queried samples from "
+                   "the rarest third of classes, mean over steps and seeds. The runs' text records are in "
+                   f"`{records}/` (`--out` that folder "
+                   f"with `--table-only` rebuilds this page).\n\n{table}\n\n"
+                   f"## Floors\n\n{floor_text}\n\nAll floors hold: {'yes' if ok else 'no'}.\n\n{notes}"
+                   f"![learning curves]({assets.name}/curves.png)\n")
     return 0
 
 

@@ -7,10 +7,12 @@
 
 Reads the finished runs of both sweeps (nothing is trained here) and writes
 docs/results/imbalance.md plus docs/results/imbalance/ (results.md, results.csv,
-comparison.png, curves_compare.png). The floors, on rho = 100 with dir_balance alpha = 0.1:
+comparison.png, curves_compare.png) and copies the runs' text records to docs/results/imbalance/runs/
+(committed: ``--sweep docs/results/imbalance/runs/imbalance_fmnist --tuning
+docs/results/imbalance/runs/cafedcl_tuning`` rebuilds the report without training). The floors, on rho = 100 with dir_balance alpha = 0.1:
 cafedcl beats fedavg by >= 3 points of balanced accuracy and >= 5 of tail recall, beats
 fedproto, and has a lower client accuracy std than fedavg. ``--cafedcl`` / ``--fedproto``
-pick the method labels compared (e.g. the tuned variants).
+pick the method labels compared (default: the variants chosen on the validation split).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from fedimb.records import copy_run_records, load_run  # noqa: E402
 from fedimb.report import aggregate, collect_runs, find_run_dirs, results_markdown, write_report  # noqa: E402
 
 KEY_SETTING = "dir_balance(0.1), LT rho=100"
@@ -56,14 +59,29 @@ def floors(groups: list[dict], cafedcl: str, fedproto: str) -> tuple[str, bool]:
     return "\n".join(lines), ok
 
 
+def protocol(run_dir: Path) -> str:
+    """The training schedule of a run, read from its config (rounds, epochs, lr and its decay)."""
+    cfg = load_run(run_dir)["config"]
+    train, rounds = cfg.get("train") or {}, (cfg.get("federation") or {}).get("rounds")
+    text = (f"{rounds} rounds × {train.get('local_epochs')} local epochs (SGD lr {train.get('lr')}, "
+            f"momentum {train.get('momentum')}, batch {train.get('batch_size')}")
+    for at in train.get("lr_decay_at") or []:
+        text += f"; lr × {train.get('lr_decay_factor')} after round {int(at * rounds)}"
+    return text + ")"
+
+
 def main() -> int:
     """Write the report from the finished sweep runs."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", default="runs/sweeps/imbalance_fmnist")
     parser.add_argument("--tuning", default="runs/sweeps/cafedcl_tuning")
-    parser.add_argument("--cafedcl", default="cafedcl", help="method label of the CAFedCL-style row to check")
-    parser.add_argument("--fedproto", default="fedproto", help="method label of the ablation")
+    parser.add_argument("--cafedcl", default="cafedcl(ema=0.8,inference=prototype)", help="method label of the CAFedCL-style row to check")
+    parser.add_argument("--fedproto", default="fedproto(inference=prototype)", help="method label of the ablation")
+    parser.add_argument("--last-rounds", type=int, default=5, metavar="K",
+                        help="average each run's last K rounds (0: final round only)")
     parser.add_argument("--doc", default="docs/results/imbalance.md")
+    parser.add_argument("--records", default="docs/results/imbalance/runs",
+                        help="where the runs' text records are copied (committed; --sweep/--tuning can read them)")
     parser.add_argument("--notes", default="docs/results/imbalance_notes.md",
                         help="hand-written analysis inserted after the floors (kept across regenerations)")
     args = parser.parse_args()
@@ -73,14 +91,20 @@ def main() -> int:
     if not runs:
         print(f"no finished runs under {args.sweep}", file=sys.stderr)
         return 1
-    write_report(runs, assets)
-    groups = aggregate(collect_runs(runs))
+    write_report(runs, assets, last_rounds=args.last_rounds)
+    if Path(args.records).resolve() != Path(args.sweep).resolve():
+        copy_run_records(runs, Path(args.records) / "imbalance_fmnist")
+    groups = aggregate(collect_runs(runs, last_rounds=args.last_rounds))
     floor_text, ok = floors(groups, args.cafedcl, args.fedproto)
     notes = Path(args.notes).read_text() + "\n" if Path(args.notes).is_file() else ""
     tuning_runs = find_run_dirs(args.tuning) if Path(args.tuning).is_dir() else []
-    tuning = (results_markdown(aggregate(collect_runs(tuning_runs)), ("balanced_accuracy", "tail_recall",
-                                                                        "client_accuracy_std"))
+    if tuning_runs and Path(args.records).resolve() != Path(args.tuning).resolve():
+        copy_run_records(tuning_runs, Path(args.records) / "cafedcl_tuning")
+    tuning = (results_markdown(aggregate(collect_runs(tuning_runs, last_rounds=args.last_rounds)),
+                               ("balanced_accuracy", "tail_recall", "client_accuracy_std"))
               if tuning_runs else "(no tuning runs)\n")
+    window = (f"Metrics averaged over each run's last {args.last_rounds} rounds" if args.last_rounds > 0
+              else "Final-round metrics")
     text = (
         "# Imbalance-aware methods on FMNIST-LT\n\n"
         f"Written {time.strftime('%Y-%m-%d %H:%M')} by `python benchmarks/imbalance.py {' '.join(sys.argv[1:])}` "
@@ -89,8 +113,8 @@ def main() -> int:
         "fedimb sweep experiments/suites/imbalance_fmnist.yaml     # the other settings, seed 0\n"
         "fedimb sweep experiments/suites/cafedcl_tuning.yaml\n```\n\n"
         "Setting: FMNIST with a global exp long tail (rho = 20 or 100; balanced test set), 10 clients, all "
-        "participating, LeNet, 30 rounds × 2 local epochs (SGD lr 0.01, momentum 0.9, batch 64). "
-        "Final-round metrics, mean ± std over seeds (n), percent. Tail recall = mean recall of the rarest "
+        f"participating, LeNet, {protocol(runs[0])}. "
+        f"{window}, mean ± std over seeds (n), percent. Tail recall = mean recall of the rarest "
         "third of classes by training count (here sneaker, bag, ankle boot: easy classes on FMNIST, so "
         "balanced accuracy is the more telling figure).\n\n"
         f"## Floors\n\n{floor_text}\n\nAll floors hold: {'yes' if ok else 'no'}.\n\n{notes}"

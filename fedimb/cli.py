@@ -109,7 +109,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     run_dirs = [d for root in args.dirs for d in find_run_dirs(Path(root))]
     if not run_dirs:
         raise ConfigError("dirs", "no run directory (with summary.json) found under " + ", ".join(args.dirs))
-    out = write_report(run_dirs, Path(args.out))
+    if args.last_rounds < 0:
+        raise ConfigError("--last-rounds", f"must be >= 0 (0 = final round), got {args.last_rounds}")
+    out = write_report(run_dirs, Path(args.out), last_rounds=args.last_rounds)
     print((out / "results.md").read_text() if out.is_dir() else Path(out).read_text())
     return 0
 
@@ -141,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="tables and plots from existing run directories")
     report.add_argument("dirs", nargs="+")
     report.add_argument("--out", default="report")
+    report.add_argument("--last-rounds", type=int, default=0, metavar="K",
+                        help="average each run's last K logged rounds instead of taking its final round")
     report.set_defaults(func=_cmd_report)
     return parser
 

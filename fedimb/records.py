@@ -316,3 +316,23 @@ def load_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     if (run / "summary.json").is_file():
         summary = json.loads((run / "summary.json").read_text(encoding="utf-8"))
     return {"config": config, "summary": summary, "rounds": read_rounds_csv(run / "rounds.csv")}
+
+
+# The text records that a report needs; checkpoints, plots and cached data stay behind.
+RECORD_FILES = ("config.yaml", "summary.json", "rounds.csv", "partition.json")
+
+
+def copy_run_records(run_dirs: list[Path], dest: str | os.PathLike[str]) -> list[Path]:
+    """Copy each run's text records to ``dest/<run name>/`` (small enough to commit); return the copies.
+
+    A report built from the copies (``fedimb report dest``) equals one built from the runs.
+    """
+    copies: list[Path] = []
+    for run_dir in run_dirs:
+        target = Path(dest) / Path(run_dir).name
+        for name in RECORD_FILES:
+            source = Path(run_dir) / name
+            if source.is_file():
+                atomic_write_bytes(target / name, source.read_bytes())
+        copies.append(target)
+    return copies

@@ -74,11 +74,28 @@ def _number(value: Any) -> float:
         return float("nan")
 
 
-def collect_runs(run_dirs: list[Path], warnings: list[str] | None = None) -> list[dict[str, Any]]:
+def last_rounds_mean(rounds: list[dict[str, Any]], metric: str, window: int) -> float:
+    """Mean of ``metric`` over the rows of the last ``window`` rounds of ``rounds.csv`` (NaN if none).
+
+    Smooths out a final round that lands on a high or low point of an oscillating run. A metric
+    logged only every few rounds (client-side ones) averages the values inside that window.
+    """
+    if not rounds:
+        return float("nan")
+    last = max(_number(row.get("round")) for row in rounds)
+    values = [_number(row[metric]) for row in rounds
+              if metric in row and _number(row.get("round")) > last - window]
+    values = [v for v in values if math.isfinite(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def collect_runs(run_dirs: list[Path], warnings: list[str] | None = None,
+                 last_rounds: int = 0) -> list[dict[str, Any]]:
     """One row per run: run_dir, strategy, partition, dataset, seed and the report metrics.
 
-    Directories without ``summary.json`` are skipped; a line saying so is appended to
-    ``warnings`` when a list is passed.
+    The metrics are the final round's (``summary.json``), or with ``last_rounds = k > 0`` the
+    mean over the last k logged rounds of ``rounds.csv``. Directories without ``summary.json``
+    are skipped; a line saying so is appended to ``warnings`` when a list is passed.
     """
     rows: list[dict[str, Any]] = []
     for run_dir in run_dirs:
@@ -99,7 +116,10 @@ def collect_runs(run_dirs: list[Path], warnings: list[str] | None = None) -> lis
             "dataset": str((config.get("data") or {}).get("dataset", "unknown")),
             "seed": config.get("seed", summary.get("seed")),
         }
-        row.update({m: _number(final.get(m)) for m in REPORT_METRICS})
+        if last_rounds > 0:
+            row.update({m: last_rounds_mean(run["rounds"], m, last_rounds) for m in REPORT_METRICS})
+        else:
+            row.update({m: _number(final.get(m)) for m in REPORT_METRICS})
         row["best_accuracy"] = _number((summary.get("best") or {}).get("accuracy"))
         rows.append(row)
     return rows
@@ -257,18 +277,20 @@ def plot_curves_compare(groups: list[dict[str, Any]], path: Path, metric: str = 
     return save_figure(fig, path)
 
 
-def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
+def write_report(run_dirs: list[Path], out_dir: Path, last_rounds: int = 0) -> Path:
     """Write results.md, results.csv, comparison.png and curves_compare.png; return results.md.
 
-    Raises ``ValueError`` when none of ``run_dirs`` holds a ``summary.json``.
+    ``last_rounds = k > 0`` reports each run's mean over its last k logged rounds instead of
+    its final round. Raises ``ValueError`` when none of ``run_dirs`` holds a ``summary.json``.
     """
     out = Path(out_dir)
     warnings: list[str] = []
-    rows = collect_runs([Path(d) for d in run_dirs], warnings)
+    rows = collect_runs([Path(d) for d in run_dirs], warnings, last_rounds=last_rounds)
     if not rows:
         raise ValueError(f"no finished runs (summary.json) among {len(run_dirs)} run directories")
     groups = aggregate(rows)
-    text = "# Results\n\nFinal-round metrics on the balanced test set: mean ± std (population, ddof=0)"
+    which = f"Metrics averaged over each run's last {last_rounds} logged rounds" if last_rounds > 0 else "Final-round metrics"
+    text = f"# Results\n\n{which} on the balanced test set: mean ± std (population, ddof=0)"
     text += " over seeds (n runs), in percent.\n\n" + results_markdown(groups)
     if warnings:
         text += "\n### Skipped\n\n" + "\n".join(f"- {w}" for w in warnings) + "\n"

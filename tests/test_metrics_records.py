@@ -215,6 +215,34 @@ def test_report_mean_std(tmp_path: Path) -> None:
         write_report([runs / "broken"], tmp_path / "empty")
 
 
+def test_report_last_rounds_window_averages_the_tail_of_the_run(tmp_path: Path) -> None:
+    run = _fake_run(tmp_path / "runs", "osc_s0", "fedavg", "ce", 0.5, 0, [0.1, 0.9, 0.5, 0.7, 0.5, 0.9])
+    (final_row,) = collect_runs([run])
+    (window_row,) = collect_runs([run], last_rounds=3)
+    assert final_row["accuracy"] == pytest.approx(0.9)
+    assert window_row["accuracy"] == pytest.approx((0.7 + 0.5 + 0.9) / 3)
+    from fedimb.report import last_rounds_mean
+
+    sparse = [{"round": 1, "accuracy": 0.2, "client_accuracy_std": 0.5}, {"round": 2, "accuracy": 0.4},
+              {"round": 3, "accuracy": 0.6, "client_accuracy_std": 0.3}]
+    assert last_rounds_mean(sparse, "client_accuracy_std", 2) == pytest.approx(0.3)  # round 1 is outside
+    assert last_rounds_mean(sparse, "accuracy", 2) == pytest.approx(0.5)
+    assert math.isnan(last_rounds_mean(sparse, "macro_f1", 2))
+
+
+def test_copied_run_records_give_the_same_report(tmp_path: Path) -> None:
+    from fedimb.records import copy_run_records
+
+    runs = [_fake_run(tmp_path / "runs", f"fedavg_s{seed}", "fedavg", "ce", 0.5, seed, [0.3, 0.5 + seed / 10])
+            for seed in range(2)]
+    (runs[0] / "checkpoint.pt").write_bytes(b"x" * 100)
+    copies = copy_run_records(runs, tmp_path / "kept")
+    assert [c.name for c in copies] == ["fedavg_s0", "fedavg_s1"]
+    assert not (copies[0] / "checkpoint.pt").exists()
+    assert collect_runs(find_run_dirs(tmp_path / "kept"), last_rounds=2) == [
+        {**row, "run_dir": str(copy)} for row, copy in zip(collect_runs(runs, last_rounds=2), copies)]
+
+
 def test_method_label_names_strategy_params_loss_and_synthetic():
     from fedimb.report import method_label
 
