@@ -23,6 +23,7 @@ DEVICES = ("auto", "cpu", "cuda")
 EVAL_SPLITS = ("test", "validation")
 SYNTHETIC_TRAINING = ("federated", "central", "pretrained")
 SYNTHETIC_POLICIES = ("server_pool", "client_sample")
+GENERATOR_AGGREGATIONS = ("class_aware", "fedavg")
 
 
 class ConfigError(ValueError):
@@ -163,6 +164,11 @@ class SyntheticConfig:
     training: str = "federated"  # federated | central | pretrained
     generator_path: str = ""  # pretrained: a save_generator directory
     rounds: int = 5  # federated generator rounds
+    # class_aware: row c of the class embedding is averaged over the clients holding class c,
+    # weighted by their count of it (FedAvg would shrink its update by the share of clients that
+    # lack c); the null row and all other weights are FedAvg. fedavg: plain FedAvg everywhere.
+    aggregation: str = "class_aware"
+    balanced_batches: bool = True  # each class a client holds is drawn equally often in its batches
     local_steps: int = 200  # generator steps per client per round (central: steps × clients × rounds)
     batch_size: int = 64
     lr: float = 2e-3
@@ -314,6 +320,7 @@ def validate(cfg: ExperimentConfig) -> None:
     syn = cfg.synthetic
     _check_choice("synthetic.training", syn.training, SYNTHETIC_TRAINING)
     _check_choice("synthetic.policy", syn.policy, SYNTHETIC_POLICIES)
+    _check_choice("synthetic.aggregation", syn.aggregation, GENERATOR_AGGREGATIONS)
     if syn.enabled and syn.training == "pretrained" and not Path(syn.generator_path).is_dir():
         raise ConfigError("synthetic.generator_path", f"directory not found: '{syn.generator_path}' (needed by training=pretrained)")
     for name in ("rounds", "local_steps", "batch_size", "ddim_steps", "quality_per_class"):

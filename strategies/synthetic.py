@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from rich.console import Console
@@ -37,8 +37,47 @@ TOPUP_QUERY = f"{MessageType.QUERY}.topup"
 console = Console(stderr=True)
 
 
+EMBEDDING_KEY = "class_embedding.weight"  # UNet2DModel's (num_classes + 1) x D label table
+
+
+def class_aware_rows(merged: ArrayRecord, client_tables: list[np.ndarray], client_counts: np.ndarray) -> ArrayRecord:
+    """Replace row c of the averaged label table by the mean of the clients' rows c weighted by
+    their count of class c (rows of classes nobody holds, and the null row, keep ``merged``'s).
+
+    A client without class c never moves row c, so FedAvg would scale the row's update by the
+    share of the weight held by clients that have c: a class held by one client of ten learns
+    about ten times slower than the rest of the network.
+    """
+    table = merged[EMBEDDING_KEY].numpy().copy()
+    stacked = np.stack(client_tables).astype(np.float64)  # K x (C+1) x D
+    counts = np.asarray(client_counts, dtype=np.float64)  # K x C
+    for c in range(counts.shape[1]):
+        if counts[:, c].sum() > 0:
+            table[c] = (counts[:, c, None] * stacked[:, c]).sum(0) / counts[:, c].sum()
+    merged[EMBEDDING_KEY] = Array(table.astype(merged[EMBEDDING_KEY].numpy().dtype))
+    return merged
+
+
 class GeneratorFedAvg(ReproducibleSampling, FedAvg):
-    """FedAvg over the generator's weights; its messages go to the ``train.generator`` handler."""
+    """FedAvg over the generator's weights; its messages go to the ``train.generator`` handler.
+
+    With ``class_counts`` (partition id x class) the label table is aggregated class by class
+    (:func:`class_aware_rows`).
+    """
+
+    def __init__(self, *args: Any, class_counts: np.ndarray | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.class_counts = class_counts
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, Any]:
+        """FedAvg, then the class-aware label table when counts were given."""
+        replies = [m for m in self.sort_replies(replies) if not m.has_error()]
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        if arrays is None or self.class_counts is None or EMBEDDING_KEY not in arrays:
+            return arrays, metrics
+        tables = [m.content["arrays"][EMBEDDING_KEY].numpy() for m in replies]
+        counts = self.class_counts[[self.partition_of[m.metadata.src_node_id] for m in replies]]
+        return class_aware_rows(arrays, tables, counts), metrics
 
     def _construct_messages(self, record: RecordDict, node_ids: list[int], message_type: str) -> Iterable[Message]:
         kind = GENERATOR_TRAIN if message_type == MessageType.TRAIN else message_type
@@ -66,10 +105,12 @@ def _cache_dir(cfg: ExperimentConfig, run_dir: Path) -> Path:
 
 
 def obtain_generator(grid: Grid, cfg: ExperimentConfig, ctx: StrategyContext, partition_of: dict[int, int],
-                     splits: DatasetSplits, config_text: str, cache: Path):
+                     splits: DatasetSplits, config_text: str, cache: Path, counts: np.ndarray | None = None):
     """Load the cached or pretrained generator, or train it (federated or central) and cache it.
 
-    Returns (generator, seconds its training took, whether it came from the cache).
+    ``counts`` (partition id x class) enables the class-aware label table of
+    ``synthetic.aggregation=class_aware``. Returns (generator, seconds its training took,
+    whether it came from the cache).
     """
     syn = cfg.synthetic
     if syn.training == "pretrained":
@@ -83,8 +124,10 @@ def obtain_generator(grid: Grid, cfg: ExperimentConfig, ctx: StrategyContext, pa
     unet = build_generator(syn.generator_size, splits.input_shape, splits.num_classes, cfg.seed,
                            data_range=value_range(splits))
     if syn.training == "federated":
+        class_counts = counts if syn.aggregation == "class_aware" else None
         strategy = GeneratorFedAvg(**{**ctx.flower_kwargs(), "fraction_evaluate": 0.0, "min_evaluate_nodes": 0,
-                                      "train_metrics_aggr_fn": None, "evaluate_metrics_aggr_fn": None})
+                                      "train_metrics_aggr_fn": None, "evaluate_metrics_aggr_fn": None},
+                                   class_counts=class_counts)
         strategy.bind(ctx, partition_of)
         result = strategy.start(grid=grid, initial_arrays=ArrayRecord(unet.state_dict()), num_rounds=syn.rounds,
                                 train_config=ConfigRecord({"fedimb-config": config_text,
@@ -97,7 +140,8 @@ def obtain_generator(grid: Grid, cfg: ExperimentConfig, ctx: StrategyContext, pa
         idx = np.concatenate(data.client_indices)
         steps = syn.local_steps * syn.rounds * cfg.federation.num_clients
         train_generator(unet, torch.from_numpy(splits.train_x[idx]), torch.from_numpy(splits.train_y[idx]),
-                        steps=steps, batch_size=syn.batch_size, lr=syn.lr, seed=cfg.seed, progress=True)
+                        steps=steps, batch_size=syn.batch_size, lr=syn.lr, seed=cfg.seed, progress=True,
+                        balanced=syn.balanced_batches)
     seconds = time.time() - started
     save_generator(unet, cache / "generator")
     # Kept beside the cached generator so a run that reuses it still reports what training cost.
@@ -162,7 +206,7 @@ def prepare_synthetic(grid: Grid, cfg: ExperimentConfig, ctx: StrategyContext, p
                       counts: np.ndarray, splits: DatasetSplits, config_text: str, run_dir: Path) -> dict[str, Any]:
     """Generator, quality report and delivery; returns the ``synthetic`` block of summary.json."""
     cache = _cache_dir(cfg, run_dir)
-    unet, train_seconds, reused = obtain_generator(grid, cfg, ctx, partition_of, splits, config_text, cache)
+    unet, train_seconds, reused = obtain_generator(grid, cfg, ctx, partition_of, splits, config_text, cache, counts)
     report = quality_report(unet, cfg, splits, run_dir)
     report["generator_training_s"] = train_seconds  # of the cached generator when it was reused
     report["generator_reused"] = reused

@@ -56,3 +56,35 @@ def test_topups_match_the_policy_exactly(policy, tmp_path):
         assert again["synthetic"]["generator_reused"] and not summary["synthetic"]["generator_reused"]
         assert again["synthetic"]["generator_training_s"] == summary["synthetic"]["generator_training_s"] > 0
         assert json.loads((tmp_path / "again" / "summary.json").read_text())["synthetic"]["synthetic_per_client"] == expected
+
+
+def test_class_aware_label_table_hand_case():
+    import numpy as np
+    from flwr.app import Array
+
+    from strategies.synthetic import EMBEDDING_KEY, class_aware_rows
+
+    # 3 clients, 2 classes + null row, D = 1. FedAvg (weights 1:1:2) gave the merged table below.
+    tables = [np.array([[1.0], [0.0], [3.0]]), np.array([[0.0], [4.0], [5.0]]), np.array([[0.0], [0.0], [7.0]])]
+    counts = np.array([[10, 0], [0, 30], [0, 0]])  # class 0 only on client 0, class 1 only on client 1
+    fedavg = (tables[0] + tables[1] + 2 * tables[2]) / 4
+    merged = ArrayRecord({EMBEDDING_KEY: Array(fedavg.astype(np.float32)), "other": Array(np.ones(2, np.float32))})
+    out = class_aware_rows(merged, tables, counts)[EMBEDDING_KEY].numpy()
+    assert out[:, 0].tolist() == [1.0, 4.0, 5.5]  # holders' rows taken whole; null row stays FedAvg
+    both = class_aware_rows(ArrayRecord({EMBEDDING_KEY: Array(fedavg.astype(np.float32))}), tables,
+                            np.array([[10, 0], [30, 0], [0, 0]]))[EMBEDDING_KEY].numpy()
+    assert both[0, 0] == pytest.approx((10 * 1.0 + 30 * 0.0) / 40)
+    assert both[1, 0] == pytest.approx(fedavg[1, 0])  # nobody holds class 1: FedAvg's row kept
+
+
+def test_class_balanced_weights_give_every_class_the_same_mass():
+    import torch
+
+    from fedimb.generation.diffusion import class_balanced_weights
+
+    labels = torch.tensor([0] * 90 + [1] * 9 + [3])
+    weights = class_balanced_weights(labels)
+    per_class = [float(weights[labels == c].sum()) for c in (0, 1, 3)]
+    assert per_class == pytest.approx([1.0, 1.0, 1.0])
+    draws = torch.multinomial(weights, 30_000, replacement=True, generator=torch.Generator().manual_seed(0))
+    assert float((labels[draws] == 3).float().mean()) == pytest.approx(1 / 3, abs=0.02)

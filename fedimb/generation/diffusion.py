@@ -97,6 +97,12 @@ def _choose_range(
     return stored if stored is not None else (float(images.min()), float(images.max()))
 
 
+def class_balanced_weights(labels: torch.Tensor) -> torch.Tensor:
+    """Per-sample draw weights 1 / (size of its class): every class present gets the same total."""
+    labels = labels.long().cpu()
+    return 1.0 / torch.bincount(labels)[labels].double()
+
+
 def train_generator(
     unet: UNet2DModel,
     images: torch.Tensor,
@@ -110,6 +116,7 @@ def train_generator(
     num_train_timesteps: int = 1000,
     data_range: tuple[float, float] | None = None,
     ema_decay: float = 0.999,
+    balanced: bool = False,
 ) -> float:
     """Train ``unet`` in place for ``steps`` batches; return the mean loss of the last 10% of steps.
 
@@ -119,7 +126,8 @@ def train_generator(
     ``ema_decay`` > 0 keeps an exponential moving average of the weights (diffusers'
     ``EMAModel``, warm-up decay ``(1+s)/(10+s)`` capped at ``ema_decay``) and leaves the
     average in ``unet`` at the end; 0 keeps the raw weights. The average restarts with every
-    call, so short federated rounds may prefer 0. ``unet`` is left in eval mode.
+    call, so short federated rounds may prefer 0. ``balanced`` draws every class present equally
+    often (sample weight 1 / its class count) instead of every image. ``unet`` is left in eval mode.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -132,6 +140,7 @@ def train_generator(
     y_all = labels.long().to(device)
     null = null_class(unet)
     gen = torch.Generator().manual_seed(seed)
+    draw_weights = class_balanced_weights(labels) if balanced else None
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr)
     ema = EMAModel(unet.parameters(), decay=ema_decay) if ema_decay > 0 else None
     tail_start = steps - max(1, steps // 10)
@@ -140,7 +149,8 @@ def train_generator(
     with _progress(progress, steps, "training generator") as advance:
         for step in range(steps):
             # All randomness comes from one CPU generator: the same seed gives the same run on any device.
-            idx = torch.randint(len(x_all), (batch_size,), generator=gen)
+            idx = (torch.multinomial(draw_weights, batch_size, replacement=True, generator=gen) if balanced
+                   else torch.randint(len(x_all), (batch_size,), generator=gen))
             drop = torch.rand(batch_size, generator=gen) < p_uncond
             noise = torch.randn((batch_size, *x_all.shape[1:]), generator=gen).to(device)
             t = torch.randint(scheduler.config.num_train_timesteps, (batch_size,), generator=gen).to(device)
