@@ -1,8 +1,8 @@
 """Imbalance-aware methods on FMNIST-LT: tables, plots and the CAFedCL-style floors.
 
-    fedimb sweep experiments/suites/imbalance_fmnist.yaml                                       # 1 seed, 4 settings
-    fedimb sweep experiments/suites/imbalance_fmnist.yaml --seeds 1 2 --only 'lt100_dirbal0.1_*'  # 3 seeds, key cell
     fedimb sweep experiments/suites/cafedcl_tuning.yaml                                         # validation split
+    fedimb sweep experiments/suites/imbalance_fmnist.yaml --seeds 0 1 2 --only 'lt100_dirbal0.1_*'  # 3 seeds, key cell
+    fedimb sweep experiments/suites/imbalance_fmnist.yaml                                       # 1 seed, 4 settings
     python benchmarks/imbalance.py                                                              # this report
 
 Reads the finished runs of both sweeps (nothing is trained here) and writes
@@ -59,6 +59,23 @@ def floors(groups: list[dict], cafedcl: str, fedproto: str) -> tuple[str, bool]:
     return "\n".join(lines), ok
 
 
+def plateau(groups: list[dict], window: int) -> str:
+    """Markdown table: how flat each key-setting method's balanced accuracy is at the end of its runs."""
+    lines = [f"| method | runs | last {window} rounds: max − min | last {window} rounds: change per round |",
+             "|---|---|---|---|"]
+    for group in (g for g in groups if g["setting"] == KEY_SETTING):
+        spreads, climbs = [], []
+        for run_dir in group["run_dirs"]:
+            curve = [100 * r["balanced_accuracy"] for r in load_run(run_dir)["rounds"] if "balanced_accuracy" in r]
+            if len(curve) > window:
+                spreads.append(max(curve[-window:]) - min(curve[-window:]))
+                climbs.append((curve[-1] - curve[-window]) / (window - 1))
+        if spreads:
+            lines.append(f"| {group['method']} | {len(spreads)} | {sum(spreads) / len(spreads):.2f} "
+                         f"| {sum(climbs) / len(climbs):+.2f} |")
+    return "\n".join(lines)
+
+
 def protocol(run_dir: Path) -> str:
     """The training schedule of a run, read from its config (rounds, epochs, lr and its decay)."""
     cfg = load_run(run_dir)["config"]
@@ -75,7 +92,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sweep", default="runs/sweeps/imbalance_fmnist")
     parser.add_argument("--tuning", default="runs/sweeps/cafedcl_tuning")
-    parser.add_argument("--cafedcl", default="cafedcl(ema=0.8,inference=prototype)", help="method label of the CAFedCL-style row to check")
+    parser.add_argument("--cafedcl", default="cafedcl(inference=prototype,lambda_proto=2,tau=0.1)", help="method label of the CAFedCL-style row to check")
     parser.add_argument("--fedproto", default="fedproto(inference=prototype)", help="method label of the ablation")
     parser.add_argument("--last-rounds", type=int, default=5, metavar="K",
                         help="average each run's last K rounds (0: final round only)")
@@ -109,15 +126,18 @@ def main() -> int:
         "# Imbalance-aware methods on FMNIST-LT\n\n"
         f"Written {time.strftime('%Y-%m-%d %H:%M')} by `python benchmarks/imbalance.py {' '.join(sys.argv[1:])}` "
         "from the finished runs of these sweeps (the (n) in each cell counts the seeds that exist)\n\n"
-        "```\nfedimb sweep experiments/suites/imbalance_fmnist.yaml --seeds 0 1 2 --only 'lt100_dirbal0.1_*'\n"
-        "fedimb sweep experiments/suites/imbalance_fmnist.yaml     # the other settings, seed 0\n"
-        "fedimb sweep experiments/suites/cafedcl_tuning.yaml\n```\n\n"
+        "```\nfedimb sweep experiments/suites/cafedcl_tuning.yaml                      # validation split, seed 0\n"
+        "fedimb sweep experiments/suites/imbalance_fmnist.yaml --seeds 0 1 2 --only "
+        "'lt100_dirbal0.1_*'  # key setting\n"
+        "fedimb sweep experiments/suites/imbalance_fmnist.yaml --seeds 0           # the other settings\n```\n\n"
         "Setting: FMNIST with a global exp long tail (rho = 20 or 100; balanced test set), 10 clients, all "
         f"participating, LeNet, {protocol(runs[0])}. "
         f"{window}, mean ± std over seeds (n), percent. Tail recall = mean recall of the rarest "
         "third of classes by training count (here sneaker, bag, ankle boot: easy classes on FMNIST, so "
         "balanced accuracy is the more telling figure).\n\n"
-        f"## Floors\n\n{floor_text}\n\nAll floors hold: {'yes' if ok else 'no'}.\n\n{notes}"
+        f"## Floors\n\n{floor_text}\n\nAll floors hold: {'yes' if ok else 'no'}.\n\n"
+        f"## Convergence on {KEY_SETTING} (balanced accuracy, points, mean over runs)\n\n"
+        f"{plateau(groups, max(args.last_rounds, 5))}\n\n{notes}"
         "## Tuning on a validation split (never the test set)\n\n"
         "20% of every training class held out and used as the evaluation set; rho = 100, dir_balance 0.1, seed 0.\n\n"
         f"{tuning}\n"
