@@ -65,14 +65,22 @@ class GeneratorFedAvg(ReproducibleSampling, FedAvg):
     (:func:`class_aware_rows`).
     """
 
-    def __init__(self, *args: Any, class_counts: np.ndarray | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, class_counts: np.ndarray | None = None, total_rounds: int = 0,
+                 **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.class_counts = class_counts
+        self.total_rounds = total_rounds
+        self.started = time.time()
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, Any]:
-        """FedAvg, then the class-aware label table when counts were given."""
+        """FedAvg, then the class-aware label table when counts were given; one progress line per round."""
         replies = [m for m in self.sort_replies(replies) if not m.has_error()]
         arrays, metrics = super().aggregate_train(server_round, replies)
+        losses = [float(m.content["metrics"]["generator_loss"]) for m in replies
+                  if "metrics" in m.content and "generator_loss" in m.content["metrics"]]
+        console.print(f"generator round {server_round:3d}/{self.total_rounds}  loss "
+                      f"{np.mean(losses) if losses else float('nan'):.4f}  {time.time() - self.started:7.1f}s",
+                      highlight=False)
         if arrays is None or self.class_counts is None or EMBEDDING_KEY not in arrays:
             return arrays, metrics
         tables = [m.content["arrays"][EMBEDDING_KEY].numpy() for m in replies]
@@ -127,7 +135,7 @@ def obtain_generator(grid: Grid, cfg: ExperimentConfig, ctx: StrategyContext, pa
         class_counts = counts if syn.aggregation == "class_aware" else None
         strategy = GeneratorFedAvg(**{**ctx.flower_kwargs(), "fraction_evaluate": 0.0, "min_evaluate_nodes": 0,
                                       "train_metrics_aggr_fn": None, "evaluate_metrics_aggr_fn": None},
-                                   class_counts=class_counts)
+                                   class_counts=class_counts, total_rounds=syn.rounds)
         strategy.bind(ctx, partition_of)
         result = strategy.start(grid=grid, initial_arrays=ArrayRecord(unet.state_dict()), num_rounds=syn.rounds,
                                 train_config=ConfigRecord({"fedimb-config": config_text,
