@@ -4,6 +4,7 @@
     python benchmarks/fal.py --full                                           # the paper's protocol (GPU)
     python benchmarks/fal.py --samplers fairfal random entropy margin --seeds 0 1 2 --table-only
                                                   # table of the finished runs, nothing trained
+    python benchmarks/fal.py ... --from-records   # the same from the committed docs/results/fal/records
 
 The reduced protocol (default) is stated in the output: LeNet, ``--rounds`` rounds per stage,
 5 local epochs, 5% → 45% labelled. Finished runs are reused. Prints accuracy per labelled
@@ -13,6 +14,7 @@ share (mean ± std over seeds), the tail share of queries, and writes docs/resul
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -87,6 +89,8 @@ def main() -> int:
                         help="hand-written analysis inserted after the floors (kept across regenerations)")
     parser.add_argument("--table-only", action="store_true",
                         help="train nothing: tabulate the finished runs among the chosen samplers and seeds")
+    parser.add_argument("--from-records", action="store_true",
+                        help="with --table-only: read the committed run records next to --doc instead of --out")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     from fedimb.simulation import run_experiment
@@ -95,6 +99,13 @@ def main() -> int:
     runs, _ = plan_sweep(ROOT / "experiments/suites/fal_fmnist.yaml", protocol + args.overrides,
                          Path(args.out), seeds=args.seeds)
     chosen = [r for r in runs if r.label in args.samplers]
+    doc = Path(args.doc)
+    assets = doc.with_suffix("")
+    # Named records/, not runs/: run outputs are git-ignored, these copies are committed.
+    records = assets / "records" / ("full" if args.full else f"{args.model}_r{args.rounds}")
+    if args.from_records:
+        args.table_only = True
+        chosen = [dataclasses.replace(r, run_dir=records / r.run_dir.name) for r in chosen]
     finished = []
     curves: dict[str, list[list[float]]] = {}
     tails: dict[str, list[float]] = {}
@@ -128,21 +139,16 @@ def main() -> int:
     print(table)
     floor_text, ok = floors(curves, tails)
     print(floor_text)
-    doc = Path(args.doc)
-    assets = doc.with_suffix("")
     if curves:
         plot_curves({k: curves[k] for k in args.samplers if k in curves}, fractions, assets / "curves.png")
-    # Laid out like --out (run directories under runs/) so that --out records --table-only reads them.
-    records = assets / "records" / ("full" if args.full else f"{args.model}_r{args.rounds}")
-    if any(records.resolve() not in d.resolve().parents for d in finished):  # not already reading the copies
-        copy_run_records(finished, records / "runs")
+    if not args.from_records:
+        copy_run_records(finished, records)
     notes = Path(args.notes).read_text() + "\n" if Path(args.notes).is_file() else ""
     doc.write_text(f"# Federated active learning on FMNIST-LT\n\nCommand: `python benchmarks/fal.py {' '.join(sys.argv[1:])}`"
                    f"  \nWritten {time.strftime('%Y-%m-%d %H:%M')}. Setting: {setting}. Test accuracy (%) "
                    "per labelled share, mean ± std over seeds; tail share = share of all queried samples "
                    "(true labels) that belong to the rarest third of classes, pooled over steps, mean over seeds. The runs' text records are in "
-                   f"`{records}/` (`--out` that folder "
-                   f"with `--table-only` rebuilds this page).\n\n{table}\n\n"
+                   f"`{records}/` (`--from-records` rebuilds this page from them).\n\n{table}\n\n"
                    f"## Floors\n\n{floor_text}\n\nAll floors hold: {'yes' if ok else 'no'}.\n\n{notes}"
                    f"![learning curves]({assets.name}/curves.png)\n")
     return 0
