@@ -7,9 +7,9 @@
 
 Reads the finished runs of both sweeps (nothing is trained here) and writes
 docs/results/imbalance.md plus docs/results/imbalance/ (results.md, results.csv,
-comparison.png, curves_compare.png) and copies the runs' text records to docs/results/imbalance/runs/
-(committed: ``--sweep docs/results/imbalance/runs/imbalance_fmnist --tuning
-docs/results/imbalance/runs/cafedcl_tuning`` rebuilds the report without training). The floors, on rho = 100 with dir_balance alpha = 0.1:
+comparison.png, curves_compare.png) and copies the runs' text records to docs/results/imbalance/records/
+(committed: ``--sweep docs/results/imbalance/records/imbalance_fmnist --tuning
+docs/results/imbalance/records/cafedcl_tuning`` rebuilds the report without training). The floors, on rho = 100 with dir_balance alpha = 0.1:
 cafedcl beats fedavg by >= 3 points of balanced accuracy and >= 5 of tail recall, beats
 fedproto, and has a lower client accuracy std than fedavg. ``--cafedcl`` / ``--fedproto``
 pick the method labels compared (default: the variants chosen on the validation split).
@@ -102,7 +102,7 @@ def main() -> int:
     parser.add_argument("--last-rounds", type=int, default=5, metavar="K",
                         help="average each run's last K rounds (0: final round only)")
     parser.add_argument("--doc", default="docs/results/imbalance.md")
-    parser.add_argument("--records", default="docs/results/imbalance/runs",
+    parser.add_argument("--records", default="docs/results/imbalance/records",
                         help="where the runs' text records are copied (committed; --sweep/--tuning can read them)")
     parser.add_argument("--notes", default="docs/results/imbalance_notes.md",
                         help="hand-written analysis inserted after the floors (kept across regenerations)")
@@ -114,13 +114,13 @@ def main() -> int:
         print(f"no finished runs under {args.sweep}", file=sys.stderr)
         return 1
     write_report(runs, assets, last_rounds=args.last_rounds)
-    if Path(args.records).resolve() != Path(args.sweep).resolve():
+    if (Path(args.records) / "imbalance_fmnist").resolve() != Path(args.sweep).resolve():
         copy_run_records(runs, Path(args.records) / "imbalance_fmnist")
     groups = aggregate(collect_runs(runs, last_rounds=args.last_rounds))
     floor_text, ok = floors(groups, args.cafedcl, args.fedproto)
     notes = Path(args.notes).read_text() + "\n" if Path(args.notes).is_file() else ""
     tuning_runs = find_run_dirs(args.tuning) if Path(args.tuning).is_dir() else []
-    if tuning_runs and Path(args.records).resolve() != Path(args.tuning).resolve():
+    if tuning_runs and (Path(args.records) / "cafedcl_tuning").resolve() != Path(args.tuning).resolve():
         copy_run_records(tuning_runs, Path(args.records) / "cafedcl_tuning")
     tuning = (results_markdown(aggregate(collect_runs(tuning_runs, last_rounds=args.last_rounds)),
                                ("balanced_accuracy", "tail_recall", "client_accuracy_std"))
