@@ -144,6 +144,7 @@ def main() -> int:
     if not args.from_records:
         copy_run_records(finished, records)
     notes = Path(args.notes).read_text() + "\n" if Path(args.notes).is_file() else ""
+    doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(f"# Federated active learning on FMNIST-LT\n\nCommand: `python benchmarks/fal.py {' '.join(sys.argv[1:])}`"
                    f"  \nWritten {time.strftime('%Y-%m-%d %H:%M')}. Setting: {setting}. Test accuracy (%) "
                    "per labelled share, mean ± std over seeds; tail share = share of all queried samples "

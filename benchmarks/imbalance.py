@@ -90,6 +90,12 @@ def protocol(run_dir: Path) -> str:
     return text + ")"
 
 
+def keep_records(runs: list[Path], source: Path, dest: Path) -> None:
+    """Copy the runs' text records to ``dest`` unless they are being read from there already."""
+    if runs and dest.resolve() != source.resolve():
+        copy_run_records(runs, dest)
+
+
 def main() -> int:
     """Write the report from the finished sweep runs."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -114,14 +120,12 @@ def main() -> int:
         print(f"no finished runs under {args.sweep}", file=sys.stderr)
         return 1
     write_report(runs, assets, last_rounds=args.last_rounds)
-    if (Path(args.records) / "imbalance_fmnist").resolve() != Path(args.sweep).resolve():
-        copy_run_records(runs, Path(args.records) / "imbalance_fmnist")
+    keep_records(runs, Path(args.sweep), Path(args.records) / "imbalance_fmnist")
     groups = aggregate(collect_runs(runs, last_rounds=args.last_rounds))
     floor_text, ok = floors(groups, args.cafedcl, args.fedproto)
     notes = Path(args.notes).read_text() + "\n" if Path(args.notes).is_file() else ""
     tuning_runs = find_run_dirs(args.tuning) if Path(args.tuning).is_dir() else []
-    if tuning_runs and (Path(args.records) / "cafedcl_tuning").resolve() != Path(args.tuning).resolve():
-        copy_run_records(tuning_runs, Path(args.records) / "cafedcl_tuning")
+    keep_records(tuning_runs, Path(args.tuning), Path(args.records) / "cafedcl_tuning")
     tuning = (results_markdown(aggregate(collect_runs(tuning_runs, last_rounds=args.last_rounds)),
                                ("balanced_accuracy", "tail_recall", "client_accuracy_std"))
               if tuning_runs else "(no tuning runs)\n")
