@@ -86,7 +86,7 @@ def main() -> int:
     finals: dict[str, list[dict]] = {label: [] for label in args.methods}
     reports: dict[int, dict] = {}
     doc = Path(args.doc)
-    grids = doc.parent / "synthetic"
+    grids = doc.with_suffix("")  # beside the page and named after it: a probe's --doc keeps its own images
     grids.mkdir(parents=True, exist_ok=True)
     for run in chosen:
         if not (run.run_dir / "summary.json").is_file():
@@ -107,7 +107,7 @@ def main() -> int:
     print(gen)
     print(methods)
     floors = ", ".join(f"{k} +{v:g}" for k, v in FLOORS.items())
-    images = "\n".join(f"![generated samples, seed {s}](synthetic/grid_s{s}.png)" for s in sorted(reports))
+    images = "\n".join(f"![generated samples, seed {s}]({grids.name}/grid_s{s}.png)" for s in sorted(reports))
     doc.write_text(
         f"# Synthetic minority samples on FMNIST-LT\n\nCommand: `python benchmarks/synthetic.py {' '.join(sys.argv[1:])}`"
         f"  \nWritten {time.strftime('%Y-%m-%d %H:%M')}. Setting: {setting}.\n\n## The federated generator\n\n"
