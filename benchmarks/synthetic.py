@@ -10,7 +10,10 @@ Prints and writes to docs/results/synthetic.md:
   1. the generator per seed: parameters, federated rounds × local steps, training wall time,
      DDIM steps, guided sampling images/s, recognisability per class (a LeNet trained on the
      real balanced training set labels 100 generated samples per class);
-  2. final test metrics per method, mean ± std over seeds, and the deltas to fedavg.
+  2. test metrics per method (mean of each run's last 5 rounds, as benchmarks/imbalance.py),
+     mean ± std over seeds, the deltas to fedavg and the issue's floors;
+  3. the hand-written notes of docs/results/synthetic_notes.md, if any.
+The runs' text records are copied to docs/results/synthetic/records/.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from fedimb.records import copy_run_records, read_rounds_csv  # noqa: E402
+from fedimb.report import last_rounds_mean  # noqa: E402
 from fedimb.sweep import plan_sweep  # noqa: E402
 
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "tail_recall", "client_accuracy_std")
@@ -47,8 +52,34 @@ def generator_table(reports: dict[int, dict], synthetic_cfg, num_clients: int) -
     return "\n".join(lines)
 
 
+def run_metrics(run_dir: Path, last_rounds: int) -> dict[str, float]:
+    """The run's metrics: the mean of its last ``last_rounds`` rounds (0: summary.json's final round)."""
+    final = json.loads((run_dir / "summary.json").read_text())["final"]
+    if last_rounds <= 0:
+        return {m: float(final[m]) for m in METRICS}
+    rounds = read_rounds_csv(run_dir / "rounds.csv")
+    return {m: last_rounds_mean(rounds, m, last_rounds) for m in METRICS}
+
+
+def floor_lines(finals: dict[str, list[dict]]) -> tuple[str, bool]:
+    """Markdown rows checking the issue's floors (points over fedavg) for every synthetic method."""
+    if "fedavg" not in finals or not finals["fedavg"]:
+        return "(no fedavg runs: floors not checked)", False
+    base = {m: 100 * np.mean([f[m] for f in finals["fedavg"]]) for m in FLOORS}
+    lines, ok = ["| method | floor | measured | needed | holds |", "|---|---|---|---|---|"], True
+    for label, runs in finals.items():
+        if label == "fedavg" or not runs:
+            continue
+        for metric, needed in FLOORS.items():
+            delta = 100 * np.mean([f[metric] for f in runs]) - base[metric]
+            ok &= delta >= needed
+            lines.append(f"| {label} (n = {len(runs)}) | {metric} over fedavg | {delta:+.2f} | >= {needed:g} "
+                         f"| {'yes' if delta >= needed else 'no'} |")
+    return "\n".join(lines), ok
+
+
 def method_table(finals: dict[str, list[dict]]) -> str:
-    """Mean ± std over seeds of the final metrics, in percent, plus deltas to fedavg."""
+    """Mean ± std over seeds of the metrics, in percent, plus deltas to fedavg."""
     lines = ["| method | seeds | " + " | ".join(METRICS) + " | Δ bal. acc. | Δ tail recall |", "|" + "---|" * (len(METRICS) + 4)]
     base = {m: 100 * np.mean([f[m] for f in finals.get("fedavg", [])]) for m in METRICS} if "fedavg" in finals else None
     for label, runs in finals.items():
@@ -70,6 +101,10 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--out", default="runs/sweeps/synthetic_fmnist")
     parser.add_argument("--doc", default="docs/results/synthetic.md")
+    parser.add_argument("--last-rounds", type=int, default=5, metavar="K",
+                        help="average each run's last K rounds (0: final round only), as benchmarks/imbalance.py")
+    parser.add_argument("--records", default="docs/results/synthetic/records",
+                        help="where the runs' text records are copied (committed)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     from fedimb.simulation import run_experiment
@@ -93,21 +128,28 @@ def main() -> int:
             print(f"running {run.run_dir.name}", flush=True)
             run_experiment(run.cfg, run.run_dir)
         summary = json.loads((run.run_dir / "summary.json").read_text())
-        finals[run.label].append(summary["final"])
+        finals[run.label].append(run_metrics(run.run_dir, args.last_rounds))
         if "synthetic" in summary and run.cfg.seed not in reports:
             reports[run.cfg.seed] = summary["synthetic"]
             shutil.copyfile(run.run_dir / "synthetic_grid.png", grids / f"grid_s{run.cfg.seed}.png")
-    syn_cfg = chosen[0].cfg.synthetic
+    copy_run_records([r.run_dir for r in chosen], args.records)
+    syn_cfg, fed, train = chosen[0].cfg.synthetic, chosen[0].cfg.federation, chosen[0].cfg.train
     gen = generator_table(reports, syn_cfg, chosen[0].cfg.federation.num_clients)
     methods = method_table({k: v for k, v in finals.items() if v})
-    setting = ("FMNIST-LT rho=100, dir_balance alpha=0.1, 10 clients, lenet, 30 rounds × 2 local epochs; "
+    decay = "".join(f", lr × {train.lr_decay_factor:g} after round {int(at * fed.rounds)}" for at in train.lr_decay_at)
+    window = (f"mean of each run's last {args.last_rounds} rounds" if args.last_rounds > 0 else "final round")
+    floors_text, floors_ok = floor_lines(finals)
+    setting = (f"FMNIST-LT rho=100, dir_balance alpha=0.1, {fed.num_clients} clients, {chosen[0].cfg.model.name}, "
+               f"{fed.rounds} rounds × {train.local_epochs} local epochs (lr {train.lr:g}{decay}); "
                f"top-up policy {syn_cfg.policy}, to the client's largest class, synthetic:real ≤ {syn_cfg.max_ratio:g}, "
                f"loss weight {syn_cfg.loss_weight:g}")
     print(setting)
     print(gen)
     print(methods)
-    floors = ", ".join(f"{k} +{v:g}" for k, v in FLOORS.items())
+    print(floors_text)
     images = "\n".join(f"![generated samples, seed {s}]({grids.name}/grid_s{s}.png)" for s in sorted(reports))
+    notes_file = doc.with_name(doc.stem + "_notes.md")
+    notes = notes_file.read_text() if notes_file.is_file() else ""
     doc.write_text(
         f"# Synthetic minority samples on FMNIST-LT\n\nCommand: `python benchmarks/synthetic.py {' '.join(sys.argv[1:])}`"
         f"  \nWritten {time.strftime('%Y-%m-%d %H:%M')}. Setting: {setting}.\n\n## The federated generator\n\n"
@@ -115,7 +157,8 @@ def main() -> int:
         "this machine; images/s is guided DDIM sampling of 100 images per class in the server process. "
         f"Recognisability: the share of a class's generated samples that a LeNet trained on the real "
         f"balanced training set assigns to that class.\n\n{gen}\n\n{images}\n\n"
-        f"## Classifier federation (final round, test set, %)\n\nFloors over fedavg: {floors} points.\n\n{methods}\n")
+        f"## Classifier federation ({window}, test set, %)\n\n{methods}\n\n## Floors\n\n{floors_text}\n\n"
+        f"All floors hold: {'yes' if floors_ok else 'no'}.\n\n{notes}")
     return 0
 
 

@@ -162,7 +162,7 @@ def train_generator_round(message: Message, context: Context) -> Message:
     # EMA restarts on every call: over a few hundred local steps it would lag the weights being averaged
     loss = train_generator(unet, session.x, session.y, steps=syn.local_steps, batch_size=syn.batch_size, lr=syn.lr,
                            seed=session.cfg.seed * 7_919 + server_round * 101 + session.partition_id, ema_decay=0.0,
-                           balanced=syn.balanced_batches)
+                           balanced=syn.balanced_batches, snr_gamma=syn.snr_gamma)
     metrics = MetricRecord({"num-examples": int(len(session.y)), "generator_loss": float(loss)})
     reply = RecordDict({"arrays": ArrayRecord(unet.cpu().state_dict()), "metrics": metrics})
     return Message(reply, reply_to=message)

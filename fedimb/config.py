@@ -172,6 +172,9 @@ class SyntheticConfig:
     local_steps: int = 200  # generator steps per client per round (central: steps × clients × rounds)
     batch_size: int = 64
     lr: float = 2e-3
+    # Min-SNR loss weighting min(SNR, gamma)/SNR (Hang et al. 2023); 0 = plain epsilon MSE.
+    # 5 lifted mean recognisability 0.547 -> 0.653 at equal steps (docs/results/synthetic_generator_probe.md)
+    snr_gamma: float = 5.0
     guidance_scale: float = 2.0
     ddim_steps: int = 20
     policy: str = "server_pool"  # server_pool: server samples and ships; client_sample: clients sample
@@ -329,6 +332,7 @@ def validate(cfg: ExperimentConfig) -> None:
         _check_positive(f"synthetic.{name}", getattr(syn, name))
     _check_positive("synthetic.target_per_class", syn.target_per_class, strict=False)
     _check_positive("synthetic.guidance_scale", syn.guidance_scale, strict=False)
+    _check_positive("synthetic.snr_gamma", syn.snr_gamma, strict=False)
     if cfg.data.dataset in LOCAL_DATASETS or "/" not in cfg.data.dataset:
         _check_choice("data.dataset", cfg.data.dataset, list(LOCAL_DATASETS) + ["<hf-owner>/<name>"])
     if cfg.data.dataset == "fmnist" and not Path(cfg.data.root).is_dir():

@@ -149,7 +149,7 @@ def obtain_generator(grid: Grid, cfg: ExperimentConfig, ctx: StrategyContext, pa
         steps = syn.local_steps * syn.rounds * cfg.federation.num_clients
         train_generator(unet, torch.from_numpy(splits.train_x[idx]), torch.from_numpy(splits.train_y[idx]),
                         steps=steps, batch_size=syn.batch_size, lr=syn.lr, seed=cfg.seed, progress=True,
-                        balanced=syn.balanced_batches)
+                        balanced=syn.balanced_batches, snr_gamma=syn.snr_gamma)
     seconds = time.time() - started
     save_generator(unet, cache / "generator")
     # Kept beside the cached generator so a run that reuses it still reports what training cost.

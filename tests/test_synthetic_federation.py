@@ -88,3 +88,20 @@ def test_class_balanced_weights_give_every_class_the_same_mass():
     assert per_class == pytest.approx([1.0, 1.0, 1.0])
     draws = torch.multinomial(weights, 30_000, replacement=True, generator=torch.Generator().manual_seed(0))
     assert float((labels[draws] == 3).float().mean()) == pytest.approx(1 / 3, abs=0.02)
+
+
+def test_min_snr_weighting_hand_case():
+    import torch
+    from diffusers import DDPMScheduler
+
+    from fedimb.generation.diffusion import _denoising_loss
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000)
+    t = torch.tensor([0, 999])
+    alpha_bar = scheduler.alphas_cumprod[t].double()
+    snr = alpha_bar / (1 - alpha_bar)  # ~1e4 at t = 0 (nearly clean), ~4e-5 at t = 999
+    predicted = torch.zeros(2, 1, 2, 2)
+    noise = torch.stack([torch.full((1, 2, 2), 1.0), torch.full((1, 2, 2), 2.0)])  # per-sample MSE 1 and 4
+    expected = ((min(float(snr[0]), 5.0) / float(snr[0])) * 1.0 + 1.0 * 4.0) / 2  # t = 999: SNR < 5, weight 1
+    assert float(_denoising_loss(predicted, noise, t, scheduler, 5.0)) == pytest.approx(expected, rel=1e-4)
+    assert float(_denoising_loss(predicted, noise, t, scheduler, 0.0)) == pytest.approx(2.5)  # off: plain mean

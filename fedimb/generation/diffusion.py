@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
-from diffusers.training_utils import EMAModel
+from diffusers.training_utils import EMAModel, compute_snr
 
 from fedimb.generation.model import image_channels, image_size, null_class, padded_size, patch_size, set_data_range
 from fedimb.generation.model import data_range as stored_range
@@ -103,6 +103,16 @@ def class_balanced_weights(labels: torch.Tensor) -> torch.Tensor:
     return 1.0 / torch.bincount(labels)[labels].double()
 
 
+def _denoising_loss(predicted: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, scheduler: DDPMScheduler,
+                    snr_gamma: float) -> torch.Tensor:
+    if snr_gamma <= 0:
+        return F.mse_loss(predicted, noise)
+    snr = compute_snr(scheduler, t)
+    weight = torch.clamp(snr, max=snr_gamma) / snr
+    per_sample = F.mse_loss(predicted, noise, reduction="none").mean(dim=tuple(range(1, predicted.ndim)))
+    return (weight * per_sample).mean()
+
+
 def train_generator(
     unet: UNet2DModel,
     images: torch.Tensor,
@@ -117,6 +127,7 @@ def train_generator(
     data_range: tuple[float, float] | None = None,
     ema_decay: float = 0.999,
     balanced: bool = False,
+    snr_gamma: float = 0.0,
 ) -> float:
     """Train ``unet`` in place for ``steps`` batches; return the mean loss of the last 10% of steps.
 
@@ -127,7 +138,9 @@ def train_generator(
     ``EMAModel``, warm-up decay ``(1+s)/(10+s)`` capped at ``ema_decay``) and leaves the
     average in ``unet`` at the end; 0 keeps the raw weights. The average restarts with every
     call, so short federated rounds may prefer 0. ``balanced`` draws every class present equally
-    often (sample weight 1 / its class count) instead of every image. ``unet`` is left in eval mode.
+    often (sample weight 1 / its class count) instead of every image. ``snr_gamma`` > 0 weights
+    each sample's loss by ``min(SNR(t), gamma) / SNR(t)`` (Min-SNR, Hang et al. 2023), so the
+    nearly clean timesteps stop dominating the gradient; 0 is the plain mean. ``unet`` is left in eval mode.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -157,7 +170,7 @@ def train_generator(
             idx, drop = idx.to(device), drop.to(device)
             y = torch.where(drop, torch.full_like(y_all[idx], null), y_all[idx])
             noisy = scheduler.add_noise(x_all[idx], noise, t)
-            loss = F.mse_loss(unet(noisy, t, class_labels=y).sample, noise)
+            loss = _denoising_loss(unet(noisy, t, class_labels=y).sample, noise, t, scheduler, snr_gamma)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)  # as diffusers' training examples
