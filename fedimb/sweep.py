@@ -90,9 +90,11 @@ def run_sweep(suite_path: Path, extra_overrides: list[str] | tuple[str, ...] = (
     """Run every planned run not yet finished, then write the report; return results.md.
 
     ``only``: shell patterns on cell labels (e.g. ``lt100_dirbal0.1_*``) that narrow the grid.
+    A run that fails does not stop the others: the report is written from the finished runs,
+    then :class:`RunError` names the failed ones (rerunning the sweep retries only those).
     """
     from fedimb.report import write_report
-    from fedimb.simulation import check_before_run, run_experiment
+    from fedimb.simulation import RunError, check_before_run, run_experiment
 
     runs, sweep_dir = plan_sweep(suite_path, extra_overrides, out, seeds)
     if only:
@@ -106,10 +108,21 @@ def run_sweep(suite_path: Path, extra_overrides: list[str] | tuple[str, ...] = (
         for run in runs:
             console.print(f"  {run.run_dir.name}: {' '.join(run.overrides)}", highlight=False)
         return sweep_dir
+    failed: list[str] = []
     for i, run in enumerate(runs, 1):
         if (run.run_dir / "summary.json").is_file():
             console.print(f"[{i}/{len(runs)}] {run.run_dir.name}: done before, skipped", highlight=False)
             continue
         console.print(f"[{i}/{len(runs)}] {run.run_dir.name}", highlight=False)
-        run_experiment(run.cfg, run.run_dir, checked=True)  # every run was checked above
-    return write_report([r.run_dir for r in runs], sweep_dir)
+        try:
+            run_experiment(run.cfg, run.run_dir, checked=True)  # every run was checked above
+        except RunError as exc:
+            console.print(f"[red]{run.run_dir.name}: {exc}[/]", highlight=False, soft_wrap=True)
+            failed.append(run.run_dir.name)
+    finished = [r.run_dir for r in runs if (r.run_dir / "summary.json").is_file()]
+    report = write_report(finished, sweep_dir) if finished else None
+    if failed:
+        others = f"the report of the others is in {report}" if report else "no run finished"
+        raise RunError(f"{len(failed)} of {len(runs)} sweep runs failed ({', '.join(failed)}); {others}; "
+                       "rerun the sweep to retry them")
+    return report

@@ -65,3 +65,24 @@ def test_sweep_then_report(tmp_path, capsys):
     assert "done before, skipped" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "sweep" / "runs"), "--out", str(tmp_path / "report")]) == 0
     assert "fedprox" in (tmp_path / "report" / "results.md").read_text()
+
+
+def test_a_failed_run_does_not_stop_the_sweep(tmp_path, monkeypatch, capsys):
+    import fedimb.simulation as simulation
+
+    real_run = simulation.run_experiment
+
+    def fedprox_fails(cfg, run_dir, **kwargs):
+        if cfg.strategy.name == "fedprox":  # stands in for a run that dies mid-way (an actor lost, say)
+            raise simulation.RunError("run failed: injected")
+        return real_run(cfg, run_dir, **kwargs)
+
+    monkeypatch.setattr(simulation, "run_experiment", fedprox_fails)
+    suite = write_suite(tmp_path, SUITE.replace("seeds: [0, 1]", "seeds: [0]").replace(
+        "    fedprox: [strategy.name=fedprox]", "    fedprox: [strategy.name=fedprox]\n    fedavg2: [strategy.name=fedavg, train.lr=0.1]"))
+    assert main(["sweep", str(suite), "--out", str(tmp_path / "sweep")]) != 0
+    err = capsys.readouterr().err
+    assert "1 of 3 sweep runs failed (fedprox-s0)" in err
+    finished = sorted(p.parent.name for p in (tmp_path / "sweep" / "runs").glob("*/summary.json"))
+    assert finished == ["fedavg-s0", "fedavg2-s0"]  # the cell after the failed one still ran
+    assert "fedprox" not in (tmp_path / "sweep" / "results.md").read_text()
