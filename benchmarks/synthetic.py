@@ -134,7 +134,7 @@ def main() -> int:
             shutil.copyfile(run.run_dir / "synthetic_grid.png", grids / f"grid_s{run.cfg.seed}.png")
     copy_run_records([r.run_dir for r in chosen], args.records)
     syn_cfg, fed, train = chosen[0].cfg.synthetic, chosen[0].cfg.federation, chosen[0].cfg.train
-    gen = generator_table(reports, syn_cfg, chosen[0].cfg.federation.num_clients)
+    gen = generator_table(reports, syn_cfg, fed.num_clients)
     methods = method_table({k: v for k, v in finals.items() if v})
     decay = "".join(f", lr × {train.lr_decay_factor:g} after round {int(at * fed.rounds)}" for at in train.lr_decay_at)
     window = (f"mean of each run's last {args.last_rounds} rounds" if args.last_rounds > 0 else "final round")
