@@ -49,7 +49,6 @@ def federated_generator(args: argparse.Namespace, data) -> tuple[dict[str, torch
     clients = [(torch.from_numpy(splits.train_x[idx]), torch.from_numpy(splits.train_y[idx])) for idx in data.client_indices]
     sizes = np.array([len(y) for _, y in clients], dtype=np.float64)
     averages: dict[float, dict[str, torch.Tensor]] = {}
-    momentum = None
     started = time.time()
     for server_round in range(1, args.rounds + 1):
         lr = args.lr * (0.5 * (1 + np.cos(np.pi * (server_round - 1) / args.rounds)) if args.cosine else 1.0)
@@ -66,10 +65,6 @@ def federated_generator(args: argparse.Namespace, data) -> tuple[dict[str, torch
         if args.aggregation == "class_aware":
             record = class_aware_rows(ArrayRecord({EMBEDDING_KEY: merged[EMBEDDING_KEY]}), tables, data.counts)
             merged[EMBEDDING_KEY] = torch.from_numpy(record[EMBEDDING_KEY].numpy().copy())
-        if args.server_momentum > 0:
-            delta = {k: merged[k].double() - old[k].double() for k in old}
-            momentum = delta if momentum is None else {k: args.server_momentum * momentum[k] + delta[k] for k in old}
-            merged = {k: (old[k].double() + momentum[k]).to(old[k].dtype) for k in old}
         unet.load_state_dict(merged)
         for decay in args.server_ema:
             previous = averages.get(decay)
@@ -87,7 +82,7 @@ def federated_generator(args: argparse.Namespace, data) -> tuple[dict[str, torch
 def probe_table(log: Path) -> str:
     """Markdown table of every logged probe: knobs that differ from the defaults, then the scores."""
     defaults = {"rounds": 20, "local_steps": 50, "lr": 2e-3, "cosine": False, "snr_gamma": 0.0,
-                "aggregation": "class_aware", "server_momentum": 0.0, "size": "cpu", "batch_size": 64}
+                "aggregation": "class_aware", "size": "cpu", "batch_size": 64}
     lines = ["| probe | knobs (besides 20 rounds × 50 steps, lr 2e-3, class-aware, balanced) | guidance "
              "| training (s) | mean recog. | min recog. | per class 0–9 |", "|---|---|---|---|---|---|---|"]
     for text in log.read_text().splitlines():
@@ -111,7 +106,6 @@ def main() -> int:
     parser.add_argument("--cosine", action="store_true", help="cosine decay of the local lr over rounds")
     parser.add_argument("--snr-gamma", type=float, default=0.0)
     parser.add_argument("--aggregation", default="class_aware", choices=["class_aware", "fedavg"])
-    parser.add_argument("--server-momentum", type=float, default=0.0)
     parser.add_argument("--server-ema", type=float, nargs="*", default=[],
                         help="also score the EMA of the global weights over rounds, one per decay")
     parser.add_argument("--guidance", type=float, nargs="+", default=[3.0])

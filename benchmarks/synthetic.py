@@ -30,11 +30,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fedimb.records import copy_run_records, read_rounds_csv  # noqa: E402
-from fedimb.report import last_rounds_mean  # noqa: E402
+from fedimb.records import copy_run_records  # noqa: E402
+from fedimb.report import REPORT_METRICS as METRICS  # noqa: E402
+from fedimb.report import collect_runs  # noqa: E402
 from fedimb.sweep import plan_sweep  # noqa: E402
 
-METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "tail_recall", "client_accuracy_std")
 FLOORS = {"tail_recall": 5.0, "balanced_accuracy": 2.0}  # points over fedavg (the issue's floors)
 
 
@@ -50,15 +50,6 @@ def generator_table(reports: dict[int, dict], synthetic_cfg, num_clients: int) -
                      f"| {rep['sampling_images_per_s']:.1f} | {rep['mean_recognisability']:.3f} "
                      f"| {rep['min_recognisability']:.3f} | {per_class} |")
     return "\n".join(lines)
-
-
-def run_metrics(run_dir: Path, last_rounds: int) -> dict[str, float]:
-    """The run's metrics: the mean of its last ``last_rounds`` rounds (0: summary.json's final round)."""
-    final = json.loads((run_dir / "summary.json").read_text())["final"]
-    if last_rounds <= 0:
-        return {m: float(final[m]) for m in METRICS}
-    rounds = read_rounds_csv(run_dir / "rounds.csv")
-    return {m: last_rounds_mean(rounds, m, last_rounds) for m in METRICS}
 
 
 def floor_lines(finals: dict[str, list[dict]]) -> tuple[str, bool]:
@@ -128,10 +119,13 @@ def main() -> int:
             print(f"running {run.run_dir.name}", flush=True)
             run_experiment(run.cfg, run.run_dir)
         summary = json.loads((run.run_dir / "summary.json").read_text())
-        finals[run.label].append(run_metrics(run.run_dir, args.last_rounds))
         if "synthetic" in summary and run.cfg.seed not in reports:
             reports[run.cfg.seed] = summary["synthetic"]
             shutil.copyfile(run.run_dir / "synthetic_grid.png", grids / f"grid_s{run.cfg.seed}.png")
+    # metrics as benchmarks/imbalance.py reads them: the mean of each run's last K rounds
+    rows = collect_runs([r.run_dir for r in chosen], last_rounds=args.last_rounds)
+    for run, row in zip(chosen, rows, strict=True):
+        finals[run.label].append(row)
     copy_run_records([r.run_dir for r in chosen], args.records)
     syn_cfg, fed, train = chosen[0].cfg.synthetic, chosen[0].cfg.federation, chosen[0].cfg.train
     gen = generator_table(reports, syn_cfg, fed.num_clients)
