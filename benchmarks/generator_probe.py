@@ -45,7 +45,8 @@ def federated_generator(args: argparse.Namespace, data) -> tuple[dict[str, torch
     """
     splits = data.splits
     value_range = (float(splits.train_x.min()), float(splits.train_x.max()))
-    unet = build_generator(args.size, splits.input_shape, splits.num_classes, args.seed, data_range=value_range)
+    unet = build_generator(args.size, splits.input_shape, splits.num_classes, args.seed, data_range=value_range,
+                           prediction=args.prediction)
     clients = [(torch.from_numpy(splits.train_x[idx]), torch.from_numpy(splits.train_y[idx])) for idx in data.client_indices]
     sizes = np.array([len(y) for _, y in clients], dtype=np.float64)
     averages: dict[float, dict[str, torch.Tensor]] = {}
@@ -82,7 +83,8 @@ def federated_generator(args: argparse.Namespace, data) -> tuple[dict[str, torch
 def probe_table(log: Path) -> str:
     """Markdown table of every logged probe: knobs that differ from the defaults, then the scores."""
     defaults = {"rounds": 20, "local_steps": 50, "lr": 2e-3, "cosine": False, "snr_gamma": 0.0,
-                "aggregation": "class_aware", "size": "cpu", "batch_size": 64}
+                "aggregation": "class_aware", "size": "cpu", "batch_size": 64,
+                "prediction": "epsilon", "seed": 0}
     lines = ["| probe | knobs (besides 20 rounds × 50 steps, lr 2e-3, class-aware, balanced) | guidance "
              "| training (s) | mean recog. | min recog. | per class 0–9 |", "|---|---|---|---|---|---|---|"]
     for text in log.read_text().splitlines():
@@ -105,6 +107,7 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--cosine", action="store_true", help="cosine decay of the local lr over rounds")
     parser.add_argument("--snr-gamma", type=float, default=0.0)
+    parser.add_argument("--prediction", default="epsilon", choices=["epsilon", "v_prediction"])
     parser.add_argument("--aggregation", default="class_aware", choices=["class_aware", "fedavg"])
     parser.add_argument("--server-ema", type=float, nargs="*", default=[],
                         help="also score the EMA of the global weights over rounds, one per decay")

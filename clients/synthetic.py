@@ -21,7 +21,8 @@ def generator_from(record: ArrayRecord, config, cfg, input_shape: tuple[int, int
     from fedimb.generation import build_generator
 
     lo, hi = (float(v) for v in config[RANGE_KEY])
-    unet = build_generator(cfg.synthetic.generator_size, input_shape, num_classes, cfg.seed, data_range=(lo, hi))
+    unet = build_generator(cfg.synthetic.generator_size, input_shape, num_classes, cfg.seed, data_range=(lo, hi),
+                           prediction=cfg.synthetic.prediction)
     unet.load_state_dict(record.to_torch_state_dict())
     return unet
 

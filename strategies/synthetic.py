@@ -130,7 +130,7 @@ def obtain_generator(grid: Grid, cfg: ExperimentConfig, ctx: StrategyContext, pa
         return load_generator(cache / "generator"), seconds, True
     started = time.time()
     unet = build_generator(syn.generator_size, splits.input_shape, splits.num_classes, cfg.seed,
-                           data_range=value_range(splits))
+                           data_range=value_range(splits), prediction=syn.prediction)
     if syn.training == "federated":
         class_counts = counts if syn.aggregation == "class_aware" else None
         strategy = GeneratorFedAvg(**{**ctx.flower_kwargs(), "fraction_evaluate": 0.0, "min_evaluate_nodes": 0,

@@ -17,6 +17,7 @@ from fedimb.generation import (
     load_generator,
     null_class,
     patch_size,
+    prediction_type,
     recognisability,
     sample,
     sample_grid,
@@ -147,6 +148,25 @@ def test_save_load_round_trip(trained, tmp_path):
     assert loaded.config.num_train_timesteps == trained.config.num_train_timesteps
     labels = torch.tensor([0, 1, 1])
     assert torch.equal(sample(trained, labels, num_inference_steps=4), sample(loaded, labels, num_inference_steps=4))
+
+
+def test_v_prediction_generator_follows_labels_and_survives_save_load(tmp_path):
+    unet = build_generator("cpu", (1, 8, 8), num_classes=2, prediction="v_prediction")
+    images, labels = halves(64)
+    train_generator(unet, images, labels, steps=300, batch_size=32, snr_gamma=5.0)
+    save_generator(unet, tmp_path / "gen")
+    loaded = load_generator(tmp_path / "gen")
+    assert prediction_type(loaded) == "v_prediction"
+    wanted = torch.tensor([0] * 16 + [1] * 16)
+    out = sample(loaded, wanted, guidance_scale=2.0, num_inference_steps=10)
+    left_minus_right = out[..., :4].mean((1, 2, 3)) - out[..., 4:].mean((1, 2, 3))
+    assert (left_minus_right[:16] > 0).float().mean() >= 0.9
+    assert (left_minus_right[16:] < 0).float().mean() >= 0.9
+
+
+def test_unknown_prediction_names_the_field():
+    with pytest.raises(ConfigError, match="synthetic.prediction.*v_prediction"):
+        build_generator("cpu", (1, 8, 8), 2, prediction="x0")
 
 
 def test_sample_grid_writes_png(tmp_path):

@@ -105,3 +105,22 @@ def test_min_snr_weighting_hand_case():
     expected = ((min(float(snr[0]), 5.0) / float(snr[0])) * 1.0 + 1.0 * 4.0) / 2  # t = 999: SNR < 5, weight 1
     assert float(_denoising_loss(predicted, noise, t, scheduler, 5.0)) == pytest.approx(expected, rel=1e-4)
     assert float(_denoising_loss(predicted, noise, t, scheduler, 0.0)) == pytest.approx(2.5)  # off: plain mean
+
+
+def test_min_snr_weighting_for_v_prediction_hand_case():
+    import torch
+    from diffusers import DDPMScheduler
+
+    from fedimb.generation.diffusion import _denoising_loss
+
+    scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
+    t = torch.tensor([0, 999])
+    alpha_bar = scheduler.alphas_cumprod[t].double()
+    snr = alpha_bar / (1 - alpha_bar)
+    predicted = torch.zeros(2, 1, 2, 2)
+    target = torch.stack([torch.full((1, 2, 2), 1.0), torch.full((1, 2, 2), 2.0)])  # per-sample MSE 1 and 4
+    # v's error carries x0's error times (SNR + 1): the weight is min(SNR, gamma) / (SNR + 1).
+    weights = [min(float(s), 5.0) / (float(s) + 1) for s in snr]
+    expected = (weights[0] * 1.0 + weights[1] * 4.0) / 2
+    assert weights[1] < 1e-3  # pure noise: v = -x0, nearly nothing to learn about the noise
+    assert float(_denoising_loss(predicted, target, t, scheduler, 5.0)) == pytest.approx(expected, rel=1e-4)

@@ -25,6 +25,7 @@ from fedimb.generation.model import (
     null_class,
     padded_size,
     patch_size,
+    prediction_type,
     set_data_range,
 )
 from fedimb.generation.quality import recognisability, sample_grid, train_reference_classifier
@@ -40,6 +41,7 @@ __all__ = [
     "null_class",
     "padded_size",
     "patch_size",
+    "prediction_type",
     "recognisability",
     "sample",
     "sample_grid",

@@ -1,7 +1,7 @@
 """Train and sample the class-conditional DDPM: diffusers' UNet + schedulers, our short loops.
 
-Training is standard epsilon prediction with a ``DDPMScheduler`` (linear betas, T steps):
-``x_t = add_noise(x_0, eps, t)``, loss ``||unet(x_t, t, y) - eps||²``, with the label replaced
+Training is epsilon prediction (or v prediction, a per-generator choice) with a ``DDPMScheduler``
+(linear betas, T steps): ``x_t = add_noise(x_0, eps, t)``, loss ``||unet(x_t, t, y) - eps||²``, with the label replaced
 by the null id with probability ``p_uncond`` so that the same network also learns the
 unconditional score. Sampling uses a ``DDIMScheduler`` built from the training scheduler's
 config and classifier-free guidance ``eps = eps_u + w (eps_c - eps_u)``.
@@ -26,13 +26,15 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from diffusers.training_utils import EMAModel, compute_snr
 
-from fedimb.generation.model import image_channels, image_size, null_class, padded_size, patch_size, set_data_range
+from fedimb.generation.model import (image_channels, image_size, null_class, padded_size, patch_size, prediction_type,
+                                     set_data_range)
 from fedimb.generation.model import data_range as stored_range
 
 
 def training_scheduler(unet: UNet2DModel) -> DDPMScheduler:
     """The DDPM noise schedule this generator is (or will be) trained with."""
-    return DDPMScheduler(num_train_timesteps=int(unet.config.num_train_timesteps or 1000))
+    return DDPMScheduler(num_train_timesteps=int(unet.config.num_train_timesteps or 1000),
+                         prediction_type=prediction_type(unet))
 
 
 def sampling_scheduler(unet: UNet2DModel, num_inference_steps: int) -> DDIMScheduler:
@@ -103,13 +105,15 @@ def class_balanced_weights(labels: torch.Tensor) -> torch.Tensor:
     return 1.0 / torch.bincount(labels)[labels].double()
 
 
-def _denoising_loss(predicted: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, scheduler: DDPMScheduler,
+def _denoising_loss(predicted: torch.Tensor, target: torch.Tensor, t: torch.Tensor, scheduler: DDPMScheduler,
                     snr_gamma: float) -> torch.Tensor:
     if snr_gamma <= 0:
-        return F.mse_loss(predicted, noise)
+        return F.mse_loss(predicted, target)
     snr = compute_snr(scheduler, t)
-    weight = torch.clamp(snr, max=snr_gamma) / snr
-    per_sample = F.mse_loss(predicted, noise, reduction="none").mean(dim=tuple(range(1, predicted.ndim)))
+    # Min-SNR on x0's error: the eps loss carries a factor SNR, the v loss a factor SNR + 1.
+    scale = snr + 1 if scheduler.config.prediction_type == "v_prediction" else snr
+    weight = torch.clamp(snr, max=snr_gamma) / scale
+    per_sample = F.mse_loss(predicted, target, reduction="none").mean(dim=tuple(range(1, predicted.ndim)))
     return (weight * per_sample).mean()
 
 
@@ -170,7 +174,8 @@ def train_generator(
             idx, drop = idx.to(device), drop.to(device)
             y = torch.where(drop, torch.full_like(y_all[idx], null), y_all[idx])
             noisy = scheduler.add_noise(x_all[idx], noise, t)
-            loss = _denoising_loss(unet(noisy, t, class_labels=y).sample, noise, t, scheduler, snr_gamma)
+            target = scheduler.get_velocity(x_all[idx], noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
+            loss = _denoising_loss(unet(noisy, t, class_labels=y).sample, target, t, scheduler, snr_gamma)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)  # as diffusers' training examples
@@ -229,11 +234,12 @@ def sample(
             if guided:
                 y = torch.cat([y, torch.full_like(y, null_class(unet))])
             for t in scheduler.timesteps:
-                eps = unet(torch.cat([x, x]) if guided else x, t, class_labels=y).sample
+                # The output is eps or v; both are affine in x0 and eps, so guidance mixes either alike.
+                out_t = unet(torch.cat([x, x]) if guided else x, t, class_labels=y).sample
                 if guided:
-                    eps_cond, eps_uncond = eps.chunk(2)
-                    eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-                x = scheduler.step(eps, t, x).prev_sample
+                    cond, uncond = out_t.chunk(2)
+                    out_t = uncond + guidance_scale * (cond - uncond)
+                x = scheduler.step(out_t, t, x).prev_sample
                 advance()
             out.append(from_model_space(unet, x).float().cpu())
     unet.train(was_training)

@@ -31,11 +31,12 @@ from typing import Any
 import torch
 from diffusers import UNet2DModel
 
-from fedimb.config import ConfigError
+from fedimb.config import GENERATOR_PREDICTIONS, ConfigError
 
 DATA_RANGE_KEY = "_fedimb_data_range"
 IMAGE_SHAPE_KEY = "_fedimb_image_shape"
 PATCH_KEY = "_fedimb_patch"
+PREDICTION_KEY = "_fedimb_prediction"
 
 # UNet2DModel kwargs by name (plus our "patch", see the module docstring). Parameters on
 # 1×28×28 with 10 classes (+1 null); speeds on 2 idle CPU threads, batch 64 training and 20
@@ -81,8 +82,13 @@ def build_generator(
     num_classes: int,
     seed: int = 0,
     data_range: tuple[float, float] | None = None,
+    prediction: str = "epsilon",
 ) -> UNet2DModel:
     """A fresh UNet for ``image_shape`` (C, H, W) and ``num_classes`` (+1 null id), seeded init.
+
+    ``prediction`` is what the network outputs: ``epsilon`` (the noise) or ``v_prediction``
+    (``v = sqrt(a) eps - sqrt(1 - a) x0``, Salimans & Ho 2022); it is stored in the UNet's
+    config, so training and sampling schedulers follow it after a save and load.
 
     ``data_range`` (lo, hi) of the normalised images fixes the [-1, 1] mapping up front. A
     federation needs it: ``load_state_dict`` carries weights only, not ``unet.config``, so
@@ -92,6 +98,8 @@ def build_generator(
         raise ConfigError(
             "synthetic.generator_size", f"'{size}' is not allowed; choose one of {', '.join(GENERATOR_SIZES)}"
         )
+    if prediction not in GENERATOR_PREDICTIONS:
+        raise ConfigError("synthetic.prediction", f"'{prediction}' is not allowed; choose one of {', '.join(GENERATOR_PREDICTIONS)}")
     channels, height, width = (int(v) for v in image_shape)
     unet_kwargs = dict(GENERATOR_SIZES[size])
     patch = int(unet_kwargs.pop("patch", 1))
@@ -107,7 +115,7 @@ def build_generator(
             num_train_timesteps=1000,
             **unet_kwargs,
         )
-    unet.register_to_config(**{IMAGE_SHAPE_KEY: [channels, height, width], PATCH_KEY: patch})
+    unet.register_to_config(**{IMAGE_SHAPE_KEY: [channels, height, width], PATCH_KEY: patch, PREDICTION_KEY: prediction})
     if data_range is not None:
         set_data_range(unet, *data_range)
     return unet
@@ -116,6 +124,11 @@ def build_generator(
 def null_class(unet: UNet2DModel) -> int:
     """The class id that means "no class" (classifier-free guidance's unconditional token)."""
     return int(unet.config.num_class_embeds) - 1
+
+
+def prediction_type(unet: UNet2DModel) -> str:
+    """What the UNet predicts: ``epsilon`` (also for generators saved before the key existed) or ``v_prediction``."""
+    return str(unet.config.get(PREDICTION_KEY) or "epsilon")
 
 
 def patch_size(unet: UNet2DModel) -> int:
