@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from fedimb.config import load_config  # noqa: E402
 from fedimb.data import build_federated_data  # noqa: E402
 from fedimb.generation import (build_generator, recognisability, sample, sample_grid,  # noqa: E402
-                               train_generator, train_reference_classifier)
+                               save_generator, train_generator, train_reference_classifier)
 from strategies.synthetic import EMBEDDING_KEY, class_aware_rows  # noqa: E402
 from flwr.app import ArrayRecord  # noqa: E402
 
@@ -116,6 +116,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="runs/probe/generator")
     parser.add_argument("--log", default="docs/results/synthetic/generator_probe.jsonl")
+    parser.add_argument("--save", action="store_true", help="also save each variant's generator under --out")
     parser.add_argument("--table", action="store_true", help="only print the logged probes as a markdown table")
     args = parser.parse_args()
     if args.table:
@@ -136,6 +137,9 @@ def main() -> int:
                                            splits.num_classes, seed=args.seed)
         torch.save(judge, judge_path)
     labels = torch.arange(splits.num_classes).repeat_interleave(100)
+    if args.save:
+        for variant, unet in variants.items():
+            save_generator(unet, out / f"{args.name or 'probe'}_{variant}")
     for (variant, unet), guidance in itertools.product(variants.items(), args.guidance):
         started = time.time()
         images = sample(unet, labels, guidance_scale=guidance, num_inference_steps=args.ddim_steps, seed=args.seed)

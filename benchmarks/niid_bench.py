@@ -2,11 +2,12 @@
 
     python benchmarks/niid_bench.py --cells dir0.5_fedavg c2_fedavg --seeds 0
 
-Runs the chosen cells of experiments/niid_bench/suite.yaml (finished runs are reused), keeps a
-small text record of each run under docs/results/niid_bench/records/ (best accuracy, accuracy per
-round, wall time), then prints, per cell, the mean ± std over every recorded seed of best
-accuracy over rounds, the reference, the difference and wall time per round, and writes the
-table to docs/results/niid_bench.md. ``--table-only`` rebuilds it from the records alone.
+Runs the chosen cells of experiments/niid_bench/suite.yaml (finished runs are reused,
+interrupted ones resumed from their checkpoint), keeps a small text record of each run under
+docs/results/niid_bench/records/ (best accuracy, accuracy per round, wall time), then prints,
+per cell, the mean ± std over every recorded seed of best accuracy over rounds, the reference,
+the difference and wall time per round, and writes the table to docs/results/niid_bench.md.
+``--table-only`` rebuilds it from the records alone.
 """
 
 from __future__ import annotations
@@ -83,8 +84,10 @@ def main() -> int:
     RECORDS.mkdir(parents=True, exist_ok=True)
     for run in [] if args.table_only else chosen:
         if not (run.run_dir / "summary.json").is_file():
-            print(f"running {run.run_dir.name} ({run.cfg.federation.rounds} rounds)", flush=True)
-            run_experiment(run.cfg, run.run_dir)
+            # An interrupted run (a checkpoint, no summary) continues instead of starting over.
+            resume = (run.run_dir / "checkpoint.pt").is_file()
+            print(f"{'resuming' if resume else 'running'} {run.run_dir.name} ({run.cfg.federation.rounds} rounds)", flush=True)
+            run_experiment(run.cfg, run.run_dir, resume=resume)
         rec = record_of(run.label, int(run.cfg.seed), run.run_dir)
         (RECORDS / f"{run.label}-s{run.cfg.seed}.json").write_text(json.dumps(rec, indent=1) + "\n")
     results = recorded(args.cells)
