@@ -1,10 +1,11 @@
 """Train and sample the class-conditional DDPM: diffusers' UNet + schedulers, our short loops.
 
-Training is epsilon prediction (or v prediction, a per-generator choice) with a ``DDPMScheduler``
-(linear betas, T steps): ``x_t = add_noise(x_0, eps, t)``, loss ``||unet(x_t, t, y) - eps||²``, with the label replaced
-by the null id with probability ``p_uncond`` so that the same network also learns the
-unconditional score. Sampling uses a ``DDIMScheduler`` built from the training scheduler's
-config and classifier-free guidance ``eps = eps_u + w (eps_c - eps_u)``.
+Training is epsilon prediction (or v prediction, a per-generator choice) with a
+``DDPMScheduler`` (linear betas, T steps): ``x_t = add_noise(x_0, eps, t)``, loss
+``||unet(x_t, t, y) - eps||²`` (or ``- v``), with the label replaced by the null id with
+probability ``p_uncond`` so that the same network also learns the unconditional score.
+Sampling uses a ``DDIMScheduler`` built from the training scheduler's config and
+classifier-free guidance ``out = out_u + w (out_c - out_u)``.
 
 Images enter and leave in the classifier's normalised space. Inside, they are mapped
 affinely from the stored data range ``[lo, hi]`` to ``[-1, 1]`` (so the scheduler's
@@ -143,8 +144,9 @@ def train_generator(
     average in ``unet`` at the end; 0 keeps the raw weights. The average restarts with every
     call, so short federated rounds may prefer 0. ``balanced`` draws every class present equally
     often (sample weight 1 / its class count) instead of every image. ``snr_gamma`` > 0 weights
-    each sample's loss by ``min(SNR(t), gamma) / SNR(t)`` (Min-SNR, Hang et al. 2023), so the
-    nearly clean timesteps stop dominating the gradient; 0 is the plain mean. ``unet`` is left in eval mode.
+    each sample's loss by ``min(SNR(t), gamma) / SNR(t)`` (``/ (SNR(t) + 1)`` for a v-predicting
+    generator; Min-SNR, Hang et al. 2023), so the nearly clean timesteps stop dominating the
+    gradient; 0 is the plain mean. ``unet`` is left in eval mode.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -153,6 +155,7 @@ def train_generator(
     set_data_range(unet, *_choose_range(unet, images, data_range))
     unet.register_to_config(num_train_timesteps=int(num_train_timesteps))
     scheduler = training_scheduler(unet)
+    predicts_v = scheduler.config.prediction_type == "v_prediction"
     x_all = to_model_space(unet, images).to(device)
     y_all = labels.long().to(device)
     null = null_class(unet)
@@ -174,7 +177,7 @@ def train_generator(
             idx, drop = idx.to(device), drop.to(device)
             y = torch.where(drop, torch.full_like(y_all[idx], null), y_all[idx])
             noisy = scheduler.add_noise(x_all[idx], noise, t)
-            target = scheduler.get_velocity(x_all[idx], noise, t) if scheduler.config.prediction_type == "v_prediction" else noise
+            target = scheduler.get_velocity(x_all[idx], noise, t) if predicts_v else noise
             loss = _denoising_loss(unet(noisy, t, class_labels=y).sample, target, t, scheduler, snr_gamma)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
