@@ -53,6 +53,23 @@ def config_digest(cfg: ExperimentConfig) -> str:
     return hashlib.sha256(to_yaml(cfg).encode("utf-8")).hexdigest()
 
 
+def written_for(checkpoint: Checkpoint, cfg: ExperimentConfig, run_dir: str | Path) -> bool:
+    """Whether ``checkpoint`` belongs to a run of ``cfg``.
+
+    Also true for a checkpoint written before the schema gained a key: when the run's own
+    ``config.yaml`` is the text the checkpoint hashed, and reading it through today's schema
+    (new keys at their defaults) gives ``cfg``, the run is the same and may continue.
+    """
+    if checkpoint.config_sha256 == config_digest(cfg):
+        return True
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        return False
+    if hashlib.sha256(path.read_bytes()).hexdigest() != checkpoint.config_sha256:
+        return False
+    return config_digest(load_config(path)) == config_digest(cfg)
+
+
 def _to_saveable(obj: Any) -> Any:
     import torch  # deferred, like every heavy import here: the CLI imports this module for ResumeError
 
@@ -144,6 +161,6 @@ def plan_resume(run_dir: Path) -> ResumePlan:
     checkpoint = load_checkpoint(run_dir)
     if checkpoint is None:
         return ResumePlan(cfg)
-    if checkpoint.config_sha256 != config_digest(cfg):
+    if not written_for(checkpoint, cfg, run_dir):
         raise ResumeError(f"{config_path} changed since {CHECKPOINT_FILE} was written; rerun it")
     return ResumePlan(cfg, done_round=checkpoint.round)

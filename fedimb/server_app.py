@@ -22,7 +22,8 @@ from flwr.serverapp.strategy import Strategy
 from rich.console import Console
 
 from clients.app import ALGORITHM_KEY, CONFIG_KEY
-from fedimb.checkpoint import Checkpoint, config_digest, load_checkpoint, resume_blocker, save_checkpoint
+from fedimb.checkpoint import (Checkpoint, config_digest, load_checkpoint, resume_blocker, save_checkpoint,
+                               written_for)
 from fedimb.config import ExperimentConfig, from_yaml, load_config, to_yaml
 from fedimb.data import DatasetSplits, build_federated_data, load_dataset, partition_stats, plot_partition
 from fedimb.metrics import class_groups, classification_metrics, client_fairness
@@ -159,7 +160,7 @@ def _resume_point(cfg: ExperimentConfig, run_dir: Path) -> Checkpoint | None:
     if blocker:
         raise RunFailed(f"--resume: {blocker}")
     checkpoint = load_checkpoint(run_dir)
-    if checkpoint is not None and checkpoint.config_sha256 != config_digest(cfg):
+    if checkpoint is not None and not written_for(checkpoint, cfg, run_dir):
         raise RunFailed(f"--resume: config.yaml changed since the checkpoint in {run_dir} was written")
     return checkpoint
 

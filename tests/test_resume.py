@@ -232,3 +232,23 @@ def test_interrupted_then_resumed_equals_uninterrupted(strategy, tmp_path, monke
     assert (cut / "curves.png").is_file() and not list(cut.glob("*.tmp*"))
     assert main(["run", "--resume", str(cut)]) == 0  # finished now: nothing to do
     assert "run finished" in capsys.readouterr().err
+
+
+def test_a_checkpoint_from_before_a_new_config_key_still_resumes(tmp_path, capsys):
+    """Keys added to the schema since (at their defaults) do not make an old run unresumable."""
+    from fedimb.checkpoint import written_for
+
+    run_dir = _run_dir(tmp_path)
+    cfg = load_config(run_dir / "config.yaml")
+    # The run as an older fedimb wrote it: its config.yaml lacks a key today's schema has.
+    old_text = "\n".join(line for line in (run_dir / "config.yaml").read_text().splitlines()
+                         if not line.strip().startswith("prediction:")) + "\n"
+    assert old_text != (run_dir / "config.yaml").read_text()
+    (run_dir / "config.yaml").write_text(old_text)
+    import hashlib
+    checkpoint = Checkpoint(round=1, config_sha256=hashlib.sha256(old_text.encode()).hexdigest(), arrays={}, rows=[])
+    assert written_for(checkpoint, cfg, run_dir)
+    # A real change to the run is still refused.
+    assert not written_for(checkpoint, load_config(None, DIGITS_SMALL + ["seed=1"]), run_dir)
+    (run_dir / "config.yaml").write_text(old_text.replace("seed: 0", "seed: 1"))
+    assert not written_for(checkpoint, cfg, run_dir)  # the file is no longer the one the checkpoint hashed
