@@ -40,11 +40,12 @@ FLOORS = {"tail_recall": 5.0, "balanced_accuracy": 2.0}  # points over fedavg (t
 
 def generator_table(reports: dict[int, dict], synthetic_cfg, num_clients: int) -> str:
     """One row per seed: cost, speed and recognisability of its federated generator."""
-    lines = ["| seed | size | params | rounds × local steps × clients | training (min) | DDIM steps | guidance "
-             "| images/s | mean recog. | min recog. | per class |", "|" + "---|" * 11]
+    lines = ["| seed | size | predicts | params | rounds × local steps × clients | training (min) | DDIM steps "
+             "| guidance | images/s | mean recog. | min recog. | per class |", "|" + "---|" * 12]
     for seed, rep in sorted(reports.items()):
         per_class = " ".join(f"{v:.2f}" for v in rep["recognisability"])
-        lines.append(f"| {seed} | {synthetic_cfg.generator_size} | {rep.get('generator_params', 0):,} "
+        lines.append(f"| {seed} | {synthetic_cfg.generator_size} | {synthetic_cfg.prediction} "
+                     f"| {rep.get('generator_params', 0):,} "
                      f"| {synthetic_cfg.rounds} × {synthetic_cfg.local_steps} × {num_clients} "
                      f"| {rep['generator_training_s'] / 60:.1f} | {rep['ddim_steps']} | {synthetic_cfg.guidance_scale:g} "
                      f"| {rep['sampling_images_per_s']:.1f} | {rep['mean_recognisability']:.3f} "
