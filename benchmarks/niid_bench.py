@@ -51,10 +51,10 @@ def record_of(label: str, seed: int, run_dir: Path) -> dict:
             "wall_time_per_round_s": summary["wall_time_per_round_s"], "source": f"{run_dir}"}
 
 
-def recorded(cells: list[str]) -> dict[str, list[dict]]:
-    """Every recorded run of ``cells``, by cell, in seed order."""
+def recorded(records: Path, cells: list[str]) -> dict[str, list[dict]]:
+    """Every run of ``cells`` recorded in ``records``, by cell, in seed order."""
     out: dict[str, list[dict]] = {}
-    for path in sorted(RECORDS.glob("*.json")):
+    for path in sorted(records.glob("*.json")):
         rec = json.loads(path.read_text())
         if rec["label"] in cells:
             out.setdefault(rec["label"], []).append(rec)
@@ -81,16 +81,19 @@ def main() -> int:
     if missing:
         print(f"unknown cells: {', '.join(sorted(missing))}; known: {', '.join(sorted({r.label for r in runs}))}")
         return 2
-    RECORDS.mkdir(parents=True, exist_ok=True)
+    # Runs with overrides (a smoke test, another schedule) keep their records beside them, not with the benchmark's.
+    records = Path(args.out) / "records" if args.overrides else RECORDS
+    records.mkdir(parents=True, exist_ok=True)
     for run in [] if args.table_only else chosen:
         if not (run.run_dir / "summary.json").is_file():
             # An interrupted run (a checkpoint, no summary) continues instead of starting over.
             resume = (run.run_dir / "checkpoint.pt").is_file()
-            print(f"{'resuming' if resume else 'running'} {run.run_dir.name} ({run.cfg.federation.rounds} rounds)", flush=True)
+            verb = "resuming" if resume else "running"
+            print(f"{verb} {run.run_dir.name} ({run.cfg.federation.rounds} rounds)", flush=True)
             run_experiment(run.cfg, run.run_dir, resume=resume)
         rec = record_of(run.label, int(run.cfg.seed), run.run_dir)
-        (RECORDS / f"{run.label}-s{run.cfg.seed}.json").write_text(json.dumps(rec, indent=1) + "\n")
-    results = recorded(args.cells)
+        (records / f"{run.label}-s{run.cfg.seed}.json").write_text(json.dumps(rec, indent=1) + "\n")
+    results = recorded(records, args.cells)
 
     lines = [
         "| row | method | seeds | best acc. (ours) | per seed | reference | Δ | within ±1.5 | s / round |",
