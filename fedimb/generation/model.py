@@ -99,7 +99,9 @@ def build_generator(
             "synthetic.generator_size", f"'{size}' is not allowed; choose one of {', '.join(GENERATOR_SIZES)}"
         )
     if prediction not in GENERATOR_PREDICTIONS:
-        raise ConfigError("synthetic.prediction", f"'{prediction}' is not allowed; choose one of {', '.join(GENERATOR_PREDICTIONS)}")
+        raise ConfigError(
+            "synthetic.prediction", f"'{prediction}' is not allowed; choose one of {', '.join(GENERATOR_PREDICTIONS)}"
+        )
     channels, height, width = (int(v) for v in image_shape)
     unet_kwargs = dict(GENERATOR_SIZES[size])
     patch = int(unet_kwargs.pop("patch", 1))
@@ -115,7 +117,9 @@ def build_generator(
             num_train_timesteps=1000,
             **unet_kwargs,
         )
-    unet.register_to_config(**{IMAGE_SHAPE_KEY: [channels, height, width], PATCH_KEY: patch, PREDICTION_KEY: prediction})
+    unet.register_to_config(
+        **{IMAGE_SHAPE_KEY: [channels, height, width], PATCH_KEY: patch, PREDICTION_KEY: prediction}
+    )
     if data_range is not None:
         set_data_range(unet, *data_range)
     return unet
