@@ -27,7 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fedimb.config import load_config  # noqa: E402
+from fedimb.config import GENERATOR_PREDICTIONS, load_config  # noqa: E402
 from fedimb.data import build_federated_data  # noqa: E402
 from fedimb.generation import (build_generator, recognisability, sample, sample_grid,  # noqa: E402
                                save_generator, train_generator, train_reference_classifier)
@@ -107,7 +107,7 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--cosine", action="store_true", help="cosine decay of the local lr over rounds")
     parser.add_argument("--snr-gamma", type=float, default=0.0)
-    parser.add_argument("--prediction", default="epsilon", choices=["epsilon", "v_prediction"])
+    parser.add_argument("--prediction", default="epsilon", choices=GENERATOR_PREDICTIONS)
     parser.add_argument("--aggregation", default="class_aware", choices=["class_aware", "fedavg"])
     parser.add_argument("--server-ema", type=float, nargs="*", default=[],
                         help="also score the EMA of the global weights over rounds, one per decay")

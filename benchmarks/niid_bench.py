@@ -24,6 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from fedimb.records import load_run  # noqa: E402
 from fedimb.sweep import plan_sweep  # noqa: E402
 
 # ../shared/reference/anchors.md: FMNIST block, mean ± std over seeds 0, 1, 2.
@@ -41,11 +42,9 @@ NOTES = ROOT / "docs/results/niid_bench_notes.md"  # hand-written reading, inser
 
 def record_of(label: str, seed: int, run_dir: Path) -> dict:
     """The figures the table needs, from a finished run directory (summary.json + rounds.csv)."""
-    import csv
-
-    summary = json.loads((run_dir / "summary.json").read_text())
-    with open(run_dir / "rounds.csv") as fh:
-        accuracy = [round(float(row["accuracy"]), 4) for row in csv.DictReader(fh) if row.get("accuracy")]
+    run = load_run(run_dir)
+    summary = run["summary"]
+    accuracy = [round(row["accuracy"], 4) for row in run["rounds"] if "accuracy" in row]  # from round 0
     return {"label": label, "seed": seed, "best_accuracy": summary["best"]["accuracy"],
             "best_round": summary["best"]["round"], "accuracy_per_round": accuracy,
             "wall_time_per_round_s": summary["wall_time_per_round_s"], "source": f"{run_dir}"}

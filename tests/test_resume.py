@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 import shutil
@@ -15,7 +16,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 import fedimb.server_app
 from fedimb.checkpoint import (CHECKPOINT_FILE, Checkpoint, config_digest, load_checkpoint, resume_blocker,
-                               save_checkpoint)
+                               save_checkpoint, written_for)
 from fedimb.cli import main
 from fedimb.config import load_config, to_yaml
 from fedimb.records import RunRecorder, read_rounds_csv
@@ -236,8 +237,6 @@ def test_interrupted_then_resumed_equals_uninterrupted(strategy, tmp_path, monke
 
 def test_a_checkpoint_from_before_a_new_config_key_still_resumes(tmp_path, capsys):
     """Keys added to the schema since (at their defaults) do not make an old run unresumable."""
-    from fedimb.checkpoint import written_for
-
     run_dir = _run_dir(tmp_path)
     cfg = load_config(run_dir / "config.yaml")
     # The run as an older fedimb wrote it: its config.yaml lacks a key today's schema has.
@@ -245,7 +244,6 @@ def test_a_checkpoint_from_before_a_new_config_key_still_resumes(tmp_path, capsy
                          if not line.strip().startswith("prediction:")) + "\n"
     assert old_text != (run_dir / "config.yaml").read_text()
     (run_dir / "config.yaml").write_text(old_text)
-    import hashlib
     checkpoint = Checkpoint(round=1, config_sha256=hashlib.sha256(old_text.encode()).hexdigest(), arrays={}, rows=[])
     assert written_for(checkpoint, cfg, run_dir)
     # A real change to the run is still refused.
