@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fedimb.records import copy_run_records, save_figure  # noqa: E402
-from fedimb.sweep import plan_sweep  # noqa: E402
+from fedimb.sweep import is_finished, plan_sweep  # noqa: E402
 
 PAPER = {"random": 85.60, "entropy": 86.28, "badge": 86.65, "coreset": 86.15, "kafal": 87.05,
          "logo": 86.98, "fairfal": 87.37}
@@ -96,13 +96,15 @@ def main() -> int:
     from fedimb.simulation import run_experiment
 
     protocol = [] if args.full else [f"model.name={args.model}", f"active_learning.rounds_per_step={args.rounds}"]
+    protocol_name = "full" if args.full else f"{args.model}_r{args.rounds}"
+    # One folder per protocol: runs of another protocol keep their own names and are never reused here.
     runs, _ = plan_sweep(ROOT / "experiments/suites/fal_fmnist.yaml", protocol + args.overrides,
-                         Path(args.out), seeds=args.seeds)
+                         Path(args.out) / protocol_name, seeds=args.seeds)
     chosen = [r for r in runs if r.label in args.samplers]
     doc = Path(args.doc)
     assets = doc.with_suffix("")
     # Named records/, not runs/: run outputs are git-ignored, these copies are committed.
-    records = assets / "records" / ("full" if args.full else f"{args.model}_r{args.rounds}")
+    records = assets / "records" / protocol_name
     if args.from_records:
         args.table_only = True
         chosen = [dataclasses.replace(r, run_dir=records / r.run_dir.name) for r in chosen]
@@ -111,7 +113,7 @@ def main() -> int:
     tails: dict[str, list[float]] = {}
     fractions: list[float] = []
     for run in chosen:
-        if not (run.run_dir / "summary.json").is_file():
+        if not is_finished(run):
             if args.table_only:
                 continue
             print(f"running {run.run_dir.name}", flush=True)

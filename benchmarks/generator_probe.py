@@ -2,6 +2,8 @@
 
     python benchmarks/generator_probe.py --rounds 20 --local-steps 50             # the suite's generator
     python benchmarks/generator_probe.py --rounds 20 --local-steps 50 --snr-gamma 5 --server-ema 0.5
+    python benchmarks/generator_probe.py --seed 1 --load runs/cache/synthetic/<key>/generator \
+        --guidance 1 1.5 --ddim-steps 20 40                                        # a trained one's sampler
 
 The same local training (``train_generator``, one fresh AdamW per round, class-balanced
 batches), the same weighting (client sample counts) and the same class-aware label table as
@@ -29,8 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from fedimb.config import GENERATOR_PREDICTIONS, load_config  # noqa: E402
 from fedimb.data import build_federated_data  # noqa: E402
-from fedimb.generation import (build_generator, recognisability, sample, sample_grid,  # noqa: E402
-                               save_generator, train_generator, train_reference_classifier)
+from fedimb.generation import (build_generator, load_generator, recognisability, sample,  # noqa: E402
+                               sample_grid, save_generator, train_generator, train_reference_classifier)
 from strategies.synthetic import EMBEDDING_KEY, class_aware_rows  # noqa: E402
 from flwr.app import ArrayRecord  # noqa: E402
 
@@ -84,12 +86,14 @@ def probe_table(log: Path) -> str:
     """Markdown table of every logged probe: knobs that differ from the defaults, then the scores."""
     defaults = {"rounds": 20, "local_steps": 50, "lr": 2e-3, "cosine": False, "snr_gamma": 0.0,
                 "aggregation": "class_aware", "size": "cpu", "batch_size": 64,
-                "prediction": "epsilon", "seed": 0}
+                "prediction": "epsilon", "seed": 0, "ddim_steps": 20, "load": ""}
     lines = ["| probe | knobs (besides 20 rounds × 50 steps, lr 2e-3, class-aware, balanced) | guidance "
              "| training (s) | mean recog. | min recog. | per class 0–9 |", "|---|---|---|---|---|---|---|"]
     for text in log.read_text().splitlines():
         row = json.loads(text)
-        knobs = ", ".join(f"{k}={v}" for k, v in row["args"].items() if k in defaults and v != defaults[k])
+        # a loaded generator's training knobs are not this row's: show only what chose its samples
+        shown = ("seed", "load", "ddim_steps") if row["args"].get("load") else defaults
+        knobs = ", ".join(f"{k}={v}" for k, v in row["args"].items() if k in shown and v != defaults[k])
         lines.append(f"| {row['name']} | {knobs or '(defaults)'} | {row['guidance']:g} | {row['training_s']:.0f} "
                      f"| {row['mean']:.3f} | {row['min']:.2f} | {' '.join(f'{v:.2f}' for v in row['per_class'])} |")
     return "\n".join(lines)
@@ -112,7 +116,8 @@ def main() -> int:
     parser.add_argument("--server-ema", type=float, nargs="*", default=[],
                         help="also score the EMA of the global weights over rounds, one per decay")
     parser.add_argument("--guidance", type=float, nargs="+", default=[3.0])
-    parser.add_argument("--ddim-steps", type=int, default=20)
+    parser.add_argument("--ddim-steps", type=int, nargs="+", default=[20])
+    parser.add_argument("--load", default="", help="score this saved generator (its seed's judge) instead of training one")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="runs/probe/generator")
     parser.add_argument("--log", default="docs/results/synthetic/generator_probe.jsonl")
@@ -126,7 +131,10 @@ def main() -> int:
     cfg = load_config(ROOT / "experiments/fmnist_lt.yaml", [*SETTING, f"seed={args.seed}"])
     data = build_federated_data(cfg)
     splits = data.splits
-    variants, seconds = federated_generator(args, data)
+    if args.load:
+        variants, seconds = {"loaded": load_generator(args.load)}, 0.0
+    else:
+        variants, seconds = federated_generator(args, data)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     judge_path = out / f"reference_lenet_s{args.seed}.pt"
@@ -140,14 +148,15 @@ def main() -> int:
     if args.save:
         for variant, unet in variants.items():
             save_generator(unet, out / f"{args.name or 'probe'}_{variant}")
-    for (variant, unet), guidance in itertools.product(variants.items(), args.guidance):
+    for (variant, unet), steps, guidance in itertools.product(variants.items(), args.ddim_steps, args.guidance):
         started = time.time()
-        images = sample(unet, labels, guidance_scale=guidance, num_inference_steps=args.ddim_steps, seed=args.seed)
+        images = sample(unet, labels, guidance_scale=guidance, num_inference_steps=steps, seed=args.seed)
         per_second = len(labels) / (time.time() - started)
         scores = recognisability(judge, images, labels, splits.num_classes)
         name = f"{args.name or 'probe'}_{variant}"
-        sample_grid(images, labels, splits.num_classes, out / f"grid_{name}_w{guidance:g}.png")
-        row = {"name": name, "args": {k: v for k, v in vars(args).items() if k not in ("log", "out", "name")},
+        sample_grid(images, labels, splits.num_classes, out / f"grid_{name}_w{guidance:g}_s{steps}.png")
+        knobs = {k: v for k, v in vars(args).items() if k not in ("log", "out", "name")}
+        row = {"name": name, "args": {**knobs, "ddim_steps": steps},
                "guidance": guidance, "training_s": round(seconds, 1), "images_per_s": round(per_second, 1),
                "mean": round(float(np.mean(scores)), 3), "min": round(float(np.min(scores)), 3),
                "per_class": [round(s, 2) for s in scores], "written": time.strftime("%Y-%m-%d %H:%M")}

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from fedimb.records import load_run  # noqa: E402
-from fedimb.sweep import plan_sweep  # noqa: E402
+from fedimb.sweep import is_finished, plan_sweep  # noqa: E402
 
 # ../shared/reference/anchors.md: FMNIST block, mean ± std over seeds 0, 1, 2.
 REFERENCE = {
@@ -84,7 +84,7 @@ def main() -> int:
     records = Path(args.out) / "records" if args.overrides else RECORDS
     records.mkdir(parents=True, exist_ok=True)
     for run in [] if args.table_only else chosen:
-        if not (run.run_dir / "summary.json").is_file():
+        if not is_finished(run):
             # An interrupted run (a checkpoint, no summary) continues instead of starting over.
             resume = (run.run_dir / "checkpoint.pt").is_file()
             verb = "resuming" if resume else "running"

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from fedimb.records import copy_run_records  # noqa: E402
 from fedimb.report import REPORT_METRICS as METRICS  # noqa: E402
 from fedimb.report import collect_runs  # noqa: E402
-from fedimb.sweep import plan_sweep  # noqa: E402
+from fedimb.sweep import is_finished, plan_sweep  # noqa: E402
 
 FLOORS = {"tail_recall": 5.0, "balanced_accuracy": 2.0}  # points over fedavg (the floors)
 
@@ -116,7 +116,7 @@ def main() -> int:
     grids = doc.with_suffix("")  # beside the page and named after it: a probe's --doc keeps its own images
     grids.mkdir(parents=True, exist_ok=True)
     for run in chosen:
-        if not (run.run_dir / "summary.json").is_file():
+        if not is_finished(run):
             print(f"running {run.run_dir.name}", flush=True)
             run_experiment(run.cfg, run.run_dir)
         summary = json.loads((run.run_dir / "summary.json").read_text())

@@ -11,14 +11,16 @@ A suite names a base config, axes of labelled override lists and seeds::
       partition: {iid: [partition.name=iid], dir0.5: [partition.name=dirichlet, partition.alpha=0.5]}
 
 Every run's config is validated before the first one starts. A run whose directory already
-holds ``summary.json`` is skipped, so an interrupted sweep picks up where it stopped.
+holds ``summary.json`` of the same config is skipped, so an interrupted sweep picks up where it
+stopped; one finished with another config (a changed override) stops the sweep with an error
+instead of being reported as if it were this run.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import itertools
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,50 @@ class PlannedRun:
     overrides: list[str]
     cfg: ExperimentConfig
     run_dir: Path
+
+
+# Where a run's files live and how it was scheduled: they do not change its results.
+_OPERATIONAL = ("name", "simulation", "data.root", "synthetic.cache_dir")
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def result_knobs(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The config keys (dotted) that decide a run's results: a disabled block's knobs and operational keys left out."""
+    knobs = _flat(asdict(cfg))
+    off = [block for block in ("synthetic", "active_learning") if not knobs[f"{block}.enabled"]]
+    dropped = tuple(f"{block}." for block in off) + tuple(f"{key}." for key in _OPERATIONAL)
+    return {k: v for k, v in knobs.items()
+            if k.endswith(".enabled") or (k not in _OPERATIONAL and not k.startswith(dropped))}
+
+
+def is_finished(run: PlannedRun) -> bool:
+    """Whether ``run.run_dir`` holds a finished run (``summary.json``) of this very config.
+
+    Raises :class:`ConfigError` naming the first differing key when the directory holds a
+    run finished with another config, so a sweep never reports old results under new knobs.
+    """
+    if not (run.run_dir / "summary.json").is_file():
+        return False
+    saved = run.run_dir / "config.yaml"
+    if not saved.is_file():  # written by every run since the first release; nothing to compare
+        return True
+    old, new = result_knobs(load_config(saved)), result_knobs(run.cfg)
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+    if changed:
+        key = changed[0]
+        raise ConfigError(key, f"{run.run_dir} finished with {old.get(key)!r}, this sweep asks for {new.get(key)!r}"
+                               f"{f' (and {len(changed) - 1} more keys)' if len(changed) > 1 else ''}; "
+                               "move that run away or choose another output directory")
+    return True
 
 
 def _suite_value(suite: dict[str, Any], key: str, kind: type, default: Any) -> Any:
@@ -103,14 +149,15 @@ def run_sweep(suite_path: Path, extra_overrides: list[str] | tuple[str, ...] = (
             raise ConfigError("--only", f"no cell label matches {' '.join(only)}")
     for run in runs:
         check_before_run(run.cfg)
+    done = [is_finished(run) for run in runs]  # a stale run stops the sweep before anything trains
     console.print(f"sweep: {len(runs)} runs → {sweep_dir}", highlight=False)
     if dry_run:
         for run in runs:
             console.print(f"  {run.run_dir.name}: {' '.join(run.overrides)}", highlight=False)
         return sweep_dir
     failed: list[str] = []
-    for i, run in enumerate(runs, 1):
-        if (run.run_dir / "summary.json").is_file():
+    for i, (run, finished_before) in enumerate(zip(runs, done, strict=True), 1):
+        if finished_before:
             console.print(f"[{i}/{len(runs)}] {run.run_dir.name}: done before, skipped", highlight=False)
             continue
         console.print(f"[{i}/{len(runs)}] {run.run_dir.name}", highlight=False)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from fedimb.cli import main
-from fedimb.config import ConfigError
-from fedimb.sweep import plan_sweep
+from fedimb.config import ConfigError, to_yaml
+from fedimb.sweep import is_finished, plan_sweep
 
 SUITE = """
 base: base.yaml
@@ -86,3 +86,38 @@ def test_a_failed_run_does_not_stop_the_sweep(tmp_path, monkeypatch, capsys):
     finished = sorted(p.parent.name for p in (tmp_path / "sweep" / "runs").glob("*/summary.json"))
     assert finished == ["fedavg-s0", "fedavg2-s0"]  # the cell after the failed one still ran
     assert "fedprox" not in (tmp_path / "sweep" / "results.md").read_text()
+
+
+def fake_finished(run, cfg) -> None:
+    """A run directory as a finished run of ``cfg`` leaves it: its config and a summary."""
+    run.run_dir.mkdir(parents=True)
+    (run.run_dir / "config.yaml").write_text(to_yaml(cfg))
+    (run.run_dir / "summary.json").write_text("{}")
+
+
+def test_a_finished_run_of_another_config_is_refused_not_reused(tmp_path, capsys):
+    runs, _ = plan_sweep(write_suite(tmp_path), out=tmp_path / "out")
+    assert not is_finished(runs[0])  # nothing there yet
+    old, _ = plan_sweep(write_suite(tmp_path), ["federation.rounds=3"], out=tmp_path / "out")
+    fake_finished(runs[0], old[0].cfg)
+    with pytest.raises(ConfigError, match="federation.rounds: .*fedavg-s0 finished with 3, this sweep asks for 1"):
+        is_finished(runs[0])
+    # the sweep stops with that one line before training anything
+    assert main(["sweep", str(tmp_path / "suite.yaml"), "--out", str(tmp_path / "out")]) != 0
+    assert "config error: federation.rounds: " in capsys.readouterr().err
+    assert not (runs[1].run_dir / "summary.json").exists()
+
+
+def test_keys_that_do_not_change_results_do_not_make_a_run_stale(tmp_path):
+    runs, _ = plan_sweep(write_suite(tmp_path), out=tmp_path / "out")
+    # a disabled synthetic block's knobs, the scheduling and where the data lives
+    other, _ = plan_sweep(write_suite(tmp_path), ["synthetic.rounds=9", "simulation.num_cpus=2",
+                                                  "data.root=/elsewhere"], out=tmp_path / "out")
+    fake_finished(runs[0], other[0].cfg)
+    assert is_finished(runs[0])
+    # the same knob counts once its block is enabled
+    on, _ = plan_sweep(write_suite(tmp_path), ["synthetic.enabled=true", "synthetic.rounds=9"], out=tmp_path / "o2")
+    now, _ = plan_sweep(write_suite(tmp_path), ["synthetic.enabled=true"], out=tmp_path / "o2")
+    fake_finished(now[0], on[0].cfg)
+    with pytest.raises(ConfigError, match="synthetic.rounds"):
+        is_finished(now[0])
