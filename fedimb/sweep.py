@@ -76,7 +76,12 @@ def is_finished(run: PlannedRun) -> bool:
     saved = run.run_dir / "config.yaml"
     if not saved.is_file():  # written by every run since the first release; nothing to compare
         return True
-    old, new = result_knobs(load_config(saved)), result_knobs(run.cfg)
+    try:
+        then = load_config(saved)
+    except ConfigError as exc:  # a key the schema has since dropped or retyped, as in checkpoint.written_for
+        raise ConfigError(exc.field_name, f"{saved} no longer reads: {str(exc).split(': ', 2)[-1]}; "
+                                          "move that run away or choose another output directory") from None
+    old, new = result_knobs(then), result_knobs(run.cfg)
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     if changed:
         key = changed[0]
