@@ -25,6 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from fedimb.cli import guarded  # noqa: E402
 from fedimb.records import copy_run_records, save_figure  # noqa: E402
 from fedimb.sweep import is_finished, plan_sweep  # noqa: E402
 
@@ -158,4 +159,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main))

@@ -29,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from fedimb.cli import guarded  # noqa: E402
 from fedimb.config import GENERATOR_PREDICTIONS, load_config  # noqa: E402
 from fedimb.data import build_federated_data  # noqa: E402
 from fedimb.generation import (build_generator, load_generator, recognisability, sample,  # noqa: E402
@@ -168,4 +169,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main))

@@ -24,6 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from fedimb.cli import guarded  # noqa: E402
 from fedimb.records import load_run  # noqa: E402
 from fedimb.sweep import is_finished, plan_sweep  # noqa: E402
 
@@ -131,4 +132,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main))

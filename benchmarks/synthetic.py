@@ -2,8 +2,13 @@
 
     python benchmarks/synthetic.py --seeds 0 1 2                    # generator + fedavg / +synthetic / cafedcl+synthetic
     python benchmarks/synthetic.py --seeds 0 --methods fedavg_syn   # the generator table only needs one synthetic run
+    # the top-up's knobs, chosen on a validation split (docs/results/synthetic_tuning.md):
+    python benchmarks/synthetic.py --suite experiments/suites/synthetic_tuning.yaml --seeds 0 1
+        --methods fedavg fedavg_syn fedavg_syn_w0.5 fedavg_syn_w0.25 fedavg_syn_r0.5
+        --out runs/sweeps/synthetic_tuning --doc docs/results/synthetic_tuning.md
+        --records docs/results/synthetic_tuning/records
 
-Runs the cells of experiments/suites/synthetic_fmnist.yaml (FMNIST-LT rho = 100, dir_balance
+Runs the cells of experiments/suites/synthetic_fmnist.yaml (or --suite; FMNIST-LT rho = 100, dir_balance
 alpha = 0.1, 10 clients; seeds outermost, finished runs reused). Each seed's generator is
 trained once, federated, by its first synthetic run and reused from the cache by the others.
 Prints and writes to docs/results/synthetic.md:
@@ -11,7 +16,7 @@ Prints and writes to docs/results/synthetic.md:
      DDIM steps, guided sampling images/s, recognisability per class (a LeNet trained on the
      real balanced training set labels 100 generated samples per class);
   2. test metrics per method (mean of each run's last 5 rounds, as benchmarks/imbalance.py),
-     mean ± std over seeds, the deltas to fedavg and the issue's floors;
+     mean ± std over seeds, the deltas to fedavg and the issue's floors, and recall per class;
   3. the hand-written notes of docs/results/synthetic_notes.md, if any.
 The runs' text records are copied to docs/results/synthetic/records/.
 """
@@ -30,9 +35,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fedimb.records import copy_run_records  # noqa: E402
+from fedimb.cli import guarded  # noqa: E402
+from fedimb.records import copy_run_records, load_run  # noqa: E402
 from fedimb.report import REPORT_METRICS as METRICS  # noqa: E402
-from fedimb.report import collect_runs  # noqa: E402
+from fedimb.report import collect_runs, last_rounds_mean  # noqa: E402
 from fedimb.sweep import is_finished, plan_sweep  # noqa: E402
 
 FLOORS = {"tail_recall": 5.0, "balanced_accuracy": 2.0}  # points over fedavg (the issue's floors)
@@ -86,11 +92,33 @@ def method_table(finals: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def per_class_table(run_dirs: dict[str, list[Path]], last_rounds: int) -> str:
+    """Recall of every class per method (mean over seeds of each run's last-rounds mean), in percent."""
+    rows: dict[str, np.ndarray] = {}
+    for label, dirs in run_dirs.items():
+        per_run = []
+        for run_dir in dirs:
+            rounds = load_run(run_dir)["rounds"]
+            names = sorted((k for k in rounds[-1] if k.startswith("per_class_recall_")),
+                           key=lambda k: int(k.rsplit("_", 1)[1])) if rounds else []
+            per_run.append([last_rounds_mean(rounds, k, max(last_rounds, 1)) for k in names])
+        if per_run:
+            rows[label] = 100 * np.mean(np.array(per_run, dtype=float), axis=0)
+    if not rows:
+        return "(no runs)"
+    classes = len(next(iter(rows.values())))
+    lines = ["| method | " + " | ".join(str(c) for c in range(classes)) + " |", "|" + "---|" * (classes + 1)]
+    lines += [f"| {label} | " + " | ".join(f"{v:.1f}" for v in values) + " |" for label, values in rows.items()]
+    return "\n".join(lines)
+
+
 def main() -> int:
     """Run the chosen methods and seeds, print and write both tables."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["fedavg", "fedavg_syn", "cafedcl_syn"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--suite", default="experiments/suites/synthetic_fmnist.yaml",
+                        help="the sweep whose cells --methods names (default: the test-set comparison)")
     parser.add_argument("--out", default="runs/sweeps/synthetic_fmnist")
     parser.add_argument("--doc", default="docs/results/synthetic.md")
     parser.add_argument("--last-rounds", type=int, default=5, metavar="K",
@@ -101,7 +129,7 @@ def main() -> int:
     args = parser.parse_args()
     from fedimb.simulation import run_experiment
 
-    runs, _ = plan_sweep(ROOT / "experiments/suites/synthetic_fmnist.yaml", args.overrides, Path(args.out),
+    runs, _ = plan_sweep(ROOT / args.suite, args.overrides, Path(args.out),
                          seeds=args.seeds)
     chosen = sorted((r for r in runs if r.label in args.methods),
                     key=lambda r: (r.cfg.seed, args.methods.index(r.label)))
@@ -131,6 +159,9 @@ def main() -> int:
     syn_cfg, fed, train = chosen[0].cfg.synthetic, chosen[0].cfg.federation, chosen[0].cfg.train
     gen = generator_table(reports, syn_cfg, fed.num_clients)
     methods = method_table({k: v for k, v in finals.items() if v})
+    classes = per_class_table({label: [r.run_dir for r in chosen if r.label == label] for label in args.methods},
+                              args.last_rounds)
+    split = "test set" if chosen[0].cfg.eval.split == "test" else f"{chosen[0].cfg.eval.split} split"
     decay = "".join(f", lr × {train.lr_decay_factor:g} after round {int(at * fed.rounds)}" for at in train.lr_decay_at)
     window = (f"mean of each run's last {args.last_rounds} rounds" if args.last_rounds > 0 else "final round")
     floors_text, floors_ok = floor_lines(finals)
@@ -142,6 +173,7 @@ def main() -> int:
     print(gen)
     print(methods)
     print(floors_text)
+    print(classes)
     images = "\n".join(f"![generated samples, seed {s}]({grids.name}/grid_s{s}.png)" for s in sorted(reports))
     notes_file = doc.with_name(doc.stem + "_notes.md")
     notes = notes_file.read_text() if notes_file.is_file() else ""
@@ -152,10 +184,11 @@ def main() -> int:
         "this machine; images/s is guided DDIM sampling of 100 images per class in the server process. "
         f"Recognisability: the share of a class's generated samples that a LeNet trained on the real "
         f"balanced training set assigns to that class.\n\n{gen}\n\n{images}\n\n"
-        f"## Classifier federation ({window}, test set, %)\n\n{methods}\n\n## Floors\n\n{floors_text}\n\n"
-        f"All floors hold: {'yes' if floors_ok else 'no'}.\n\n{notes}")
+        f"## Classifier federation ({window}, {split}, %)\n\n{methods}\n\n## Floors\n\n{floors_text}\n\n"
+        f"All floors hold: {'yes' if floors_ok else 'no'}.\n\n## Recall per class ({window}, {split}, %)\n\n"
+        f"{classes}\n\n{notes}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(guarded(main))

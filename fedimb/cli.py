@@ -151,13 +151,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.func
+    return guarded(lambda: handler(args))
+
+
+def guarded(command: Callable[[], int]) -> int:
+    """Run ``command``; bad input or a failed run becomes one red line and an exit code, not a traceback.
+
+    The benchmark scripts exit through it too (``sys.exit(guarded(main))``).
+    """
     from fedimb.checkpoint import ResumeError
     from fedimb.simulation import RunError
 
-    args = build_parser().parse_args(argv)
-    handler: Callable[[argparse.Namespace], int] = args.func
     try:
-        return handler(args)
+        return command()
     except (ConfigError, ResumeError) as exc:
         console.print(f"[red]{exc}[/]", highlight=False, soft_wrap=True)
         return EXIT_BAD_INPUT

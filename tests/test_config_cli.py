@@ -10,9 +10,11 @@ import pytest
 
 from fedimb.cli import main
 from fedimb.config import ConfigError, from_yaml, load_config, to_yaml
+from fedimb.sweep import plan_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml")) + [ROOT / "experiments/niid_bench/base.yaml"]
+SUITES = sorted((ROOT / "experiments/suites").glob("*.yaml"))
 
 
 def test_yaml_and_overrides_merge():
@@ -27,6 +29,12 @@ def test_yaml_and_overrides_merge():
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
 def test_shipped_experiments_load(path):
     assert load_config(path).federation.num_clients > 0
+
+
+@pytest.mark.parametrize("path", SUITES, ids=lambda p: p.name)
+def test_shipped_suites_plan_every_cell(path, tmp_path):
+    runs, _ = plan_sweep(path, [], tmp_path)
+    assert runs and len({r.run_dir for r in runs}) == len(runs)
 
 
 @pytest.mark.parametrize("override, field, hint", [
@@ -73,6 +81,14 @@ def test_cli_exit_code_in_a_subprocess(tmp_path):
                            "strategy.name=nope"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     assert "strategy.name" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_benchmark_scripts_answer_bad_input_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/synthetic.py"), "--suite", "nope.yaml",
+                           "--doc", str(tmp_path / "page.md")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "suite" in proc.stderr and "nope.yaml" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "page.md").exists()
 
 
 def test_partition_command_prints_table_and_writes_heatmap(tmp_path, capsys):
