@@ -112,6 +112,16 @@ def per_class_table(run_dirs: dict[str, list[Path]], last_rounds: int) -> str:
     return "\n".join(lines)
 
 
+def topup_knobs(runs: list) -> str:
+    """The synthetic:real cap and loss weight of the synthetic runs: one pair, or each method's."""
+    pairs = {r.label: (r.cfg.synthetic.max_ratio, r.cfg.synthetic.loss_weight) for r in runs if r.cfg.synthetic.enabled}
+    if len(set(pairs.values())) <= 1:
+        cap, weight = next(iter(pairs.values()), (None, None))
+        return "no synthetic run" if cap is None else f"synthetic:real ≤ {cap:g}, loss weight {weight:g}"
+    return "synthetic:real cap and loss weight per method: " + ", ".join(
+        f"{label} ≤ {cap:g} / {weight:g}" for label, (cap, weight) in pairs.items())
+
+
 def main() -> int:
     """Run the chosen methods and seeds, print and write both tables."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -167,8 +177,7 @@ def main() -> int:
     floors_text, floors_ok = floor_lines(finals)
     setting = (f"FMNIST-LT rho=100, dir_balance alpha=0.1, {fed.num_clients} clients, {chosen[0].cfg.model.name}, "
                f"{fed.rounds} rounds × {train.local_epochs} local epochs (lr {train.lr:g}{decay}); "
-               f"top-up policy {syn_cfg.policy}, to the client's largest class, synthetic:real ≤ {syn_cfg.max_ratio:g}, "
-               f"loss weight {syn_cfg.loss_weight:g}")
+               f"top-up policy {syn_cfg.policy}, to the client's largest class, " + topup_knobs(chosen))
     print(setting)
     print(gen)
     print(methods)
@@ -178,7 +187,7 @@ def main() -> int:
     notes_file = doc.with_name(doc.stem + "_notes.md")
     notes = notes_file.read_text() if notes_file.is_file() else ""
     doc.write_text(
-        f"# Synthetic minority samples on FMNIST-LT\n\nCommand: `python benchmarks/synthetic.py {' '.join(sys.argv[1:])}`"
+        f"# Synthetic minority samples on FMNIST-LT{'' if split == 'test set' else f' ({split})'}\n\nCommand: `python benchmarks/synthetic.py {' '.join(sys.argv[1:])}`"
         f"  \nWritten {time.strftime('%Y-%m-%d %H:%M')}. Setting: {setting}.\n\n## The federated generator\n\n"
         "Training wall time covers the whole federated generator phase (Flower rounds included) on "
         "this machine; images/s is guided DDIM sampling of 100 images per class in the server process. "
