@@ -1,6 +1,6 @@
 """Synthetic minority samples on FMNIST-LT: the federated generator and what its top-up buys.
 
-    python benchmarks/synthetic.py --seeds 0 1 2                    # generator + fedavg / +synthetic / cafedcl+synthetic
+    python benchmarks/synthetic.py --seeds 0 1 2 3                  # generator + fedavg / +synthetic / cafedcl+synthetic
     python benchmarks/synthetic.py --seeds 0 --methods fedavg_syn   # the generator table only needs one synthetic run
     # the top-up's knobs, chosen on a validation split (docs/results/synthetic_tuning.md):
     python benchmarks/synthetic.py --suite experiments/suites/synthetic_tuning.yaml --seeds 0 1
@@ -11,14 +11,15 @@
 Runs the cells of experiments/suites/synthetic_fmnist.yaml (or --suite; FMNIST-LT rho = 100, dir_balance
 alpha = 0.1, 10 clients; seeds outermost, finished runs reused). Each seed's generator is
 trained once, federated, by its first synthetic run and reused from the cache by the others.
-Prints and writes to docs/results/synthetic.md:
+Prints and writes to docs/results/synthetic.md (or --doc):
   1. the generator per seed: parameters, federated rounds × local steps, training wall time,
      DDIM steps, guided sampling images/s, recognisability per class (a LeNet trained on the
      real balanced training set labels 100 generated samples per class);
-  2. test metrics per method (mean of each run's last 5 rounds, as benchmarks/imbalance.py),
+  2. metrics on the evaluation split (the test set unless the suite says otherwise) per method
+     (mean of each run's last 5 rounds, as benchmarks/imbalance.py),
      mean ± std over seeds, the deltas to fedavg and the issue's floors, and recall per class;
-  3. the hand-written notes of docs/results/synthetic_notes.md, if any.
-The runs' text records are copied to docs/results/synthetic/records/.
+  3. the hand-written notes beside the page (docs/results/synthetic_notes.md for the default), if any.
+The runs' text records are copied to docs/results/synthetic/records/ (or --records).
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def topup_knobs(runs: list) -> str:
 
 
 def main() -> int:
-    """Run the chosen methods and seeds, print and write both tables."""
+    """Run the chosen methods and seeds, print the tables and write the page."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["fedavg", "fedavg_syn", "cafedcl_syn"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
@@ -184,10 +185,12 @@ def main() -> int:
     print(floors_text)
     print(classes)
     images = "\n".join(f"![generated samples, seed {s}]({grids.name}/grid_s{s}.png)" for s in sorted(reports))
+    title_split = "" if split == "test set" else f" ({split})"
     notes_file = doc.with_name(doc.stem + "_notes.md")
     notes = notes_file.read_text() if notes_file.is_file() else ""
     doc.write_text(
-        f"# Synthetic minority samples on FMNIST-LT{'' if split == 'test set' else f' ({split})'}\n\nCommand: `python benchmarks/synthetic.py {' '.join(sys.argv[1:])}`"
+        f"# Synthetic minority samples on FMNIST-LT{title_split}\n\n"
+        f"Command: `python benchmarks/synthetic.py {' '.join(sys.argv[1:])}`"
         f"  \nWritten {time.strftime('%Y-%m-%d %H:%M')}. Setting: {setting}.\n\n## The federated generator\n\n"
         "Training wall time covers the whole federated generator phase (Flower rounds included) on "
         "this machine; images/s is guided DDIM sampling of 100 images per class in the server process. "
