@@ -1,6 +1,6 @@
 """Synthetic minority samples on FMNIST-LT: the federated generator and what its top-up buys.
 
-    python benchmarks/synthetic.py --seeds 0 1 2 3                  # generator + fedavg / +synthetic / cafedcl+synthetic
+    python benchmarks/synthetic.py --seeds 0 1 2 3 4                # generator + fedavg / +synthetic / cafedcl+synthetic
     python benchmarks/synthetic.py --seeds 0 --methods fedavg_syn   # the generator table only needs one synthetic run
     # the top-up's knobs, chosen on a validation split (docs/results/synthetic_tuning.md):
     python benchmarks/synthetic.py --suite experiments/suites/synthetic_tuning.yaml --seeds 0 1
