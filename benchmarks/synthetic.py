@@ -60,20 +60,23 @@ def generator_table(reports: dict[int, dict], synthetic_cfg, num_clients: int) -
     return "\n".join(lines)
 
 
-GENERATOR_FLOORS = {"training (min)": ("<=", 20.0), "images/s": (">=", 20.0),
-                    "mean recog.": (">=", 0.7), "min recog.": (">=", 0.4)}  # the issue's floors on 2 cores
+# the issue's generator floors on 2 cores: (summary key, scale, needed, True if it is a ceiling)
+GENERATOR_FLOORS = {"training (min)": ("generator_training_s", 1 / 60, 20.0, True),
+                    "images/s": ("sampling_images_per_s", 1.0, 20.0, False),
+                    "mean recog.": ("mean_recognisability", 1.0, 0.7, False),
+                    "min recog.": ("min_recognisability", 1.0, 0.4, False)}
 
 
 def generator_floor_lines(reports: dict[int, dict]) -> tuple[str, bool]:
     """Markdown rows checking the issue's generator floors on every seed."""
     lines, ok = ["| seed | floor | measured | needed | holds |", "|---|---|---|---|---|"], True
     for seed, rep in sorted(reports.items()):
-        measured = {"training (min)": rep["generator_training_s"] / 60, "images/s": rep["sampling_images_per_s"],
-                    "mean recog.": rep["mean_recognisability"], "min recog.": rep["min_recognisability"]}
-        for name, (sense, needed) in GENERATOR_FLOORS.items():
-            holds = measured[name] <= needed if sense == "<=" else measured[name] >= needed
+        for name, (key, scale, needed, ceiling) in GENERATOR_FLOORS.items():
+            measured = rep[key] * scale
+            holds = measured <= needed if ceiling else measured >= needed
             ok &= holds
-            lines.append(f"| {seed} | {name} | {measured[name]:.2f} | {sense} {needed:g} | {'yes' if holds else 'no'} |")
+            lines.append(f"| {seed} | {name} | {measured:.2f} | {'<=' if ceiling else '>='} {needed:g} "
+                         f"| {'yes' if holds else 'no'} |")
     return "\n".join(lines), ok
 
 
@@ -192,9 +195,9 @@ def main() -> int:
     split = "test set" if chosen[0].cfg.eval.split == "test" else f"{chosen[0].cfg.eval.split} split"
     decay = "".join(f", lr × {train.lr_decay_factor:g} after round {int(at * fed.rounds)}" for at in train.lr_decay_at)
     window = (f"mean of each run's last {args.last_rounds} rounds" if args.last_rounds > 0 else "final round")
-    floors_text, floors_ok = floor_lines(finals)
-    gen_floors_text, gen_floors_ok = generator_floor_lines(reports)
-    floors_text, floors_ok = f"{gen_floors_text}\n\n{floors_text}", floors_ok and gen_floors_ok
+    generator_floors, generator_ok = generator_floor_lines(reports)
+    classifier_floors, classifier_ok = floor_lines(finals)
+    floors_text, floors_ok = f"{generator_floors}\n\n{classifier_floors}", generator_ok and classifier_ok
     setting = (f"FMNIST-LT rho=100, dir_balance alpha=0.1, {fed.num_clients} clients, {chosen[0].cfg.model.name}, "
                f"{fed.rounds} rounds × {train.local_epochs} local epochs (lr {train.lr:g}{decay}); "
                f"top-up policy {syn_cfg.policy}, to the client's largest class, " + topup_knobs(chosen))
