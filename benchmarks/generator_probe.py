@@ -87,13 +87,14 @@ def probe_table(log: Path) -> str:
     """Markdown table of every logged probe: knobs that differ from the defaults, then the scores."""
     defaults = {"rounds": 20, "local_steps": 50, "lr": 2e-3, "cosine": False, "snr_gamma": 0.0,
                 "aggregation": "class_aware", "size": "cpu", "batch_size": 64,
-                "prediction": "epsilon", "seed": 0, "ddim_steps": 20, "load": ""}
+                "prediction": "epsilon", "seed": 0, "ddim_steps": 20, "load": "", "interval": "0-1",
+                "rescale": 0.0}
     lines = ["| probe | knobs (besides 20 rounds × 50 steps, lr 2e-3, class-aware, balanced) | guidance "
              "| training (s) | mean recog. | min recog. | per class 0–9 |", "|---|---|---|---|---|---|---|"]
     for text in log.read_text().splitlines():
         row = json.loads(text)
         # a loaded generator's training knobs are not this row's: show only what chose its samples
-        shown = ("seed", "load", "ddim_steps") if row["args"].get("load") else defaults
+        shown = ("seed", "load", "ddim_steps", "interval", "rescale") if row["args"].get("load") else defaults
         knobs = ", ".join(f"{k}={v}" for k, v in row["args"].items() if k in shown and v != defaults[k])
         lines.append(f"| {row['name']} | {knobs or '(defaults)'} | {row['guidance']:g} | {row['training_s']:.0f} "
                      f"| {row['mean']:.3f} | {row['min']:.2f} | {' '.join(f'{v:.2f}' for v in row['per_class'])} |")
@@ -118,6 +119,9 @@ def main() -> int:
                         help="also score the EMA of the global weights over rounds, one per decay")
     parser.add_argument("--guidance", type=float, nargs="+", default=[3.0])
     parser.add_argument("--ddim-steps", type=int, nargs="+", default=[20])
+    parser.add_argument("--interval", nargs="+", default=["0-1"],
+                        help="guidance intervals lo-hi, fractions of T (guidance only where lo·T <= t <= hi·T)")
+    parser.add_argument("--rescale", type=float, nargs="+", default=[0.0], help="guidance rescale φ values")
     parser.add_argument("--load", default="", help="score this saved generator (its seed's judge) instead of training one")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="runs/probe/generator")
@@ -149,15 +153,18 @@ def main() -> int:
     if args.save:
         for variant, unet in variants.items():
             save_generator(unet, out / f"{args.name or 'probe'}_{variant}")
-    for (variant, unet), steps, guidance in itertools.product(variants.items(), args.ddim_steps, args.guidance):
+    grid_of = itertools.product(variants.items(), args.ddim_steps, args.guidance, args.interval, args.rescale)
+    for (variant, unet), steps, guidance, interval, rescale in grid_of:
+        lo, hi = (float(v) for v in interval.split("-"))
         started = time.time()
-        images = sample(unet, labels, guidance_scale=guidance, num_inference_steps=steps, seed=args.seed)
+        images = sample(unet, labels, guidance_scale=guidance, num_inference_steps=steps, seed=args.seed,
+                        guidance_interval=(lo, hi), guidance_rescale=rescale)
         per_second = len(labels) / (time.time() - started)
         scores = recognisability(judge, images, labels, splits.num_classes)
         name = f"{args.name or 'probe'}_{variant}"
-        sample_grid(images, labels, splits.num_classes, out / f"grid_{name}_w{guidance:g}_s{steps}.png")
-        knobs = {k: v for k, v in vars(args).items() if k not in ("log", "out", "name")}
-        row = {"name": name, "args": {**knobs, "ddim_steps": steps},
+        sample_grid(images, labels, splits.num_classes, out / f"grid_{name}_w{guidance:g}_s{steps}_i{interval}_r{rescale:g}.png")
+        knobs = {k: v for k, v in vars(args).items() if k not in ("log", "out", "name", "interval", "rescale")}
+        row = {"name": name, "args": {**knobs, "ddim_steps": steps, "interval": interval, "rescale": rescale},
                "guidance": guidance, "training_s": round(seconds, 1), "images_per_s": round(per_second, 1),
                "mean": round(float(np.mean(scores)), 3), "min": round(float(np.min(scores)), 3),
                "per_class": [round(s, 2) for s in scores], "written": time.strftime("%Y-%m-%d %H:%M")}

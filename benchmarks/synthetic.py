@@ -45,6 +45,11 @@ from fedimb.sweep import is_finished, plan_sweep  # noqa: E402
 FLOORS = {"tail_recall": 5.0, "balanced_accuracy": 2.0}  # points over fedavg (the issue's floors)
 
 
+def _guidance(synthetic_cfg) -> str:
+    rescale = synthetic_cfg.guidance_rescale
+    return f"{synthetic_cfg.guidance_scale:g}" + (f", rescale {rescale:g}" if rescale else "")
+
+
 def generator_table(reports: dict[int, dict], synthetic_cfg, num_clients: int) -> str:
     """One row per seed: cost, speed and recognisability of its federated generator."""
     lines = ["| seed | size | predicts | params | rounds × local steps × clients | training (min) | DDIM steps "
@@ -54,7 +59,7 @@ def generator_table(reports: dict[int, dict], synthetic_cfg, num_clients: int) -
         lines.append(f"| {seed} | {synthetic_cfg.generator_size} | {synthetic_cfg.prediction} "
                      f"| {rep.get('generator_params', 0):,} "
                      f"| {synthetic_cfg.rounds} × {synthetic_cfg.local_steps} × {num_clients} "
-                     f"| {rep['generator_training_s'] / 60:.1f} | {rep['ddim_steps']} | {synthetic_cfg.guidance_scale:g} "
+                     f"| {rep['generator_training_s'] / 60:.1f} | {rep['ddim_steps']} | {_guidance(synthetic_cfg)} "
                      f"| {rep['sampling_images_per_s']:.1f} | {rep['mean_recognisability']:.3f} "
                      f"| {rep['min_recognisability']:.3f} | {per_class} |")
     return "\n".join(lines)

@@ -75,5 +75,5 @@ def sample_pool(unet, counts: np.ndarray, cfg: SyntheticConfig, seed: int) -> tu
     if len(labels) == 0:
         return torch.empty(0), labels
     images = sample(unet, labels, guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.ddim_steps,
-                    seed=seed)
+                    seed=seed, guidance_rescale=cfg.guidance_rescale)
     return images, labels

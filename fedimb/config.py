@@ -179,6 +179,9 @@ class SyntheticConfig:
     # What the UNet predicts: epsilon (the noise) or v_prediction (Salimans & Ho 2022).
     prediction: str = "epsilon"
     guidance_scale: float = 2.0
+    # phi of guidance rescale (Lin et al. 2023): 0 = plain guidance; lets guidance go above 1.5
+    # without the saturated, collapsed classes (docs/results/synthetic_sampler.md)
+    guidance_rescale: float = 0.0
     ddim_steps: int = 20
     policy: str = "server_pool"  # server_pool: server samples and ships; client_sample: clients sample
     target_per_class: int = 0  # top up every class to this count (0 = the client's largest class)
@@ -336,6 +339,8 @@ def validate(cfg: ExperimentConfig) -> None:
         _check_positive(f"synthetic.{name}", getattr(syn, name))
     _check_positive("synthetic.target_per_class", syn.target_per_class, strict=False)
     _check_positive("synthetic.guidance_scale", syn.guidance_scale, strict=False)
+    if not 0.0 <= syn.guidance_rescale <= 1.0:
+        raise ConfigError("synthetic.guidance_rescale", f"must be in [0, 1], got {syn.guidance_rescale}")
     _check_positive("synthetic.snr_gamma", syn.snr_gamma, strict=False)
     if cfg.data.dataset in LOCAL_DATASETS or "/" not in cfg.data.dataset:
         _check_choice("data.dataset", cfg.data.dataset, list(LOCAL_DATASETS) + ["<hf-owner>/<name>"])

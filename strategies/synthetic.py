@@ -97,10 +97,17 @@ def value_range(splits: DatasetSplits) -> tuple[float, float]:
     return float(splits.train_x.min()), float(splits.train_x.max())
 
 
+SAMPLING_KNOBS = ("guidance_scale", "guidance_rescale", "ddim_steps")
+
+
 def cache_key(cfg: ExperimentConfig) -> str:
-    """Hash of what determines the generator: data, long tail, partition, clients, seed, generator knobs."""
+    """Hash of what determines the generator: data, long tail, partition, clients, seed, training knobs.
+
+    Sampling knobs are left out: one generator serves every sampler, and its pools are named by them.
+    """
     syn = asdict(cfg.synthetic)
-    for knob in ("policy", "target_per_class", "max_ratio", "loss_weight", "quality_per_class", "cache_dir"):
+    for knob in (*SAMPLING_KNOBS, "policy", "target_per_class", "max_ratio", "loss_weight", "quality_per_class",
+                 "cache_dir"):
         syn.pop(knob)
     made_of = {"seed": cfg.seed, "data": asdict(cfg.data), "imbalance": asdict(cfg.imbalance),
                "partition": asdict(cfg.partition), "num_clients": cfg.federation.num_clients, "synthetic": syn}
@@ -163,7 +170,7 @@ def quality_report(unet, cfg: ExperimentConfig, splits: DatasetSplits, run_dir: 
     labels = labels_for(np.full(splits.num_classes, syn.quality_per_class))
     started = time.time()
     images = sample(unet, labels, guidance_scale=syn.guidance_scale, num_inference_steps=syn.ddim_steps,
-                    seed=cfg.seed, progress=True)
+                    seed=cfg.seed, progress=True, guidance_rescale=syn.guidance_rescale)
     per_second = len(labels) / max(time.time() - started, 1e-9)
     reference = train_reference_classifier(torch.from_numpy(splits.train_x), torch.from_numpy(splits.train_y),
                                            splits.num_classes, seed=cfg.seed)
@@ -171,7 +178,8 @@ def quality_report(unet, cfg: ExperimentConfig, splits: DatasetSplits, run_dir: 
     sample_grid(images, labels, splits.num_classes, run_dir / "synthetic_grid.png")
     return {"recognisability": scores, "mean_recognisability": float(np.mean(scores)),
             "min_recognisability": float(np.min(scores)), "sampling_images_per_s": per_second,
-            "ddim_steps": syn.ddim_steps}
+            "ddim_steps": syn.ddim_steps, "guidance_scale": syn.guidance_scale,
+            "guidance_rescale": syn.guidance_rescale}
 
 
 def deliver(grid: Grid, cfg: ExperimentConfig, unet, partition_of: dict[int, int], counts: np.ndarray,
@@ -198,7 +206,8 @@ def deliver(grid: Grid, cfg: ExperimentConfig, unet, partition_of: dict[int, int
 def _server_pool(unet, client_counts: np.ndarray, cfg: ExperimentConfig, cache: Path, pid: int) -> ArrayRecord:
     syn = cfg.synthetic
     need = topup_counts(client_counts, syn.target_per_class, syn.max_ratio)
-    path = cache / f"pool-t{syn.target_per_class}-r{syn.max_ratio}-w{syn.guidance_scale}-s{syn.ddim_steps}-c{pid}.pt"
+    rescale = f"-g{syn.guidance_rescale}" if syn.guidance_rescale else ""  # pools made before the knob keep their names
+    path = cache / f"pool-t{syn.target_per_class}-r{syn.max_ratio}-w{syn.guidance_scale}-s{syn.ddim_steps}{rescale}-c{pid}.pt"
     if path.is_file():
         x, y = torch.load(path)
     else:

@@ -135,6 +135,34 @@ def test_sampling_is_seeded_and_batch_size_free(trained):
     assert not torch.allclose(a, c)
 
 
+def test_guidance_interval_and_rescale(trained):
+    labels = torch.tensor([0, 1, 0, 1])
+    plain = sample(trained, labels, guidance_scale=1.0, num_inference_steps=5, seed=2)
+    guided = sample(trained, labels, guidance_scale=3.0, num_inference_steps=5, seed=2)
+    # An empty interval (no step has t <= 0) leaves every step plain conditional.
+    never = sample(trained, labels, guidance_scale=3.0, num_inference_steps=5, seed=2, guidance_interval=(0.0, 0.0))
+    assert torch.allclose(never, plain, atol=1e-5) and not torch.allclose(guided, plain, atol=1e-3)
+    # phi 0 is plain guidance; phi 1 still follows the labels but changes the images.
+    assert torch.equal(sample(trained, labels, guidance_scale=3.0, num_inference_steps=5, seed=2, guidance_rescale=0.0),
+                       guided)
+    rescaled = sample(trained, labels, guidance_scale=3.0, num_inference_steps=5, seed=2, guidance_rescale=1.0)
+    assert not torch.allclose(rescaled, guided, atol=1e-3)
+    left_minus_right = rescaled[..., :4].mean((1, 2, 3)) - rescaled[..., 4:].mean((1, 2, 3))
+    assert (left_minus_right[[0, 2]] > 0).all() and (left_minus_right[[1, 3]] < 0).all()
+
+
+def test_rescale_matches_the_conditional_std():
+    from fedimb.generation.diffusion import _rescaled
+
+    gen = torch.Generator().manual_seed(0)
+    cond, guided = torch.randn((3, 2, 4, 4), generator=gen), 5 * torch.randn((3, 2, 4, 4), generator=gen)
+    full = _rescaled(guided, cond, 1.0)
+    assert torch.allclose(full.std(dim=(1, 2, 3)), cond.std(dim=(1, 2, 3)), atol=1e-5)
+    half = _rescaled(guided, cond, 0.5)
+    assert torch.allclose(half, 0.5 * full + 0.5 * guided)
+    assert torch.equal(_rescaled(guided, cond, 0.0), guided)
+
+
 def test_state_dict_transfer_needs_the_shared_range(trained):
     # Federated rounds move weights only: a copy built with the same range samples the same.
     copy = build_generator("cpu", (1, 8, 8), num_classes=2, data_range=data_range(trained))

@@ -56,3 +56,25 @@ def test_synthetic_samples_weighted_in_the_loss():
     expected = (losses[0] + losses[1] + 0.5 * losses[2]) / 2.5
     assert float(_batch_loss(fn, params, ctx, logits, targets, batch, 2, 0.5)) == pytest.approx(float(expected))
     assert float(_batch_loss(fn, params, ctx, logits, targets, batch, 2, 1.0)) == pytest.approx(float(losses.mean()))
+
+
+def test_generator_cache_key_ignores_sampling_knobs():
+    from fedimb.config import load_config
+    from strategies.synthetic import cache_key
+
+    base = ["synthetic.enabled=true", "data.dataset=digits"]
+    key = cache_key(load_config(None, base))
+    # One generator serves every sampler and top-up policy ...
+    for knob in ("synthetic.guidance_scale=3", "synthetic.guidance_rescale=0.7", "synthetic.ddim_steps=40",
+                 "synthetic.loss_weight=0.5", "synthetic.max_ratio=0.5"):
+        assert cache_key(load_config(None, [*base, knob])) == key, knob
+    # ... while anything that changes its training makes another one.
+    for knob in ("synthetic.lr=0.01", "synthetic.rounds=2", "seed=1", "partition.alpha=0.3"):
+        assert cache_key(load_config(None, [*base, knob])) != key, knob
+
+
+def test_guidance_rescale_out_of_range_names_the_field():
+    from fedimb.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"synthetic.guidance_rescale.*\[0, 1\]"):
+        load_config(None, ["synthetic.guidance_rescale=1.5"])

@@ -203,12 +203,19 @@ def sample(
     batch_size: int = 128,
     seed: int = 0,
     progress: bool = False,
+    guidance_interval: tuple[float, float] = (0.0, 1.0),
+    guidance_rescale: float = 0.0,
 ) -> torch.Tensor:
     """Generate one image per label, (N, C, H, W) float32 on the CPU, in the training data's space.
 
     DDIM (eta = 0) with classifier-free guidance; conditional and unconditional predictions
     come from one batched forward pass of 2·batch. ``guidance_scale`` 1 is plain conditional
     sampling and skips the unconditional half. The same ``seed`` gives the same images.
+    ``guidance_interval`` (lo, hi), fractions of the training schedule's T: guidance acts only
+    on the steps with lo·T <= t <= hi·T, the others are plain conditional steps (guidance in a
+    limited interval, Kynkäänniemi et al. 2024). ``guidance_rescale`` φ in [0, 1] pulls the
+    guided output's per-image std back towards the conditional one's (Lin et al. 2023), which
+    counters the over-saturation of strong guidance.
     ``batch_size`` 128 (256 UNet rows with guidance) is the fastest on a CPU: 512 rows run
     ~30% slower per image there (cache); on a GPU pass more.
     """
@@ -222,6 +229,8 @@ def sample(
     unet.eval()
     scheduler = sampling_scheduler(unet, num_inference_steps)
     guided = guidance_scale != 1.0
+    horizon = float(scheduler.config.num_train_timesteps)
+    lo_t, hi_t = guidance_interval[0] * horizon, guidance_interval[1] * horizon
     # All starting noise drawn at once, so the images do not depend on batch_size.
     patch = patch_size(unet)
     inner = tuple(side // patch for side in padded_size(unet))
@@ -234,20 +243,28 @@ def sample(
         for start in chunks:
             x = noise[start : start + batch_size].to(device)
             y = labels[start : start + batch_size].to(device)
-            if guided:
-                y = torch.cat([y, torch.full_like(y, null_class(unet))])
+            both = torch.cat([y, torch.full_like(y, null_class(unet))])
             for t in scheduler.timesteps:
                 # The output is eps or v; both are affine in x0 and eps, so guidance mixes either alike.
-                out_t = unet(torch.cat([x, x]) if guided else x, t, class_labels=y).sample
-                if guided:
-                    cond, uncond = out_t.chunk(2)
-                    out_t = uncond + guidance_scale * (cond - uncond)
+                if guided and lo_t <= float(t) <= hi_t:
+                    cond, uncond = unet(torch.cat([x, x]), t, class_labels=both).sample.chunk(2)
+                    out_t = _rescaled(uncond + guidance_scale * (cond - uncond), cond, guidance_rescale)
+                else:
+                    out_t = unet(x, t, class_labels=y).sample
                 x = scheduler.step(out_t, t, x).prev_sample
                 advance()
             out.append(from_model_space(unet, x).float().cpu())
     unet.train(was_training)
     empty = torch.zeros((0, image_channels(unet), *image_size(unet)))
     return torch.cat(out) if out else empty
+
+
+def _rescaled(guided: torch.Tensor, cond: torch.Tensor, phi: float) -> torch.Tensor:
+    if phi <= 0:
+        return guided
+    dims = tuple(range(1, guided.dim()))
+    matched = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-8))
+    return phi * matched + (1.0 - phi) * guided
 
 
 def save_generator(unet: UNet2DModel, path: str | os.PathLike[str]) -> Path:
