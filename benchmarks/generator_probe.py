@@ -4,6 +4,7 @@
     python benchmarks/generator_probe.py --rounds 20 --local-steps 50 --snr-gamma 5 --server-ema 0.5
     python benchmarks/generator_probe.py --seed 1 --load runs/cache/synthetic/<key>/generator \
         --guidance 1 1.5 --ddim-steps 20 40                                        # a trained one's sampler
+    python benchmarks/generator_probe.py --seed 4 --judge-recall                   # the judge on real test images
 
 The same local training (``train_generator``, one fresh AdamW per round, class-balanced
 batches), the same weighting (client sample counts) and the same class-aware label table as
@@ -128,6 +129,8 @@ def main() -> int:
     parser.add_argument("--log", default="docs/results/synthetic/generator_probe.jsonl")
     parser.add_argument("--save", action="store_true", help="also save each variant's generator under --out")
     parser.add_argument("--table", action="store_true", help="only print the logged probes as a markdown table")
+    parser.add_argument("--judge-recall", action="store_true",
+                        help="only print the judge's recall per class on the real test set (a real image's score)")
     args = parser.parse_args()
     if args.table:
         print(probe_table(Path(args.log)))
@@ -136,7 +139,9 @@ def main() -> int:
     cfg = load_config(ROOT / "experiments/fmnist_lt.yaml", [*SETTING, f"seed={args.seed}"])
     data = build_federated_data(cfg)
     splits = data.splits
-    if args.load:
+    if args.judge_recall:
+        variants, seconds = {}, 0.0
+    elif args.load:
         variants, seconds = {"loaded": load_generator(args.load)}, 0.0
     else:
         variants, seconds = federated_generator(args, data)
@@ -149,6 +154,11 @@ def main() -> int:
         judge = train_reference_classifier(torch.from_numpy(splits.train_x), torch.from_numpy(splits.train_y),
                                            splits.num_classes, seed=args.seed)
         torch.save(judge, judge_path)
+    if args.judge_recall:
+        real = recognisability(judge, torch.from_numpy(splits.test_x), torch.from_numpy(splits.test_y), splits.num_classes)
+        print(json.dumps({"seed": args.seed, "judge_real_recall": [round(v, 3) for v in real],
+                          "mean": round(float(np.mean(real)), 3)}), flush=True)
+        return 0
     labels = torch.arange(splits.num_classes).repeat_interleave(100)
     if args.save:
         for variant, unet in variants.items():

@@ -139,13 +139,18 @@ def per_class_table(run_dirs: dict[str, list[Path]], last_rounds: int) -> str:
 
 
 def topup_knobs(runs: list) -> str:
-    """The synthetic:real cap and loss weight of the synthetic runs: one pair, or each method's."""
-    pairs = {r.label: (r.cfg.synthetic.max_ratio, r.cfg.synthetic.loss_weight) for r in runs if r.cfg.synthetic.enabled}
-    if len(set(pairs.values())) <= 1:
-        cap, weight = next(iter(pairs.values()), (None, None))
+    """The synthetic:real cap and loss weight of the synthetic runs: one pair, or each method's (and its sampler)."""
+    knobs = {r.label: (r.cfg.synthetic.max_ratio, r.cfg.synthetic.loss_weight, _guidance(r.cfg.synthetic))
+             for r in runs if r.cfg.synthetic.enabled}
+    if len(set(knobs.values())) <= 1:
+        cap, weight, _ = next(iter(knobs.values()), (None, None, None))
         return "no synthetic run" if cap is None else f"synthetic:real ≤ {cap:g}, loss weight {weight:g}"
-    return "synthetic:real cap and loss weight per method: " + ", ".join(
-        f"{label} ≤ {cap:g} / {weight:g}" for label, (cap, weight) in pairs.items())
+    if len({guidance for _, _, guidance in knobs.values()}) <= 1:
+        return "synthetic:real cap and loss weight per method: " + ", ".join(
+            f"{label} ≤ {cap:g} / {weight:g}" for label, (cap, weight, _) in knobs.items())
+    return ("synthetic:real cap, loss weight and guidance per method (the generator table samples with the first "
+            "synthetic method's): " + ", ".join(f"{label} ≤ {cap:g} / {weight:g} / {guidance}"
+                                                for label, (cap, weight, guidance) in knobs.items()))
 
 
 def main() -> int:

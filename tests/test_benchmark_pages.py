@@ -1,0 +1,34 @@
+"""What the synthetic benchmark's page says about the runs it shows (no run is trained)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from fedimb.sweep import plan_sweep
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _synthetic_benchmark():
+    spec = importlib.util.spec_from_file_location("synthetic_benchmark", ROOT / "benchmarks/synthetic.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_topup_knobs_name_what_differs_between_methods(tmp_path):
+    bench = _synthetic_benchmark()
+    runs, _ = plan_sweep(ROOT / "experiments/suites/synthetic_tuning.yaml", out=tmp_path, seeds=[0])
+    by_label = {r.label: r for r in runs}
+
+    def knobs(*labels: str) -> str:
+        return bench.topup_knobs([by_label[label] for label in labels])
+
+    assert knobs("fedavg") == "no synthetic run"
+    assert knobs("fedavg", "fedavg_syn_w0.5") == "synthetic:real ≤ 1, loss weight 0.5"
+    assert knobs("fedavg_syn", "fedavg_syn_r0.5") == (
+        "synthetic:real cap and loss weight per method: fedavg_syn ≤ 1 / 1, fedavg_syn_r0.5 ≤ 0.5 / 1")
+    with_sampler = knobs("fedavg_syn_w0.5", "fedavg_syn_w0.5_g2.5r1")
+    assert "guidance per method" in with_sampler
+    assert with_sampler.endswith("fedavg_syn_w0.5 ≤ 1 / 0.5 / 1.5, fedavg_syn_w0.5_g2.5r1 ≤ 1 / 0.5 / 2.5, rescale 1")
