@@ -179,8 +179,9 @@ class SyntheticConfig:
     # What the UNet predicts: epsilon (the noise) or v_prediction (Salimans & Ho 2022).
     prediction: str = "epsilon"
     guidance_scale: float = 2.0
-    # phi of guidance rescale (Lin et al. 2023): 0 = plain guidance; lets guidance go above 1.5
-    # without the saturated, collapsed classes (docs/results/synthetic_sampler.md)
+    # phi of guidance rescale (Lin et al. 2023): 0 = plain guidance. Lets guidance go above 1.5
+    # without saturated, collapsed classes: more recognisable samples, but on FMNIST-LT less useful
+    # pools (docs/results/synthetic_generator_probe.md and synthetic_tuning.md, session 8)
     guidance_rescale: float = 0.0
     ddim_steps: int = 20
     policy: str = "server_pool"  # server_pool: server samples and ships; client_sample: clients sample
