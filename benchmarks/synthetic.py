@@ -50,16 +50,16 @@ def _guidance(synthetic_cfg) -> str:
     return f"{synthetic_cfg.guidance_scale:g}" + (f", rescale {rescale:g}" if rescale else "")
 
 
-def generator_table(reports: dict[int, dict], synthetic_cfg, num_clients: int) -> str:
-    """One row per seed: cost, speed and recognisability of its federated generator."""
+def generator_table(reports: dict[tuple[int, str], dict], synthetic_cfg, num_clients: int) -> str:
+    """One row per seed and sampler: cost, speed and recognisability of the seed's federated generator."""
     lines = ["| seed | size | predicts | params | rounds × local steps × clients | training (min) | DDIM steps "
              "| guidance | images/s | mean recog. | min recog. | per class |", "|" + "---|" * 12]
-    for seed, rep in sorted(reports.items()):
+    for (seed, guidance), rep in sorted(reports.items()):
         per_class = " ".join(f"{v:.2f}" for v in rep["recognisability"])
         lines.append(f"| {seed} | {synthetic_cfg.generator_size} | {synthetic_cfg.prediction} "
                      f"| {rep.get('generator_params', 0):,} "
                      f"| {synthetic_cfg.rounds} × {synthetic_cfg.local_steps} × {num_clients} "
-                     f"| {rep['generator_training_s'] / 60:.1f} | {rep['ddim_steps']} | {_guidance(synthetic_cfg)} "
+                     f"| {rep['generator_training_s'] / 60:.1f} | {rep['ddim_steps']} | {guidance} "
                      f"| {rep['sampling_images_per_s']:.1f} | {rep['mean_recognisability']:.3f} "
                      f"| {rep['min_recognisability']:.3f} | {per_class} |")
     return "\n".join(lines)
@@ -72,15 +72,17 @@ GENERATOR_FLOORS = {"training (min)": ("generator_training_s", 1 / 60, 20.0, Tru
                     "min recog.": ("min_recognisability", 1.0, 0.4, False)}
 
 
-def generator_floor_lines(reports: dict[int, dict]) -> tuple[str, bool]:
-    """Markdown rows checking the issue's generator floors on every seed."""
+def generator_floor_lines(reports: dict[tuple[int, str], dict]) -> tuple[str, bool]:
+    """Markdown rows checking the issue's generator floors on every seed (and sampler, when methods differ)."""
+    several = len({guidance for _, guidance in reports}) > 1
     lines, ok = ["| seed | floor | measured | needed | holds |", "|---|---|---|---|---|"], True
-    for seed, rep in sorted(reports.items()):
+    for (seed, guidance), rep in sorted(reports.items()):
+        row = f"{seed} (guidance {guidance})" if several else f"{seed}"
         for name, (key, scale, needed, ceiling) in GENERATOR_FLOORS.items():
             measured = rep[key] * scale
             holds = measured <= needed if ceiling else measured >= needed
             ok &= holds
-            lines.append(f"| {seed} | {name} | {measured:.2f} | {'<=' if ceiling else '>='} {needed:g} "
+            lines.append(f"| {row} | {name} | {measured:.2f} | {'<=' if ceiling else '>='} {needed:g} "
                          f"| {'yes' if holds else 'no'} |")
     return "\n".join(lines), ok
 
@@ -148,9 +150,8 @@ def topup_knobs(runs: list) -> str:
     if len({guidance for _, _, guidance in knobs.values()}) <= 1:
         return "synthetic:real cap and loss weight per method: " + ", ".join(
             f"{label} ≤ {cap:g} / {weight:g}" for label, (cap, weight, _) in knobs.items())
-    return ("synthetic:real cap, loss weight and guidance per method (the generator table samples with the first "
-            "synthetic method's): " + ", ".join(f"{label} ≤ {cap:g} / {weight:g} / {guidance}"
-                                                for label, (cap, weight, guidance) in knobs.items()))
+    return "synthetic:real cap, loss weight and guidance per method: " + ", ".join(
+        f"{label} ≤ {cap:g} / {weight:g} / {guidance}" for label, (cap, weight, guidance) in knobs.items())
 
 
 def main() -> int:
@@ -180,7 +181,7 @@ def main() -> int:
               file=sys.stderr)
         return 2
     finals: dict[str, list[dict]] = {label: [] for label in args.methods}
-    reports: dict[int, dict] = {}
+    reports: dict[tuple[int, str], dict] = {}  # (seed, sampler): the quality report of its pools
     doc = Path(args.doc)
     grids = doc.with_suffix("")  # beside the page and named after it: a probe's --doc keeps its own images
     grids.mkdir(parents=True, exist_ok=True)
@@ -189,9 +190,11 @@ def main() -> int:
             print(f"running {run.run_dir.name}", flush=True)
             run_experiment(run.cfg, run.run_dir)
         summary = json.loads((run.run_dir / "summary.json").read_text())
-        if "synthetic" in summary and run.cfg.seed not in reports:
-            reports[run.cfg.seed] = summary["synthetic"]
-            shutil.copyfile(run.run_dir / "synthetic_grid.png", grids / f"grid_s{run.cfg.seed}.png")
+        key = (run.cfg.seed, _guidance(run.cfg.synthetic))
+        if "synthetic" in summary and key not in reports:
+            if all(seed != run.cfg.seed for seed, _ in reports):  # one grid per seed: its first sampler's
+                shutil.copyfile(run.run_dir / "synthetic_grid.png", grids / f"grid_s{run.cfg.seed}.png")
+            reports[key] = summary["synthetic"]
     # metrics as benchmarks/imbalance.py reads them: the mean of each run's last K rounds
     rows = collect_runs([r.run_dir for r in chosen], last_rounds=args.last_rounds)
     for run, row in zip(chosen, rows, strict=True):
@@ -216,7 +219,8 @@ def main() -> int:
     print(methods)
     print(floors_text)
     print(classes)
-    images = "\n".join(f"![generated samples, seed {s}]({grids.name}/grid_s{s}.png)" for s in sorted(reports))
+    images = "\n".join(f"![generated samples, seed {s}]({grids.name}/grid_s{s}.png)"
+                       for s in sorted({seed for seed, _ in reports}))
     title_split = "" if split == "test set" else f" ({split})"
     notes_file = doc.with_name(doc.stem + "_notes.md")
     notes = notes_file.read_text() if notes_file.is_file() else ""

@@ -32,3 +32,17 @@ def test_topup_knobs_name_what_differs_between_methods(tmp_path):
     with_sampler = knobs("fedavg_syn_w0.5", "fedavg_syn_w0.5_g2.5r1")
     assert "guidance per method" in with_sampler
     assert with_sampler.endswith("fedavg_syn_w0.5 ≤ 1 / 0.5 / 1.5, fedavg_syn_w0.5_g2.5r1 ≤ 1 / 0.5 / 2.5, rescale 1")
+
+
+def test_generator_floors_are_checked_per_seed_and_sampler():
+    bench = _synthetic_benchmark()
+    report = {"generator_training_s": 900.0, "sampling_images_per_s": 90.0, "mean_recognisability": 0.8}
+    one = {(4, "1.5"): {**report, "min_recognisability": 0.30}}
+    lines, ok = bench.generator_floor_lines(one)
+    assert not ok and "| 4 | min recog. | 0.30 | >= 0.4 | no |" in lines
+    both = {**one, (4, "2.5, rescale 1"): {**report, "min_recognisability": 0.40}}
+    lines, ok = bench.generator_floor_lines(both)
+    assert not ok  # one sampler's pools still miss the floor
+    assert "| 4 (guidance 2.5, rescale 1) | min recog. | 0.40 | >= 0.4 | yes |" in lines
+    assert "| 4 (guidance 1.5) | min recog. | 0.30 | >= 0.4 | no |" in lines
+    assert bench.generator_floor_lines({(4, "2.5, rescale 1"): both[(4, "2.5, rescale 1")]})[1]
