@@ -147,11 +147,10 @@ def topup_knobs(runs: list) -> str:
     if len(set(knobs.values())) <= 1:
         cap, weight, _ = next(iter(knobs.values()), (None, None, None))
         return "no synthetic run" if cap is None else f"synthetic:real ≤ {cap:g}, loss weight {weight:g}"
-    if len({guidance for _, _, guidance in knobs.values()}) <= 1:
-        return "synthetic:real cap and loss weight per method: " + ", ".join(
-            f"{label} ≤ {cap:g} / {weight:g}" for label, (cap, weight, _) in knobs.items())
-    return "synthetic:real cap, loss weight and guidance per method: " + ", ".join(
-        f"{label} ≤ {cap:g} / {weight:g} / {guidance}" for label, (cap, weight, guidance) in knobs.items())
+    samplers_differ = len({guidance for _, _, guidance in knobs.values()}) > 1
+    return (f"synthetic:real cap{', loss weight and guidance' if samplers_differ else ' and loss weight'} per method: "
+            + ", ".join(f"{label} ≤ {cap:g} / {weight:g}" + (f" / {guidance}" if samplers_differ else "")
+                        for label, (cap, weight, guidance) in knobs.items()))
 
 
 def main() -> int:
