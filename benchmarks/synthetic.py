@@ -4,7 +4,8 @@
     python benchmarks/synthetic.py --seeds 0 --methods fedavg_syn   # the generator table only needs one synthetic run
     # the top-up's knobs, chosen on a validation split (docs/results/synthetic_tuning.md):
     python benchmarks/synthetic.py --suite experiments/suites/synthetic_tuning.yaml --seeds 0 1
-        --methods fedavg fedavg_syn fedavg_syn_w0.5 fedavg_syn_w0.25 fedavg_syn_r0.5
+        --methods fedavg fedavg_syn fedavg_syn_w0.5 fedavg_syn_w0.25 fedavg_syn_r0.5 fedavg_syn_w0.5_g2r0.7
+        fedavg_syn_w0.5_g2.5r1 cafedcl_syn_w1 cafedcl_syn_w0.5 cafedcl_syn_w0.5_g2.5r1
         --out runs/sweeps/synthetic_tuning --doc docs/results/synthetic_tuning.md
         --records docs/results/synthetic_tuning/records
 
