@@ -84,6 +84,17 @@ def federated_generator(args: argparse.Namespace, data) -> tuple[dict[str, torch
     return variants, seconds
 
 
+def cached_judge(out: Path, splits, seed: int) -> torch.nn.Module:
+    """The seed's reference LeNet (the benchmark's judge), trained once and kept under ``out``."""
+    judge_path = out / f"reference_lenet_s{seed}.pt"
+    if judge_path.is_file():
+        return torch.load(judge_path, weights_only=False)
+    judge = train_reference_classifier(torch.from_numpy(splits.train_x), torch.from_numpy(splits.train_y),
+                                       splits.num_classes, seed=seed)
+    torch.save(judge, judge_path)
+    return judge
+
+
 def probe_table(log: Path) -> str:
     """Markdown table of every logged probe: knobs that differ from the defaults, then the scores."""
     defaults = {"rounds": 20, "local_steps": 50, "lr": 2e-3, "cosine": False, "snr_gamma": 0.0,
@@ -139,26 +150,19 @@ def main() -> int:
     cfg = load_config(ROOT / "experiments/fmnist_lt.yaml", [*SETTING, f"seed={args.seed}"])
     data = build_federated_data(cfg)
     splits = data.splits
-    if args.judge_recall:
-        variants, seconds = {}, 0.0
-    elif args.load:
-        variants, seconds = {"loaded": load_generator(args.load)}, 0.0
-    else:
-        variants, seconds = federated_generator(args, data)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    judge_path = out / f"reference_lenet_s{args.seed}.pt"
-    if judge_path.is_file():
-        judge = torch.load(judge_path, weights_only=False)
-    else:
-        judge = train_reference_classifier(torch.from_numpy(splits.train_x), torch.from_numpy(splits.train_y),
-                                           splits.num_classes, seed=args.seed)
-        torch.save(judge, judge_path)
     if args.judge_recall:
+        judge = cached_judge(out, splits, args.seed)
         real = recognisability(judge, torch.from_numpy(splits.test_x), torch.from_numpy(splits.test_y), splits.num_classes)
         print(json.dumps({"seed": args.seed, "judge_real_recall": [round(v, 3) for v in real],
                           "mean": round(float(np.mean(real)), 3)}), flush=True)
         return 0
+    if args.load:
+        variants, seconds = {"loaded": load_generator(args.load)}, 0.0
+    else:
+        variants, seconds = federated_generator(args, data)
+    judge = cached_judge(out, splits, args.seed)
     labels = torch.arange(splits.num_classes).repeat_interleave(100)
     if args.save:
         for variant, unet in variants.items():
