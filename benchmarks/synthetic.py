@@ -46,9 +46,18 @@ from fedimb.sweep import is_finished, plan_sweep  # noqa: E402
 FLOORS = {"tail_recall": 5.0, "balanced_accuracy": 2.0}  # points over fedavg (the floors)
 
 
+def _sampler_text(scale: float, rescale: float) -> str:
+    return f"{scale:g}" + (f", rescale {rescale:g}" if rescale else "")
+
+
 def _guidance(synthetic_cfg) -> str:
-    rescale = synthetic_cfg.guidance_rescale
-    return f"{synthetic_cfg.guidance_scale:g}" + (f", rescale {rescale:g}" if rescale else "")
+    text = _sampler_text(synthetic_cfg.guidance_scale, synthetic_cfg.guidance_rescale)
+    tail_scale, tail_rescale = synthetic_cfg.tail_guidance_scale, synthetic_cfg.tail_guidance_rescale
+    if tail_scale is None and tail_rescale is None:
+        return text
+    tail = _sampler_text(synthetic_cfg.guidance_scale if tail_scale is None else tail_scale,
+                         synthetic_cfg.guidance_rescale if tail_rescale is None else tail_rescale)
+    return f"{text}; tail classes {tail}"
 
 
 def generator_table(reports: dict[tuple[int, str], dict], synthetic_cfg, num_clients: int) -> str:

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -20,7 +21,7 @@ from clients.active import labelled_positions, query_step, store_positions
 from clients.algorithms import CLIENT_ALGORITHMS
 from clients.algorithms.base import ClientRound
 from clients.losses import LossContext, build_loss
-from clients.synthetic import generator_from, load_pool, sample_pool, store_pool, topup_counts
+from clients.synthetic import SAMPLER_KEYS, generator_from, load_pool, sample_pool, store_pool, topup_counts
 from clients.trainer import pick_device, predict_logits, round_lr, to_tensors, train_local
 from fedimb.config import ExperimentConfig, from_yaml
 from fedimb.data import build_federated_data
@@ -180,7 +181,11 @@ def topup(message: Message, context: Context) -> Message:
         unet = generator_from(message.content["generator"], message.content["config"], session.cfg,
                               session.input_shape, session.num_classes)
         counts = topup_counts(session.class_counts.cpu().numpy().astype(int), syn.target_per_class, syn.max_ratio)
-        x, y = sample_pool(unet.to(session.device), counts, syn, seed=session.cfg.seed * 31 + session.partition_id)
+        config = message.content["config"]
+        sampler = tuple(np.asarray(config[key], dtype=np.float64) for key in SAMPLER_KEYS) \
+            if all(key in config for key in SAMPLER_KEYS) else None
+        x, y = sample_pool(unet.to(session.device), counts, syn, seed=session.cfg.seed * 31 + session.partition_id,
+                           sampler=sampler)
     store_pool(context.state, x, y)
     metrics = MetricRecord({"partition-id": session.partition_id, "num-synthetic": int(len(y))})
     return Message(RecordDict({"metrics": metrics}), reply_to=message)

@@ -14,6 +14,7 @@ from fedimb.config import SyntheticConfig
 
 POOL_KEY = "synthetic-pool"
 RANGE_KEY = "generator-range"  # [lo, hi] of the training images, sent with every generator
+SAMPLER_KEYS = ("guidance-per-class", "rescale-per-class")  # the class sampler, sent with a shipped generator
 
 
 def generator_from(record: ArrayRecord, config, cfg, input_shape: tuple[int, int, int], num_classes: int):
@@ -67,13 +68,44 @@ def labels_for(counts: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.repeat(np.arange(len(counts)), counts)).long()
 
 
-def sample_pool(unet, counts: np.ndarray, cfg: SyntheticConfig, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample ``counts[c]`` images of each class c from the generator."""
+def class_sampler(cfg: SyntheticConfig, class_counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Guidance scale and rescale per class: the tail third by ``class_counts`` (training samples
+    over all clients) takes ``tail_guidance_*`` where set, every other class the main knobs."""
+    from fedimb.metrics import class_groups
+
+    num_classes = len(class_counts)
+    scales = np.full(num_classes, cfg.guidance_scale, dtype=np.float64)
+    phis = np.full(num_classes, cfg.guidance_rescale, dtype=np.float64)
+    tail = class_groups(num_classes, np.asarray(class_counts))["tail"]
+    if cfg.tail_guidance_scale is not None:
+        scales[tail] = cfg.tail_guidance_scale
+    if cfg.tail_guidance_rescale is not None:
+        phis[tail] = cfg.tail_guidance_rescale
+    return scales, phis
+
+
+def guidance_of(labels: torch.Tensor, cfg: SyntheticConfig, sampler: tuple[np.ndarray, np.ndarray] | None
+                ) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+    """Guidance scale and rescale for :func:`fedimb.generation.sample`: the config's scalars when
+    ``sampler`` is None, else one value per label from the per-class ``sampler``."""
+    if sampler is None:
+        return cfg.guidance_scale, cfg.guidance_rescale
+    return tuple(torch.as_tensor(np.asarray(v), dtype=torch.float32)[labels] for v in sampler)
+
+
+def sample_pool(unet, counts: np.ndarray, cfg: SyntheticConfig, seed: int,
+                sampler: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample ``counts[c]`` images of each class c from the generator.
+
+    ``sampler`` is (guidance scale, rescale) per class, as :func:`class_sampler` makes it; None
+    samples every class with ``cfg.guidance_scale`` / ``cfg.guidance_rescale``.
+    """
     from fedimb.generation import sample
 
     labels = labels_for(counts)
     if len(labels) == 0:
         return torch.empty(0), labels
-    images = sample(unet, labels, guidance_scale=cfg.guidance_scale, num_inference_steps=cfg.ddim_steps,
-                    seed=seed, guidance_rescale=cfg.guidance_rescale)
+    scale, rescale = guidance_of(labels, cfg, sampler)
+    images = sample(unet, labels, guidance_scale=scale, num_inference_steps=cfg.ddim_steps,
+                    seed=seed, guidance_rescale=rescale)
     return images, labels

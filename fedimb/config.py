@@ -183,6 +183,12 @@ class SyntheticConfig:
     # without saturated, collapsed classes: more recognisable samples, but on FMNIST-LT less useful
     # pools (docs/results/synthetic_generator_probe.md and synthetic_tuning.md, session 8)
     guidance_rescale: float = 0.0
+    # A sampler of their own for the tail third of the classes (fewest training samples over all
+    # clients, the classes of tail recall); None = guidance_scale / guidance_rescale. Strong
+    # guidance narrows a class towards its mode: the head classes gain recognisability, while the
+    # tail classes, learned from a few dozen images, may be better off keeping their variety.
+    tail_guidance_scale: float | None = None
+    tail_guidance_rescale: float | None = None
     ddim_steps: int = 20
     policy: str = "server_pool"  # server_pool: server samples and ships; client_sample: clients sample
     target_per_class: int = 0  # top up every class to this count (0 = the client's largest class)
@@ -340,8 +346,12 @@ def validate(cfg: ExperimentConfig) -> None:
         _check_positive(f"synthetic.{name}", getattr(syn, name))
     _check_positive("synthetic.target_per_class", syn.target_per_class, strict=False)
     _check_positive("synthetic.guidance_scale", syn.guidance_scale, strict=False)
-    if not 0.0 <= syn.guidance_rescale <= 1.0:
-        raise ConfigError("synthetic.guidance_rescale", f"must be in [0, 1], got {syn.guidance_rescale}")
+    if syn.tail_guidance_scale is not None:
+        _check_positive("synthetic.tail_guidance_scale", syn.tail_guidance_scale, strict=False)
+    for name in ("guidance_rescale", "tail_guidance_rescale"):
+        value = getattr(syn, name)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ConfigError(f"synthetic.{name}", f"must be in [0, 1], got {value}")
     _check_positive("synthetic.snr_gamma", syn.snr_gamma, strict=False)
     if cfg.data.dataset in LOCAL_DATASETS or "/" not in cfg.data.dataset:
         _check_choice("data.dataset", cfg.data.dataset, list(LOCAL_DATASETS) + ["<hf-owner>/<name>"])

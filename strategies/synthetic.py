@@ -24,8 +24,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from rich.console import Console
 
-from clients.synthetic import RANGE_KEY, labels_for, sample_pool, topup_counts
-from fedimb.config import ExperimentConfig
+from clients.synthetic import (RANGE_KEY, SAMPLER_KEYS, class_sampler, guidance_of, labels_for, sample_pool,
+                               topup_counts)
+from fedimb.config import ExperimentConfig, SyntheticConfig
 from fedimb.data import DatasetSplits
 from fedimb.records import atomic_write_text
 from fedimb.generation import (build_generator, data_range, load_generator, recognisability, sample, sample_grid,
@@ -97,7 +98,7 @@ def value_range(splits: DatasetSplits) -> tuple[float, float]:
     return float(splits.train_x.min()), float(splits.train_x.max())
 
 
-SAMPLING_KNOBS = ("guidance_scale", "guidance_rescale", "ddim_steps")
+SAMPLING_KNOBS = ("guidance_scale", "guidance_rescale", "tail_guidance_scale", "tail_guidance_rescale", "ddim_steps")
 
 
 def cache_key(cfg: ExperimentConfig) -> str:
@@ -164,13 +165,19 @@ def obtain_generator(grid: Grid, cfg: ExperimentConfig, ctx: StrategyContext, pa
     return unet, seconds, False
 
 
-def quality_report(unet, cfg: ExperimentConfig, splits: DatasetSplits, run_dir: Path) -> dict[str, Any]:
-    """Per-class recognisability of generated samples by a classifier trained on the real balanced train set."""
+def quality_report(unet, cfg: ExperimentConfig, splits: DatasetSplits, run_dir: Path,
+                   sampler: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, Any]:
+    """Per-class recognisability of generated samples by a classifier trained on the real balanced train set.
+
+    ``sampler``: guidance scale and rescale per class (:func:`clients.synthetic.class_sampler`),
+    the one the pools use; None = the config's scalars for every class.
+    """
     syn = cfg.synthetic
     labels = labels_for(np.full(splits.num_classes, syn.quality_per_class))
+    scale, rescale = guidance_of(labels, syn, sampler)
     started = time.time()
-    images = sample(unet, labels, guidance_scale=syn.guidance_scale, num_inference_steps=syn.ddim_steps,
-                    seed=cfg.seed, progress=True, guidance_rescale=syn.guidance_rescale)
+    images = sample(unet, labels, guidance_scale=scale, num_inference_steps=syn.ddim_steps,
+                    seed=cfg.seed, progress=True, guidance_rescale=rescale)
     per_second = len(labels) / max(time.time() - started, 1e-9)
     reference = train_reference_classifier(torch.from_numpy(splits.train_x), torch.from_numpy(splits.train_y),
                                            splits.num_classes, seed=cfg.seed)
@@ -179,19 +186,25 @@ def quality_report(unet, cfg: ExperimentConfig, splits: DatasetSplits, run_dir: 
     return {"recognisability": scores, "mean_recognisability": float(np.mean(scores)),
             "min_recognisability": float(np.min(scores)), "sampling_images_per_s": per_second,
             "ddim_steps": syn.ddim_steps, "guidance_scale": syn.guidance_scale,
-            "guidance_rescale": syn.guidance_rescale}
+            "guidance_rescale": syn.guidance_rescale, "tail_guidance_scale": syn.tail_guidance_scale,
+            "tail_guidance_rescale": syn.tail_guidance_rescale}
 
 
 def deliver(grid: Grid, cfg: ExperimentConfig, unet, partition_of: dict[int, int], counts: np.ndarray,
-            config_text: str, cache: Path) -> list[int]:
-    """Send every client its top-up (a pool or the generator); returns synthetic samples per client."""
+            config_text: str, cache: Path, sampler: tuple[np.ndarray, np.ndarray]) -> list[int]:
+    """Send every client its top-up (a pool or the generator); returns synthetic samples per client.
+
+    ``sampler`` (guidance scale and rescale per class) samples the pools, or goes with the generator.
+    """
     syn = cfg.synthetic
     messages = []
     for node_id, pid in sorted(partition_of.items(), key=lambda item: item[1]):
-        content = RecordDict({"config": ConfigRecord({"fedimb-config": config_text,
-                                                      RANGE_KEY: list(data_range(unet))})})
+        config = {"fedimb-config": config_text, RANGE_KEY: list(data_range(unet))}
+        if syn.policy == "client_sample":  # a client sees only its own counts, not which classes are the tail
+            config.update({key: [float(v) for v in values] for key, values in zip(SAMPLER_KEYS, sampler)})
+        content = RecordDict({"config": ConfigRecord(config)})
         if syn.policy == "server_pool":
-            content["pool"] = _server_pool(unet, counts[pid], cfg, cache, pid)
+            content["pool"] = _server_pool(unet, counts[pid], cfg, cache, pid, sampler)
         else:
             content["generator"] = ArrayRecord(unet.state_dict())
         messages.append(Message(content=content, message_type=TOPUP_QUERY, dst_node_id=node_id))
@@ -203,15 +216,23 @@ def deliver(grid: Grid, cfg: ExperimentConfig, unet, partition_of: dict[int, int
     return [by_pid[p] for p in sorted(by_pid)]
 
 
-def _server_pool(unet, client_counts: np.ndarray, cfg: ExperimentConfig, cache: Path, pid: int) -> ArrayRecord:
+def _pool_name(syn: SyntheticConfig, pid: int) -> str:
+    # Knobs added later join the name only when set, so pools made before them keep their names.
+    rescale = f"-g{syn.guidance_rescale}" if syn.guidance_rescale else ""
+    tail = "" if syn.tail_guidance_scale is None and syn.tail_guidance_rescale is None else \
+        f"-tail{syn.tail_guidance_scale}g{syn.tail_guidance_rescale}"
+    return f"pool-t{syn.target_per_class}-r{syn.max_ratio}-w{syn.guidance_scale}-s{syn.ddim_steps}{rescale}{tail}-c{pid}.pt"
+
+
+def _server_pool(unet, client_counts: np.ndarray, cfg: ExperimentConfig, cache: Path, pid: int,
+                 sampler: tuple[np.ndarray, np.ndarray]) -> ArrayRecord:
     syn = cfg.synthetic
     need = topup_counts(client_counts, syn.target_per_class, syn.max_ratio)
-    rescale = f"-g{syn.guidance_rescale}" if syn.guidance_rescale else ""  # pools made before the knob keep their names
-    path = cache / f"pool-t{syn.target_per_class}-r{syn.max_ratio}-w{syn.guidance_scale}-s{syn.ddim_steps}{rescale}-c{pid}.pt"
+    path = cache / _pool_name(syn, pid)
     if path.is_file():
         x, y = torch.load(path)
     else:
-        x, y = sample_pool(unet, need, syn, seed=cfg.seed * 31 + pid)
+        x, y = sample_pool(unet, need, syn, seed=cfg.seed * 31 + pid, sampler=sampler)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save((x, y), tmp)
@@ -224,12 +245,15 @@ def prepare_synthetic(grid: Grid, cfg: ExperimentConfig, ctx: StrategyContext, p
     """Generator, quality report and delivery; returns the ``synthetic`` block of summary.json."""
     cache = _cache_dir(cfg, run_dir)
     unet, train_seconds, reused = obtain_generator(grid, cfg, ctx, partition_of, splits, config_text, cache, counts)
-    report = quality_report(unet, cfg, splits, run_dir)
+    sampler = class_sampler(cfg.synthetic, counts.sum(axis=0))
+    report = quality_report(unet, cfg, splits, run_dir, sampler)
+    report["guidance_per_class"] = [float(v) for v in sampler[0]]
+    report["rescale_per_class"] = [float(v) for v in sampler[1]]
     report["generator_training_s"] = train_seconds  # of the cached generator when it was reused
     report["generator_reused"] = reused
     report["generator_params"] = sum(p.numel() for p in unet.parameters())
     report["generator_dir"] = str(cache / "generator")
-    report["synthetic_per_client"] = deliver(grid, cfg, unet, partition_of, counts, config_text, cache)
+    report["synthetic_per_client"] = deliver(grid, cfg, unet, partition_of, counts, config_text, cache, sampler)
     console.print(f"synthetic: mean recognisability {report['mean_recognisability']:.3f}, "
                   f"per client {report['synthetic_per_client']}", highlight=False)
     return report

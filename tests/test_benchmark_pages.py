@@ -32,6 +32,8 @@ def test_topup_knobs_name_what_differs_between_methods(tmp_path):
     with_sampler = knobs("fedavg_syn_w0.5", "fedavg_syn_w0.5_g2.5r1")
     assert "guidance per method" in with_sampler
     assert with_sampler.endswith("fedavg_syn_w0.5 ≤ 1 / 0.5 / 1.5, fedavg_syn_w0.5_g2.5r1 ≤ 1 / 0.5 / 2.5, rescale 1")
+    assert knobs("fedavg_syn_w0.5_g2.5r1", "fedavg_syn_w0.5_g2.5r1_tail1.5").endswith(
+        "fedavg_syn_w0.5_g2.5r1_tail1.5 ≤ 1 / 0.5 / 2.5, rescale 1; tail classes 1.5")
 
 
 def test_generator_floors_are_checked_per_seed_and_sampler():

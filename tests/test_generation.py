@@ -151,6 +151,20 @@ def test_guidance_interval_and_rescale(trained):
     assert (left_minus_right[[0, 2]] > 0).all() and (left_minus_right[[1, 3]] < 0).all()
 
 
+def test_a_sampler_per_label_changes_only_its_labels(trained):
+    labels = torch.tensor([0, 1, 0, 1])
+    plain = sample(trained, labels, guidance_scale=1.5, num_inference_steps=4, seed=5)
+    strong = sample(trained, labels, guidance_scale=3.0, num_inference_steps=4, seed=5, guidance_rescale=1.0)
+    # class 1 sampled strongly, class 0 plainly: each image equals its own sampler's, the noise is shared
+    mixed = sample(trained, labels, guidance_scale=torch.tensor([1.5, 3.0, 1.5, 3.0]), num_inference_steps=4, seed=5,
+                   guidance_rescale=torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    assert torch.allclose(mixed[[0, 2]], plain[[0, 2]], atol=1e-5)
+    assert torch.allclose(mixed[[1, 3]], strong[[1, 3]], atol=1e-5)
+    assert not torch.allclose(plain[[1, 3]], strong[[1, 3]], atol=1e-3)
+    with pytest.raises(ValueError, match="guidance_scale has 3 values for 4 labels"):
+        sample(trained, labels, guidance_scale=torch.tensor([1.0, 2.0, 3.0]), num_inference_steps=2)
+
+
 def test_rescale_matches_the_conditional_std():
     from fedimb.generation.diffusion import _rescaled
 

@@ -39,6 +39,36 @@ def test_generator_round_sends_only_weights_and_scalars():
     assert int(reply["metrics"]["num-examples"]) == len(data.client_indices[1])
 
 
+def test_client_samples_with_the_class_sampler_it_is_sent():
+    import numpy as np
+    import torch
+
+    from clients.app import topup
+    from clients.synthetic import SAMPLER_KEYS, class_sampler, load_pool, sample_pool
+
+    cfg = load_config(None, DIGITS_SMALL + SYN + ["synthetic.policy=client_sample", "synthetic.guidance_scale=3",
+                                                  "synthetic.tail_guidance_scale=1"])
+    data = build_federated_data(cfg)
+    shape, classes = data.splits.input_shape, data.splits.num_classes
+    unet = build_generator("cpu", shape, classes, seed=0, data_range=(-1.0, 5.0))
+    sampler = class_sampler(cfg.synthetic, data.counts.sum(axis=0))
+    pid = int(np.argmax([(topup_counts(c, 0, 1.0) * (sampler[0] == 1.0)).sum() for c in data.counts]))
+    need = topup_counts(data.counts[pid], 0, 1.0)
+    assert need[sampler[0] == 1.0].sum() > 0 and need[sampler[0] == 3.0].sum() > 0  # both samplers in play
+    config = ConfigRecord({CONFIG_KEY: to_yaml(cfg), RANGE_KEY: [-1.0, 5.0],
+                           **{key: [float(v) for v in values] for key, values in zip(SAMPLER_KEYS, sampler)}})
+    message = Message(content=RecordDict({"generator": ArrayRecord(unet.state_dict()), "config": config}),
+                      dst_node_id=7, message_type="query.topup")
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": pid, "num-partitions": 3}, state=RecordDict(),
+                      run_config={})
+    topup(message, context)
+    x, y = load_pool(context.state, torch.device("cpu"))
+    seed = cfg.seed * 31 + pid
+    expected, _ = sample_pool(unet, need, cfg.synthetic, seed=seed, sampler=sampler)
+    one_sampler, _ = sample_pool(unet, need, cfg.synthetic, seed=seed)
+    assert torch.allclose(x, expected, atol=1e-5) and not torch.allclose(x, one_sampler, atol=1e-3)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["server_pool", "client_sample"])
 def test_topups_match_the_policy_exactly(policy, tmp_path):

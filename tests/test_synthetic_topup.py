@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from clients.losses import LossContext, build_loss
-from clients.synthetic import labels_for, load_pool, store_pool, topup_counts
+from clients.synthetic import class_sampler, labels_for, load_pool, store_pool, topup_counts
 from clients.trainer import _batch_loss
 from flwr.app import RecordDict
 
@@ -66,6 +66,7 @@ def test_generator_cache_key_ignores_sampling_knobs():
     key = cache_key(load_config(None, base))
     # One generator serves every sampler and top-up policy ...
     for knob in ("synthetic.guidance_scale=3", "synthetic.guidance_rescale=0.7", "synthetic.ddim_steps=40",
+                 "synthetic.tail_guidance_scale=1", "synthetic.tail_guidance_rescale=0",
                  "synthetic.loss_weight=0.5", "synthetic.max_ratio=0.5"):
         assert cache_key(load_config(None, [*base, knob])) == key, knob
     # ... while anything that changes its training makes another one.
@@ -73,8 +74,46 @@ def test_generator_cache_key_ignores_sampling_knobs():
         assert cache_key(load_config(None, [*base, knob])) != key, knob
 
 
-def test_guidance_rescale_out_of_range_names_the_field():
+@pytest.mark.parametrize("knob", ["guidance_rescale", "tail_guidance_rescale"])
+def test_guidance_rescale_out_of_range_names_the_field(knob):
     from fedimb.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match=r"synthetic.guidance_rescale.*\[0, 1\]"):
-        load_config(None, ["synthetic.guidance_rescale=1.5"])
+    with pytest.raises(ConfigError, match=rf"synthetic.{knob}.*\[0, 1\]"):
+        load_config(None, [f"synthetic.{knob}=1.5"])
+
+
+def test_negative_tail_guidance_names_the_field():
+    from fedimb.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"synthetic.tail_guidance_scale.*>= 0"):
+        load_config(None, ["synthetic.tail_guidance_scale=-1"])
+
+
+def test_tail_classes_get_their_own_sampler():
+    from dataclasses import replace
+
+    from fedimb.config import SyntheticConfig
+
+    # Classes by count: 3 > 0 > 5 > 1 > 4 > 2 > 6; C=7 splits 3 / 2 / 2, so the tail is {2, 6}.
+    counts = np.array([500, 90, 20, 900, 60, 300, 5])
+    syn = SyntheticConfig(guidance_scale=2.5, guidance_rescale=1.0)
+    scales, phis = class_sampler(syn, counts)
+    assert scales.tolist() == [2.5] * 7 and phis.tolist() == [1.0] * 7  # no tail knobs: one sampler
+    scales, phis = class_sampler(replace(syn, tail_guidance_scale=1.5, tail_guidance_rescale=0.0), counts)
+    assert scales.tolist() == [2.5, 2.5, 1.5, 2.5, 2.5, 2.5, 1.5]
+    assert phis.tolist() == [1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0]
+    # a tail knob left out keeps the main one for the tail
+    scales, phis = class_sampler(replace(syn, tail_guidance_scale=1.5), counts)
+    assert scales[[2, 6]].tolist() == [1.5, 1.5] and phis.tolist() == [1.0] * 7
+
+
+def test_pool_names_carry_the_tail_sampler_only_when_set():
+    from dataclasses import replace
+
+    from fedimb.config import SyntheticConfig
+    from strategies.synthetic import _pool_name
+
+    syn = SyntheticConfig(guidance_scale=1.5, ddim_steps=20)
+    assert _pool_name(syn, 3) == "pool-t0-r1.0-w1.5-s20-c3.pt"  # the name pools had before the tail knobs
+    tail = _pool_name(replace(syn, tail_guidance_scale=1.0), 3)
+    assert tail != _pool_name(syn, 3) and tail != _pool_name(replace(syn, tail_guidance_rescale=0.5), 3)
