@@ -60,6 +60,11 @@ def _guidance(synthetic_cfg) -> str:
     return f"{text}; tail classes {tail}"
 
 
+def _generator_label(synthetic_cfg) -> str:
+    """What a generator row stands for: the sampler, and whether the clients trained generators of their own."""
+    return _guidance(synthetic_cfg) + ("; local generators" if synthetic_cfg.training == "local" else "")
+
+
 def generator_table(reports: dict[tuple[int, str], dict], synthetic_cfg, num_clients: int) -> str:
     """One row per seed and sampler: cost, speed and recognisability of the seed's federated generator."""
     lines = ["| seed | size | predicts | params | rounds × local steps × clients | training (min) | DDIM steps "
@@ -190,7 +195,8 @@ def main() -> int:
               file=sys.stderr)
         return 2
     finals: dict[str, list[dict]] = {label: [] for label in args.methods}
-    reports: dict[tuple[int, str], dict] = {}  # (seed, sampler): the quality report of its pools
+    reports: dict[tuple[int, str], dict] = {}  # (seed, sampler and where trained): the quality report of its pools
+    grid_seeds: set[int] = set()
     doc = Path(args.doc)
     grids = doc.with_suffix("")  # beside the page and named after it: a probe's --doc keeps its own images
     grids.mkdir(parents=True, exist_ok=True)
@@ -199,10 +205,12 @@ def main() -> int:
             print(f"running {run.run_dir.name}", flush=True)
             run_experiment(run.cfg, run.run_dir)
         summary = json.loads((run.run_dir / "summary.json").read_text())
-        key = (run.cfg.seed, _guidance(run.cfg.synthetic))
+        key = (run.cfg.seed, _generator_label(run.cfg.synthetic))
         if "synthetic" in summary and key not in reports:
-            if all(seed != run.cfg.seed for seed, _ in reports):  # one grid per seed: its first sampler's
-                shutil.copyfile(run.run_dir / "synthetic_grid.png", grids / f"grid_s{run.cfg.seed}.png")
+            grid = run.run_dir / "synthetic_grid.png"  # none from local generators: their images stay on the clients
+            if grid.is_file() and run.cfg.seed not in grid_seeds:  # one grid per seed: its first sampler's
+                shutil.copyfile(grid, grids / f"grid_s{run.cfg.seed}.png")
+                grid_seeds.add(run.cfg.seed)
             reports[key] = summary["synthetic"]
     # metrics as benchmarks/imbalance.py reads them: the mean of each run's last K rounds
     rows = collect_runs([r.run_dir for r in chosen], last_rounds=args.last_rounds)
@@ -229,7 +237,7 @@ def main() -> int:
     print(floors_text)
     print(classes)
     images = "\n".join(f"![generated samples, seed {s}]({grids.name}/grid_s{s}.png)"
-                       for s in sorted({seed for seed, _ in reports}))
+                       for s in sorted(grid_seeds))
     title_split = "" if split == "test set" else f" ({split})"
     notes_file = doc.with_name(doc.stem + "_notes.md")
     notes = notes_file.read_text() if notes_file.is_file() else ""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,7 +22,8 @@ from clients.active import labelled_positions, query_step, store_positions
 from clients.algorithms import CLIENT_ALGORITHMS
 from clients.algorithms.base import ClientRound
 from clients.losses import LossContext, build_loss
-from clients.synthetic import SAMPLER_KEYS, generator_from, load_pool, sample_pool, store_pool, topup_counts
+from clients.synthetic import (JUDGE_KEY, LOCAL_CACHE_KEY, LOCAL_KEY, SAMPLER_KEYS, generator_from, judge_hits,
+                               load_pool, local_generator, sample_pool, store_pool, topup_counts)
 from clients.trainer import pick_device, predict_logits, round_lr, to_tensors, train_local
 from fedimb.config import ExperimentConfig, from_yaml
 from fedimb.data import build_federated_data
@@ -171,24 +173,50 @@ def train_generator_round(message: Message, context: Context) -> Message:
 
 @app.query("topup")
 def topup(message: Message, context: Context) -> Message:
-    """Store the synthetic pool: shipped by the server, or sampled here from a shipped generator."""
+    """Store the synthetic pool: shipped by the server, sampled here from a shipped generator, or
+    sampled from this client's own generator (``synthetic.training=local``)."""
     session = _session(message, context)
     syn = session.cfg.synthetic
+    config = message.content["config"]
+    sampler = tuple(np.asarray(config[key], dtype=np.float64) for key in SAMPLER_KEYS) \
+        if all(key in config for key in SAMPLER_KEYS) else None
+    seed = session.cfg.seed * 31 + session.partition_id
+    metrics = MetricRecord({"partition-id": session.partition_id})
     if "pool" in message.content:
         record = message.content["pool"]
         x, y = torch.from_numpy(record["x"].numpy().copy()), torch.from_numpy(record["y"].numpy().copy()).long()
+    elif bool(config.get(LOCAL_KEY, False)):
+        x, y = _local_topup(session, message, sampler, seed, metrics)
     else:
-        unet = generator_from(message.content["generator"], message.content["config"], session.cfg,
-                              session.input_shape, session.num_classes)
+        unet = generator_from(message.content["generator"], config, session.cfg, session.input_shape,
+                              session.num_classes)
         counts = topup_counts(session.class_counts.cpu().numpy().astype(int), syn.target_per_class, syn.max_ratio)
-        config = message.content["config"]
-        sampler = tuple(np.asarray(config[key], dtype=np.float64) for key in SAMPLER_KEYS) \
-            if all(key in config for key in SAMPLER_KEYS) else None
-        x, y = sample_pool(unet.to(session.device), counts, syn, seed=session.cfg.seed * 31 + session.partition_id,
-                           sampler=sampler)
+        x, y = sample_pool(unet.to(session.device), counts, syn, seed=seed, sampler=sampler)
     store_pool(context.state, x, y)
-    metrics = MetricRecord({"partition-id": session.partition_id, "num-synthetic": int(len(y))})
+    metrics["num-synthetic"] = int(len(y))
     return Message(RecordDict({"metrics": metrics}), reply_to=message)
+
+
+def _local_topup(session: ClientSession, message: Message, sampler, seed: int,
+                 metrics: MetricRecord) -> tuple[torch.Tensor, torch.Tensor]:
+    """Train (or reload) this client's own generator, score it with the shipped judge, sample its pool.
+
+    Only counts and timings go into ``metrics``: no image and no generator weight leaves the client.
+    """
+    syn = session.cfg.synthetic
+    config = message.content["config"]
+    cache = Path(str(config[LOCAL_CACHE_KEY])) if LOCAL_CACHE_KEY in config else None
+    unet, seconds, reused = local_generator(session.x, session.y, session.cfg, session.input_shape,
+                                            session.num_classes, session.partition_id, cache)
+    held = session.class_counts.cpu().numpy().astype(int)
+    if JUDGE_KEY in message.content:
+        judge = build_model("lenet", session.input_shape, session.num_classes)
+        judge.load_state_dict(message.content[JUDGE_KEY].to_torch_state_dict())
+        hits, scored, per_second = judge_hits(unet, judge.to(session.device), held, syn, seed, sampler)
+        metrics.update({"quality-hits": hits, "quality-scored": scored, "sampling-images-per-s": per_second})
+    metrics.update({"generator-training-s": seconds, "generator-reused": int(reused)})
+    counts = topup_counts(held, syn.target_per_class, syn.max_ratio, only_held=True)
+    return sample_pool(unet, counts, syn, seed=seed, sampler=sampler)
 
 
 @app.query("select")

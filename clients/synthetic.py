@@ -6,15 +6,24 @@ server (``server_pool``) or sampled by the client from a shipped generator (``cl
 
 from __future__ import annotations
 
+import json
+import math
+import time
+from pathlib import Path
+
 import numpy as np
 import torch
 from flwr.app import ArrayRecord, RecordDict
 
 from fedimb.config import SyntheticConfig
+from fedimb.records import atomic_write_text
 
 POOL_KEY = "synthetic-pool"
 RANGE_KEY = "generator-range"  # [lo, hi] of the training images, sent with every generator
 SAMPLER_KEYS = ("guidance-per-class", "rescale-per-class")  # the class sampler, sent with a shipped generator
+LOCAL_KEY = "train-local"  # synthetic.training=local: the client trains its own generator
+LOCAL_CACHE_KEY = "local-generator-dir"  # where it keeps that generator between runs
+JUDGE_KEY = "judge"  # the reference classifier's weights, for the quality report of local generators
 
 
 def generator_from(record: ArrayRecord, config, cfg, input_shape: tuple[int, int, int], num_classes: int):
@@ -28,15 +37,18 @@ def generator_from(record: ArrayRecord, config, cfg, input_shape: tuple[int, int
     return unet
 
 
-def topup_counts(counts: np.ndarray, target_per_class: int, max_ratio: float) -> np.ndarray:
+def topup_counts(counts: np.ndarray, target_per_class: int, max_ratio: float, only_held: bool = False) -> np.ndarray:
     """Synthetic samples per class: up to the target (0 = largest local class), capped at max_ratio × real.
 
     When the cap binds, every class's need is scaled down by the same factor (floored) and the
-    leftover units go to the largest fractional parts, lower class first on ties.
+    leftover units go to the largest fractional parts, lower class first on ties. ``only_held``
+    tops up only the classes with a real sample (a client's own generator never saw the others).
     """
     counts = np.asarray(counts, dtype=np.int64)
     target = int(target_per_class) if target_per_class > 0 else int(counts.max(initial=0))
     need = np.clip(target - counts, 0, None)
+    if only_held:
+        need[counts == 0] = 0
     cap = int(np.floor(max_ratio * counts.sum()))
     if need.sum() <= cap:
         return need
@@ -109,3 +121,47 @@ def sample_pool(unet, counts: np.ndarray, cfg: SyntheticConfig, seed: int,
     images = sample(unet, labels, guidance_scale=scale, num_inference_steps=cfg.ddim_steps,
                     seed=seed, guidance_rescale=rescale)
     return images, labels
+
+
+def local_generator(x: torch.Tensor, y: torch.Tensor, cfg, input_shape: tuple[int, int, int], num_classes: int,
+                    partition_id: int, cache: Path | None) -> tuple[object, float, bool]:
+    """This client's own generator (``synthetic.training=local``), trained on its data only.
+
+    As many steps as the client makes in the federated schedule (rounds × local steps), with the
+    same knobs. Kept in ``cache`` when given (a save_generator folder); returns (generator,
+    seconds its training took, whether it came from the cache).
+    """
+    from fedimb.generation import build_generator, load_generator, save_generator, train_generator
+
+    if cache is not None and (cache / "config.json").is_file():
+        made = cache.parent / f"{cache.name}.json"
+        seconds = float(json.loads(made.read_text())["seconds"]) if made.is_file() else 0.0
+        return load_generator(cache, device=x.device), seconds, True
+    syn = cfg.synthetic
+    started = time.time()
+    unet = build_generator(syn.generator_size, input_shape, num_classes, cfg.seed,
+                           data_range=(float(x.min()), float(x.max())), prediction=syn.prediction).to(x.device)
+    train_generator(unet, x, y, steps=syn.local_steps * syn.rounds, batch_size=syn.batch_size, lr=syn.lr,
+                    seed=cfg.seed * 7_919 + partition_id, ema_decay=0.0, balanced=syn.balanced_batches,
+                    snr_gamma=syn.snr_gamma)
+    seconds = time.time() - started
+    if cache is not None:
+        save_generator(unet, cache)
+        atomic_write_text(cache.parent / f"{cache.name}.json", json.dumps({"seconds": seconds}))
+    return unet, seconds, False
+
+
+def judge_hits(unet, judge: torch.nn.Module, held: np.ndarray, cfg: SyntheticConfig, seed: int,
+               sampler: tuple[np.ndarray, np.ndarray] | None) -> tuple[list[int], list[int], float]:
+    """Quality of a local generator without moving an image: per class, how many of
+    ``quality_per_class`` samples the judge calls that class (0 of 0 for classes not held);
+    also the sampling rate in images/s."""
+    from fedimb.generation import recognisability
+
+    counts = np.where(np.asarray(held) > 0, cfg.quality_per_class, 0)
+    started = time.time()
+    images, labels = sample_pool(unet, counts, cfg, seed=seed, sampler=sampler)
+    per_second = len(labels) / max(time.time() - started, 1e-9)
+    shares = recognisability(judge, images, labels, len(counts)) if len(labels) else [math.nan] * len(counts)
+    hits = [0 if n == 0 else int(round(share * n)) for share, n in zip(shares, counts)]
+    return hits, [int(n) for n in counts], per_second

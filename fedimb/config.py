@@ -21,7 +21,7 @@ PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "inner_dirichlet", "dir_
 LOCAL_DATASETS = ("fmnist", "digits")
 DEVICES = ("auto", "cpu", "cuda")
 EVAL_SPLITS = ("test", "validation")
-SYNTHETIC_TRAINING = ("federated", "central", "pretrained")
+SYNTHETIC_TRAINING = ("federated", "local", "central", "pretrained")
 SYNTHETIC_POLICIES = ("server_pool", "client_sample")
 GENERATOR_AGGREGATIONS = ("class_aware", "fedavg")
 GENERATOR_PREDICTIONS = ("epsilon", "v_prediction")
@@ -162,7 +162,10 @@ class SyntheticConfig:
 
     enabled: bool = False
     generator_size: str = "cpu"  # fedimb.generation.GENERATOR_SIZES
-    training: str = "federated"  # federated | central | pretrained
+    # federated: FedAvg over the generator's weights; local: every client trains its own on its own
+    # data (nothing leaves it; it can top up only the classes it holds); central: the server on
+    # every client's images (simulation only); pretrained: load generator_path
+    training: str = "federated"
     generator_path: str = ""  # pretrained: a save_generator directory
     rounds: int = 5  # federated generator rounds
     # class_aware: row c of the class embedding is averaged over the clients holding class c,
@@ -338,6 +341,9 @@ def validate(cfg: ExperimentConfig) -> None:
     _check_choice("synthetic.policy", syn.policy, SYNTHETIC_POLICIES)
     _check_choice("synthetic.aggregation", syn.aggregation, GENERATOR_AGGREGATIONS)
     _check_choice("synthetic.prediction", syn.prediction, GENERATOR_PREDICTIONS)
+    if syn.training == "local" and syn.policy != "client_sample":
+        raise ConfigError("synthetic.policy", f"training=local needs policy=client_sample (the server holds no "
+                                              f"generator to sample), got {syn.policy}")
     if syn.enabled and syn.training == "pretrained" and not Path(syn.generator_path).is_dir():
         raise ConfigError("synthetic.generator_path", f"directory not found: '{syn.generator_path}' (needed by training=pretrained)")
     for name in ("rounds", "local_steps", "batch_size", "ddim_steps", "quality_per_class"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import asdict
@@ -24,8 +25,8 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from rich.console import Console
 
-from clients.synthetic import (RANGE_KEY, SAMPLER_KEYS, class_sampler, guidance_of, labels_for, sample_pool,
-                               topup_counts)
+from clients.synthetic import (JUDGE_KEY, LOCAL_CACHE_KEY, LOCAL_KEY, RANGE_KEY, SAMPLER_KEYS, class_sampler,
+                               guidance_of, labels_for, sample_pool, topup_counts)
 from fedimb.config import ExperimentConfig, SyntheticConfig
 from fedimb.data import DatasetSplits
 from fedimb.records import atomic_write_text
@@ -184,10 +185,25 @@ def quality_report(unet, cfg: ExperimentConfig, splits: DatasetSplits, run_dir: 
     scores = recognisability(reference, images, labels, splits.num_classes)
     sample_grid(images, labels, splits.num_classes, run_dir / "synthetic_grid.png")
     return {"recognisability": scores, "mean_recognisability": float(np.mean(scores)),
-            "min_recognisability": float(np.min(scores)), "sampling_images_per_s": per_second,
-            "ddim_steps": syn.ddim_steps, "guidance_scale": syn.guidance_scale,
-            "guidance_rescale": syn.guidance_rescale, "tail_guidance_scale": syn.tail_guidance_scale,
-            "tail_guidance_rescale": syn.tail_guidance_rescale}
+            "min_recognisability": float(np.min(scores)), "sampling_images_per_s": per_second, **_sampler_fields(syn)}
+
+
+def _sampler_fields(syn: SyntheticConfig) -> dict[str, Any]:
+    return {"ddim_steps": syn.ddim_steps, "guidance_scale": syn.guidance_scale, "guidance_rescale": syn.guidance_rescale,
+            "tail_guidance_scale": syn.tail_guidance_scale, "tail_guidance_rescale": syn.tail_guidance_rescale}
+
+
+def _sampler_config(sampler: tuple[np.ndarray, np.ndarray]) -> dict[str, list[float]]:
+    # a client sees only its own counts, not which classes are the tail: it gets the sampler per class
+    return {key: [float(v) for v in values] for key, values in zip(SAMPLER_KEYS, sampler)}
+
+
+def _send_topups(grid: Grid, messages: list[Message]) -> list[Message]:
+    replies = list(grid.send_and_receive(messages))
+    failed = [m for m in replies if m.has_error()]
+    if failed or len(replies) != len(messages):
+        raise RuntimeError(f"synthetic top-up failed: {error_reason(failed[0]) if failed else 'missing replies'}")
+    return sorted(replies, key=lambda m: int(m.content["metrics"]["partition-id"]))
 
 
 def deliver(grid: Grid, cfg: ExperimentConfig, unet, partition_of: dict[int, int], counts: np.ndarray,
@@ -200,20 +216,51 @@ def deliver(grid: Grid, cfg: ExperimentConfig, unet, partition_of: dict[int, int
     messages = []
     for node_id, pid in sorted(partition_of.items(), key=lambda item: item[1]):
         config = {"fedimb-config": config_text, RANGE_KEY: list(data_range(unet))}
-        if syn.policy == "client_sample":  # a client sees only its own counts, not which classes are the tail
-            config.update({key: [float(v) for v in values] for key, values in zip(SAMPLER_KEYS, sampler)})
+        if syn.policy == "client_sample":
+            config.update(_sampler_config(sampler))
         content = RecordDict({"config": ConfigRecord(config)})
         if syn.policy == "server_pool":
             content["pool"] = _server_pool(unet, counts[pid], cfg, cache, pid, sampler)
         else:
             content["generator"] = ArrayRecord(unet.state_dict())
         messages.append(Message(content=content, message_type=TOPUP_QUERY, dst_node_id=node_id))
-    replies = list(grid.send_and_receive(messages))
-    failed = [m for m in replies if m.has_error()]
-    if failed or len(replies) != len(messages):
-        raise RuntimeError(f"synthetic top-up failed: {error_reason(failed[0]) if failed else 'missing replies'}")
-    by_pid = {int(m.content["metrics"]["partition-id"]): int(m.content["metrics"]["num-synthetic"]) for m in replies}
-    return [by_pid[p] for p in sorted(by_pid)]
+    return [int(m.content["metrics"]["num-synthetic"]) for m in _send_topups(grid, messages)]
+
+
+def local_generators(grid: Grid, cfg: ExperimentConfig, partition_of: dict[int, int], splits: DatasetSplits,
+                     config_text: str, cache: Path, sampler: tuple[np.ndarray, np.ndarray]) -> dict[str, Any]:
+    """``synthetic.training=local``: every client trains its own generator on its own data, scores it
+    with the judge the server ships, and tops up the classes it holds; returns the summary block.
+
+    Only counts and timings come back, so recognisability is pooled over the clients holding each
+    class, and there is no sample grid (the images stay on their clients).
+    """
+    syn = cfg.synthetic
+    judge = train_reference_classifier(torch.from_numpy(splits.train_x), torch.from_numpy(splits.train_y),
+                                       splits.num_classes, seed=cfg.seed)
+    messages = []
+    for node_id, pid in sorted(partition_of.items(), key=lambda item: item[1]):
+        config = {"fedimb-config": config_text, LOCAL_KEY: True, LOCAL_CACHE_KEY: str(cache / f"local-c{pid}"),
+                  **_sampler_config(sampler)}
+        content = RecordDict({"config": ConfigRecord(config), JUDGE_KEY: ArrayRecord(judge.state_dict())})
+        messages.append(Message(content=content, message_type=TOPUP_QUERY, dst_node_id=node_id))
+    replies = [m.content["metrics"] for m in _send_topups(grid, messages)]
+    hits = np.sum([np.asarray(r["quality-hits"]) for r in replies], axis=0)
+    scored = np.sum([np.asarray(r["quality-scored"]) for r in replies], axis=0)
+    scores = [float(h / n) if n else math.nan for h, n in zip(hits, scored)]  # NaN: a class no client holds
+    seconds = [float(r["generator-training-s"]) for r in replies]
+    unet = build_generator(syn.generator_size, splits.input_shape, splits.num_classes, cfg.seed,
+                           prediction=syn.prediction)
+    return {"recognisability": scores, "mean_recognisability": float(np.nanmean(scores)),
+            "min_recognisability": float(np.nanmin(scores)), "quality_scored_per_class": scored.tolist(),
+            "sampling_images_per_s": float(np.mean([float(r["sampling-images-per-s"]) for r in replies])),
+            **_sampler_fields(syn),
+            "generator_training_s": max(seconds),  # the clients train side by side
+            "generator_training_s_per_client": seconds,
+            "generator_reused": all(bool(int(r["generator-reused"])) for r in replies),
+            "generator_params": sum(p.numel() for p in unet.parameters()),
+            "generator_dir": str(cache / "local-c*"),
+            "synthetic_per_client": [int(r["num-synthetic"]) for r in replies]}
 
 
 def _pool_name(syn: SyntheticConfig, pid: int) -> str:
@@ -244,11 +291,15 @@ def prepare_synthetic(grid: Grid, cfg: ExperimentConfig, ctx: StrategyContext, p
                       counts: np.ndarray, splits: DatasetSplits, config_text: str, run_dir: Path) -> dict[str, Any]:
     """Generator, quality report and delivery; returns the ``synthetic`` block of summary.json."""
     cache = _cache_dir(cfg, run_dir)
-    unet, train_seconds, reused = obtain_generator(grid, cfg, ctx, partition_of, splits, config_text, cache, counts)
     sampler = class_sampler(cfg.synthetic, counts.sum(axis=0))
-    report = quality_report(unet, cfg, splits, run_dir, sampler)
-    report["guidance_per_class"] = [float(v) for v in sampler[0]]
-    report["rescale_per_class"] = [float(v) for v in sampler[1]]
+    per_class = {"guidance_per_class": [float(v) for v in sampler[0]], "rescale_per_class": [float(v) for v in sampler[1]]}
+    if cfg.synthetic.training == "local":
+        report = {**local_generators(grid, cfg, partition_of, splits, config_text, cache, sampler), **per_class}
+        console.print(f"synthetic: local generators, mean recognisability {report['mean_recognisability']:.3f}, "
+                      f"per client {report['synthetic_per_client']}", highlight=False)
+        return report
+    unet, train_seconds, reused = obtain_generator(grid, cfg, ctx, partition_of, splits, config_text, cache, counts)
+    report = {**quality_report(unet, cfg, splits, run_dir, sampler), **per_class}
     report["generator_training_s"] = train_seconds  # of the cached generator when it was reused
     report["generator_reused"] = reused
     report["generator_params"] = sum(p.numel() for p in unet.parameters())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
@@ -86,6 +87,58 @@ def test_topups_match_the_policy_exactly(policy, tmp_path):
         assert again["synthetic"]["generator_reused"] and not summary["synthetic"]["generator_reused"]
         assert again["synthetic"]["generator_training_s"] == summary["synthetic"]["generator_training_s"] > 0
         assert json.loads((tmp_path / "again" / "summary.json").read_text())["synthetic"]["synthetic_per_client"] == expected
+
+
+@pytest.mark.slow
+def test_local_generators_top_up_only_held_classes(tmp_path):
+    import math
+
+    cfg = load_config(None, DIGITS_SMALL + SYN + ["synthetic.training=local", "synthetic.policy=client_sample",
+                                                  f"synthetic.cache_dir={tmp_path / 'cache'}"])
+    summary = run_experiment(cfg, tmp_path / "run")
+    counts = build_federated_data(cfg).counts
+    syn = summary["synthetic"]
+    assert syn["synthetic_per_client"] == [int(topup_counts(c, 0, 1.0, only_held=True).sum()) for c in counts]
+    # the judge scored quality_per_class (4) samples of each class on every client holding it
+    assert syn["quality_scored_per_class"] == [4 * int((counts[:, c] > 0).sum()) for c in range(10)]
+    assert all(math.isnan(v) == (n == 0) for v, n in zip(syn["recognisability"], syn["quality_scored_per_class"]))
+    assert len(list((tmp_path / "cache").rglob("local-c*/config.json"))) == 3 and not syn["generator_reused"]
+    again = run_experiment(cfg, tmp_path / "again")["synthetic"]
+    assert again["generator_reused"] and again["generator_training_s_per_client"] == syn["generator_training_s_per_client"]
+    assert again["recognisability"] == syn["recognisability"]  # same generators, same seeded samples
+
+
+def test_local_training_needs_client_sampling():
+    from fedimb.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"synthetic.policy.*client_sample"):
+        load_config(None, ["synthetic.training=local", "synthetic.policy=server_pool"])
+
+
+def test_local_topup_reply_holds_counts_only():
+    import torch
+
+    from clients.app import topup
+    from clients.synthetic import JUDGE_KEY, LOCAL_CACHE_KEY, LOCAL_KEY, load_pool
+    from fedimb.models import build_model
+
+    cfg = load_config(None, DIGITS_SMALL + SYN + ["synthetic.training=local", "synthetic.policy=client_sample",
+                                                  "synthetic.local_steps=2"])
+    data = build_federated_data(cfg)
+    judge = build_model("lenet", data.splits.input_shape, data.splits.num_classes)
+    config = ConfigRecord({CONFIG_KEY: to_yaml(cfg), LOCAL_KEY: True})
+    message = Message(content=RecordDict({"config": config, JUDGE_KEY: ArrayRecord(judge.state_dict())}),
+                      dst_node_id=7, message_type="query.topup")
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 3}, state=RecordDict(),
+                      run_config={})
+    reply = topup(message, context).content
+    assert set(reply.keys()) == {"metrics"}  # no image, no generator weights
+    metrics = reply["metrics"]
+    assert LOCAL_CACHE_KEY not in config and int(metrics["generator-reused"]) == 0
+    held = data.counts[0] > 0
+    assert [n > 0 for n in metrics["quality-scored"]] == held.tolist()
+    _, y = load_pool(context.state, torch.device("cpu"))
+    assert int(metrics["num-synthetic"]) == len(y) and set(y.tolist()) <= set(np.flatnonzero(held).tolist())
 
 
 def test_class_aware_label_table_hand_case():
