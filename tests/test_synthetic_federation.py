@@ -90,6 +90,24 @@ def test_topups_match_the_policy_exactly(policy, tmp_path):
 
 
 @pytest.mark.slow
+def test_fedprox_and_fairfal_runs_take_the_top_up(tmp_path):
+    cache = [f"synthetic.cache_dir={tmp_path / 'cache'}", "strategy.name=fedprox", "federation.rounds=2"]
+    with_pool = run_experiment(load_config(None, DIGITS_SMALL + SYN + cache), tmp_path / "prox")
+    counts = build_federated_data(load_config(None, DIGITS_SMALL + SYN)).counts
+    assert with_pool["synthetic"]["synthetic_per_client"] == [int(topup_counts(c, 0, 1.0).sum()) for c in counts]
+    without = run_experiment(load_config(None, DIGITS_SMALL + SYN + cache + ["synthetic.enabled=false"]),
+                             tmp_path / "prox-real")
+    assert with_pool["final"]["balanced_accuracy"] != without["final"]["balanced_accuracy"]  # the pool was trained on
+    fal = ["active_learning.enabled=true", "active_learning.sampler=fairfal", "active_learning.initial_fraction=0.2",
+           "active_learning.step_fraction=0.1", "active_learning.steps=1", "active_learning.rounds_per_step=1",
+           "active_learning.local_epochs=2", "strategy.name=fedavg"]
+    summary = run_experiment(load_config(None, DIGITS_SMALL + SYN + cache[:1] + fal), tmp_path / "fal")
+    assert summary["synthetic"]["generator_reused"]  # the same generator as the fedprox runs: cached
+    assert summary["synthetic"]["synthetic_per_client"] == with_pool["synthetic"]["synthetic_per_client"]
+    assert len(summary["active_learning"]) == 2  # one row per stage: the initial pool and one query step
+
+
+@pytest.mark.slow
 def test_local_generators_top_up_only_held_classes(tmp_path):
     import math
 
