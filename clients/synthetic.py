@@ -1,7 +1,8 @@
 """Client side of synthetic top-up: how many samples per class, the stored pool, generator rounds.
 
 A client's synthetic pool lives in ``context.state`` (images and labels), delivered once by the
-server (``server_pool``) or sampled by the client from a shipped generator (``client_sample``).
+server (``server_pool``), sampled by the client from a shipped generator (``client_sample``), or
+sampled from a generator the client trained alone (``synthetic.training=local``).
 """
 
 from __future__ import annotations
