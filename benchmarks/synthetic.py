@@ -70,7 +70,7 @@ def generator_table(reports: dict[tuple[int, str], dict], synthetic_cfg, num_cli
     lines = ["| seed | size | predicts | params | rounds × local steps × clients | training (min) | DDIM steps "
              "| guidance | images/s | mean recog. | min recog. | per class |", "|" + "---|" * 12]
     for (seed, guidance), rep in sorted(reports.items()):
-        per_class = " ".join(f"{v:.2f}" for v in rep["recognisability"])
+        per_class = " ".join("–" if v is None else f"{v:.2f}" for v in rep["recognisability"])  # None: no client holds it
         lines.append(f"| {seed} | {synthetic_cfg.generator_size} | {synthetic_cfg.prediction} "
                      f"| {rep.get('generator_params', 0):,} "
                      f"| {synthetic_cfg.rounds} × {synthetic_cfg.local_steps} × {num_clients} "
