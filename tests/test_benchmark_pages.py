@@ -48,3 +48,6 @@ def test_generator_floors_are_checked_per_seed_and_sampler():
     assert "| 4 (guidance 2.5, rescale 1) | min recog. | 0.40 | >= 0.4 | yes |" in lines
     assert "| 4 (guidance 1.5) | min recog. | 0.30 | >= 0.4 | no |" in lines
     assert bench.generator_floor_lines({(4, "2.5, rescale 1"): both[(4, "2.5, rescale 1")]})[1]
+    local = {(4, "2.5, rescale 1; local generators"): {**report, "min_recognisability": 0.10}}
+    lines, ok = bench.generator_floor_lines({**local, (4, "2.5, rescale 1"): both[(4, "2.5, rescale 1")]})
+    assert ok and "local" not in lines  # the floors are the federated generator's
