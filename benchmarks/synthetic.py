@@ -5,9 +5,13 @@
     # the top-up's knobs, chosen on a validation split (docs/results/synthetic_tuning.md):
     python benchmarks/synthetic.py --suite experiments/suites/synthetic_tuning.yaml --seeds 0 1
         --methods fedavg fedavg_syn fedavg_syn_w0.5 fedavg_syn_w0.25 fedavg_syn_r0.5 fedavg_syn_w0.5_g2r0.7
-        fedavg_syn_w0.5_g2.5r1 cafedcl_syn_w1 cafedcl_syn_w0.5 cafedcl_syn_w0.5_g2.5r1
+        fedavg_syn_w0.5_g2.5r1 fedavg_syn_w0.5_g2.5r1_tail1.5 cafedcl_syn_w1 cafedcl_syn_w0.5
+        cafedcl_syn_w0.5_g2.5r1 cafedcl_syn_w0.5_g2.5r1_tail1.5
         --out runs/sweeps/synthetic_tuning --doc docs/results/synthetic_tuning.md
         --records docs/results/synthetic_tuning/records
+    # generators trained by each client alone against the federated one:
+    python benchmarks/synthetic.py --seeds 0 1 2 --methods fedavg fedavg_syn fedavg_syn_local
+        --doc docs/results/synthetic_local.md --records docs/results/synthetic_local/records
 
 Runs the cells of experiments/suites/synthetic_fmnist.yaml (or --suite; FMNIST-LT rho = 100, dir_balance
 alpha = 0.1, 10 clients; seeds outermost, finished runs reused). Each seed's generator is
