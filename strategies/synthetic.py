@@ -255,7 +255,9 @@ def local_generators(grid: Grid, cfg: ExperimentConfig, partition_of: dict[int, 
             "min_recognisability": float(np.nanmin(scores)), "quality_scored_per_class": scored.tolist(),
             "sampling_images_per_s": float(np.mean([float(r["sampling-images-per-s"]) for r in replies])),
             **_sampler_fields(syn),
-            "generator_training_s": max(seconds),  # the clients train side by side
+            # the longest client's own training: what a federation whose clients train in parallel waits
+            # for (a simulation on fewer cores than clients takes longer)
+            "generator_training_s": max(seconds),
             "generator_training_s_per_client": seconds,
             "generator_reused": all(bool(int(r["generator-reused"])) for r in replies),
             "generator_params": sum(p.numel() for p in unet.parameters()),
