@@ -10,7 +10,7 @@
         --out runs/sweeps/synthetic_tuning --doc docs/results/synthetic_tuning.md
         --records docs/results/synthetic_tuning/records
     # generators trained by each client alone against the federated one:
-    python benchmarks/synthetic.py --seeds 0 1 --methods fedavg fedavg_syn fedavg_syn_local
+    python benchmarks/synthetic.py --seeds 0 1 2 --methods fedavg fedavg_syn fedavg_syn_local
         --doc docs/results/synthetic_local.md --records docs/results/synthetic_local/records
 
 Runs the cells of experiments/suites/synthetic_fmnist.yaml (or --suite; FMNIST-LT rho = 100, dir_balance
