@@ -214,7 +214,8 @@ def _local_topup(session: ClientSession, message: Message, sampler, seed: int,
         judge.load_state_dict(message.content[JUDGE_KEY].to_torch_state_dict())
         hits, scored, per_second = judge_hits(unet, judge.to(session.device), held, syn, seed, sampler)
         metrics.update({"quality-hits": hits, "quality-scored": scored, "sampling-images-per-s": per_second})
-    metrics.update({"generator-training-s": seconds, "generator-reused": int(reused)})
+    metrics.update({"generator-training-s": seconds, "generator-reused": int(reused),
+                    "generator-params": sum(p.numel() for p in unet.parameters())})
     counts = topup_counts(held, syn.target_per_class, syn.max_ratio, only_held=True)
     return sample_pool(unet, counts, syn, seed=seed, sampler=sampler)
 

@@ -249,8 +249,6 @@ def local_generators(grid: Grid, cfg: ExperimentConfig, partition_of: dict[int, 
     scored = np.sum([np.asarray(r["quality-scored"]) for r in replies], axis=0)
     scores = [float(h / n) if n else math.nan for h, n in zip(hits, scored)]  # NaN: a class no client holds
     seconds = [float(r["generator-training-s"]) for r in replies]
-    unet = build_generator(syn.generator_size, splits.input_shape, splits.num_classes, cfg.seed,
-                           prediction=syn.prediction)
     return {"recognisability": scores, "mean_recognisability": float(np.nanmean(scores)),
             "min_recognisability": float(np.nanmin(scores)), "quality_scored_per_class": scored.tolist(),
             "sampling_images_per_s": float(np.mean([float(r["sampling-images-per-s"]) for r in replies])),
@@ -260,7 +258,7 @@ def local_generators(grid: Grid, cfg: ExperimentConfig, partition_of: dict[int, 
             "generator_training_s": max(seconds),
             "generator_training_s_per_client": seconds,
             "generator_reused": all(bool(int(r["generator-reused"])) for r in replies),
-            "generator_params": sum(p.numel() for p in unet.parameters()),
+            "generator_params": int(replies[0]["generator-params"]),
             "generator_dir": str(cache / "local-c*"),
             "synthetic_per_client": [int(r["num-synthetic"]) for r in replies]}
 
