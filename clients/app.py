@@ -12,6 +12,7 @@ import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -181,27 +182,27 @@ def topup(message: Message, context: Context) -> Message:
     sampler = tuple(np.asarray(config[key], dtype=np.float64) for key in SAMPLER_KEYS) \
         if all(key in config for key in SAMPLER_KEYS) else None
     seed = session.cfg.seed * 31 + session.partition_id
-    metrics = MetricRecord({"partition-id": session.partition_id})
+    report: dict[str, Any] = {}  # what a local generator's client tells the server: counts and timings
     if "pool" in message.content:
         record = message.content["pool"]
         x, y = torch.from_numpy(record["x"].numpy().copy()), torch.from_numpy(record["y"].numpy().copy()).long()
     elif bool(config.get(LOCAL_KEY, False)):
-        x, y = _local_topup(session, message, sampler, seed, metrics)
+        x, y, report = _local_topup(session, message, sampler, seed)
     else:
         unet = generator_from(message.content["generator"], config, session.cfg, session.input_shape,
                               session.num_classes)
         counts = topup_counts(session.class_counts.cpu().numpy().astype(int), syn.target_per_class, syn.max_ratio)
         x, y = sample_pool(unet.to(session.device), counts, syn, seed=seed, sampler=sampler)
     store_pool(context.state, x, y)
-    metrics["num-synthetic"] = int(len(y))
+    metrics = MetricRecord({"partition-id": session.partition_id, "num-synthetic": int(len(y)), **report})
     return Message(RecordDict({"metrics": metrics}), reply_to=message)
 
 
-def _local_topup(session: ClientSession, message: Message, sampler, seed: int,
-                 metrics: MetricRecord) -> tuple[torch.Tensor, torch.Tensor]:
+def _local_topup(session: ClientSession, message: Message, sampler,
+                 seed: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Train (or reload) this client's own generator, score it with the shipped judge, sample its pool.
 
-    Only counts and timings go into ``metrics``: no image and no generator weight leaves the client.
+    Returns the pool and its report: counts and timings only, no image and no generator weight.
     """
     syn = session.cfg.synthetic
     config = message.content["config"]
@@ -209,15 +210,15 @@ def _local_topup(session: ClientSession, message: Message, sampler, seed: int,
     unet, seconds, reused = local_generator(session.x, session.y, session.cfg, session.input_shape,
                                             session.num_classes, session.partition_id, cache)
     held = session.class_counts.cpu().numpy().astype(int)
+    report: dict[str, Any] = {"generator-training-s": seconds, "generator-reused": int(reused),
+                              "generator-params": sum(p.numel() for p in unet.parameters())}
     if JUDGE_KEY in message.content:
         judge = build_model("lenet", session.input_shape, session.num_classes)
         judge.load_state_dict(message.content[JUDGE_KEY].to_torch_state_dict())
         hits, scored, per_second = judge_hits(unet, judge.to(session.device), held, syn, seed, sampler)
-        metrics.update({"quality-hits": hits, "quality-scored": scored, "sampling-images-per-s": per_second})
-    metrics.update({"generator-training-s": seconds, "generator-reused": int(reused),
-                    "generator-params": sum(p.numel() for p in unet.parameters())})
+        report.update({"quality-hits": hits, "quality-scored": scored, "sampling-images-per-s": per_second})
     counts = topup_counts(held, syn.target_per_class, syn.max_ratio, only_held=True)
-    return sample_pool(unet, counts, syn, seed=seed, sampler=sampler)
+    return (*sample_pool(unet, counts, syn, seed=seed, sampler=sampler), report)
 
 
 @app.query("select")
