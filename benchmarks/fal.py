@@ -25,9 +25,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fedimb.cli import guarded  # noqa: E402
+from fedimb.app.cli import guarded  # noqa: E402
 from fedimb.records import copy_run_records, save_figure  # noqa: E402
-from fedimb.sweep import is_finished, plan_sweep  # noqa: E402
+from fedimb.app.sweep import is_finished, plan_sweep  # noqa: E402
 
 PAPER = {"random": 85.60, "entropy": 86.28, "badge": 86.65, "coreset": 86.15, "kafal": 87.05,
          "logo": 86.98, "fairfal": 87.37}
@@ -94,7 +94,7 @@ def main() -> int:
                         help="with --table-only: read the committed run records next to --doc instead of --out")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    from fedimb.simulation import run_experiment
+    from fedimb.app.simulation import run_experiment
 
     protocol = [] if args.full else [f"model.name={args.model}", f"active_learning.rounds_per_step={args.rounds}"]
     protocol_name = "full" if args.full else f"{args.model}_r{args.rounds}"

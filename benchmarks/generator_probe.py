@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fedimb.cli import guarded  # noqa: E402
+from fedimb.app.cli import guarded  # noqa: E402
 from fedimb.config import GENERATOR_PREDICTIONS, load_config  # noqa: E402
 from fedimb.data import build_federated_data  # noqa: E402
 from fedimb.generation import (build_generator, load_generator, recognisability, sample,  # noqa: E402

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fedimb.cli import guarded  # noqa: E402
+from fedimb.app.cli import guarded  # noqa: E402
 from fedimb.records import copy_run_records, load_run  # noqa: E402
 from fedimb.report import aggregate, collect_runs, find_run_dirs, results_markdown, write_report  # noqa: E402
 

@@ -24,9 +24,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fedimb.cli import guarded  # noqa: E402
+from fedimb.app.cli import guarded  # noqa: E402
 from fedimb.records import load_run  # noqa: E402
-from fedimb.sweep import is_finished, plan_sweep  # noqa: E402
+from fedimb.app.sweep import is_finished, plan_sweep  # noqa: E402
 
 # ../shared/reference/anchors.md: FMNIST block, mean ± std over seeds 0, 1, 2.
 REFERENCE = {
@@ -73,7 +73,7 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides (e.g. federation.rounds=5)")
     args = parser.parse_args()
 
-    from fedimb.simulation import run_experiment
+    from fedimb.app.simulation import run_experiment
 
     runs, _ = plan_sweep(ROOT / "experiments/niid_bench/suite.yaml", args.overrides, Path(args.out))
     chosen = [r for r in runs if r.label in args.cells and r.cfg.seed in args.seeds]

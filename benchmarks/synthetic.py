@@ -41,11 +41,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fedimb.cli import guarded  # noqa: E402
+from fedimb.app.cli import guarded  # noqa: E402
 from fedimb.records import copy_run_records, load_run  # noqa: E402
 from fedimb.report import REPORT_METRICS as METRICS  # noqa: E402
 from fedimb.report import collect_runs, last_rounds_mean  # noqa: E402
-from fedimb.sweep import is_finished, plan_sweep  # noqa: E402
+from fedimb.app.sweep import is_finished, plan_sweep  # noqa: E402
 
 FLOORS = {"tail_recall": 5.0, "balanced_accuracy": 2.0}  # points over fedavg (the issue's floors)
 
@@ -194,7 +194,7 @@ def main() -> int:
                         help="where the runs' text records are copied (committed)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
-    from fedimb.simulation import run_experiment
+    from fedimb.app.simulation import run_experiment
 
     runs, _ = plan_sweep(ROOT / args.suite, args.overrides, Path(args.out),
                          seeds=args.seeds)

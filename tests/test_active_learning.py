@@ -12,7 +12,7 @@ from flwr.app import ConfigRecord, RecordDict
 from clients.active import labelled_positions, store_positions
 from fedimb.config import load_config
 from fedimb.data import build_federated_data
-from fedimb.simulation import run_experiment
+from fedimb.app.simulation import run_experiment
 from strategies.active_learning import step_budget, tail_share
 from tests.conftest import DIGITS_SMALL
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from fedimb.sweep import plan_sweep
+from fedimb.app.sweep import plan_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from fedimb.cli import main
+from fedimb.app.cli import main
 from fedimb.config import ConfigError, from_yaml, load_config, to_yaml
-from fedimb.sweep import plan_sweep
+from fedimb.app.sweep import plan_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml")) + [ROOT / "experiments/niid_bench/base.yaml"]
@@ -77,7 +77,7 @@ def test_cli_rejects_before_any_work(args, field, tmp_path, capsys):
 
 
 def test_cli_exit_code_in_a_subprocess(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fedimb.cli", "run", str(ROOT / "experiments/quickstart.yaml"),
+    proc = subprocess.run([sys.executable, "-m", "fedimb.app.cli", "run", str(ROOT / "experiments/quickstart.yaml"),
                            "strategy.name=nope"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     assert "strategy.name" in proc.stderr and "Traceback" not in proc.stderr

@@ -14,13 +14,13 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-import fedimb.server_app
+import fedimb.app.server
 from fedimb.checkpoint import (CHECKPOINT_FILE, Checkpoint, config_digest, load_checkpoint, resume_blocker,
                                save_checkpoint, written_for)
-from fedimb.cli import main
+from fedimb.app.cli import main
 from fedimb.config import load_config, to_yaml
 from fedimb.records import RunRecorder, read_rounds_csv
-from fedimb.simulation import run_experiment
+from fedimb.app.simulation import run_experiment
 from strategies import STRATEGIES
 from strategies.base import RoundOffset
 from tests.conftest import DIGITS_SMALL
@@ -162,7 +162,7 @@ def _one_line_error(capsys) -> str:
 def test_resume_of_a_finished_run_does_no_work(tmp_path, capsys, monkeypatch):
     run_dir = _run_dir(tmp_path)
     (run_dir / "summary.json").write_text(json.dumps({"final": {"accuracy": 0.9123}}))
-    monkeypatch.setattr("fedimb.simulation.run_experiment", lambda *a, **k: pytest.fail("must not run"))
+    monkeypatch.setattr("fedimb.app.simulation.run_experiment", lambda *a, **k: pytest.fail("must not run"))
     assert main(["run", "--resume", str(run_dir)]) == 0
     err = capsys.readouterr().err
     assert "run finished" in err and "final accuracy 0.9123" in err
@@ -211,7 +211,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(strategy, tmp_path, monke
     # what a run killed at that moment leaves behind. Resuming the copy must give the same rows.
     cfg = load_config(None, DIGITS_SMALL + ["federation.rounds=4"] + strategy)
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    save = fedimb.server_app.save_checkpoint
+    save = fedimb.app.server.save_checkpoint
 
     def save_and_copy(run_dir: Path, checkpoint: Checkpoint) -> Path:
         path = save(run_dir, checkpoint)
@@ -219,7 +219,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(strategy, tmp_path, monke
             shutil.copytree(run_dir, cut)
         return path
 
-    monkeypatch.setattr(fedimb.server_app, "save_checkpoint", save_and_copy)
+    monkeypatch.setattr(fedimb.app.server, "save_checkpoint", save_and_copy)
     run_experiment(cfg, whole)
     monkeypatch.undo()
     assert not (cut / "summary.json").exists() and load_checkpoint(cut).round == 2

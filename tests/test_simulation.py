@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fedimb.config import load_config
-from fedimb.simulation import RunError, run_experiment
+from fedimb.app.simulation import RunError, run_experiment
 from tests.conftest import DIGITS_SMALL
 
 pytestmark = pytest.mark.slow
@@ -91,7 +91,7 @@ def test_failing_client_fails_the_run_cleanly(tmp_path):
 
 
 def test_cli_run_exit_code_on_failure(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "fedimb.cli", "run", str(ROOT / "experiments/quickstart.yaml"),
+    proc = subprocess.run([sys.executable, "-m", "fedimb.app.cli", "run", str(ROOT / "experiments/quickstart.yaml"),
                            *DIGITS_SMALL, "simulation.device=cuda", "--out", str(tmp_path / "r")],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 1

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from fedimb.cli import main
+from fedimb.app.cli import main
 from fedimb.config import ConfigError, to_yaml
-from fedimb.sweep import is_finished, plan_sweep
+from fedimb.app.sweep import is_finished, plan_sweep
 
 SUITE = """
 base: base.yaml
@@ -68,7 +68,7 @@ def test_sweep_then_report(tmp_path, capsys):
 
 
 def test_a_failed_run_does_not_stop_the_sweep(tmp_path, monkeypatch, capsys):
-    import fedimb.simulation as simulation
+    import fedimb.app.simulation as simulation
 
     real_run = simulation.run_experiment
 

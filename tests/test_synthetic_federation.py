@@ -13,7 +13,7 @@ from clients.synthetic import RANGE_KEY, topup_counts
 from fedimb.config import load_config, to_yaml
 from fedimb.data import build_federated_data
 from fedimb.generation import build_generator
-from fedimb.simulation import run_experiment
+from fedimb.app.simulation import run_experiment
 from tests.conftest import DIGITS_SMALL
 
 SYN = ["synthetic.enabled=true", "synthetic.rounds=1", "synthetic.local_steps=5", "synthetic.quality_per_class=4",

@@ -71,7 +71,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path, checked: bool = False, 
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app
-    from fedimb.server_app import make_server_app
+    from fedimb.app.server import make_server_app
 
     if not cfg.simulation.verbose:
         # Flower logs a client's traceback from deep inside Ray; RunError below carries its reason in one line

@@ -145,7 +145,7 @@ def run_sweep(suite_path: Path, extra_overrides: list[str] | tuple[str, ...] = (
     then :class:`RunError` names the failed ones (rerunning the sweep retries only those).
     """
     from fedimb.report import write_report
-    from fedimb.simulation import RunError, check_before_run, run_experiment
+    from fedimb.app.simulation import RunError, check_before_run, run_experiment
 
     runs, sweep_dir = plan_sweep(suite_path, extra_overrides, out, seeds)
     if only:

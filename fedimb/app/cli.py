@@ -20,7 +20,7 @@ EXIT_RUN_FAILED = 1
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from fedimb.simulation import check_before_run, default_run_dir, run_experiment
+    from fedimb.app.simulation import check_before_run, default_run_dir, run_experiment
 
     if args.resume:
         return _resume(args)
@@ -41,7 +41,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _resume(args: argparse.Namespace) -> int:
     """``fedimb run --resume RUN_DIR``: continue a run from its checkpoint with its own config.yaml."""
     from fedimb.checkpoint import ResumeError, plan_resume
-    from fedimb.simulation import check_before_run, run_experiment
+    from fedimb.app.simulation import check_before_run, run_experiment
 
     if args.config or args.overrides or args.out:
         # a changed config would not continue the run that the checkpoint belongs to
@@ -95,7 +95,7 @@ def _cmd_partition(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from fedimb.sweep import run_sweep
+    from fedimb.app.sweep import run_sweep
 
     out = run_sweep(Path(args.suite), args.overrides, Path(args.out) if args.out else None,
                     dry_run=args.dry_run, seeds=args.seeds, only=args.only)
@@ -162,7 +162,7 @@ def guarded(command: Callable[[], int]) -> int:
     The benchmark scripts exit through it too (``sys.exit(guarded(main))``).
     """
     from fedimb.checkpoint import ResumeError
-    from fedimb.simulation import RunError
+    from fedimb.app.simulation import RunError
 
     try:
         return command()
