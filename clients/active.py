@@ -18,6 +18,7 @@ from clients.losses import LossContext, build_loss
 from clients.samplers import build_sampler
 from clients.samplers.base import QueryContext
 from clients.trainer import predict_logits, train_local
+from fedimb import protocol
 from fedimb.config import ExperimentConfig, TrainConfig
 from fedimb.models import FeatureClassifier, build_model
 
@@ -76,7 +77,7 @@ def query_step(cfg: ExperimentConfig, global_model: FeatureClassifier, x: torch.
     spec, params = build_sampler(cfg.active_learning.sampler, cfg.active_learning.sampler_params)
     unlabelled = np.setdiff1d(np.arange(len(x)), labelled)
     if len(unlabelled) == 0:
-        return labelled, {"queried": 0, "histogram": [0] * num_classes}
+        return labelled, {"queried": 0, protocol.LABEL_HISTOGRAM: [0] * num_classes}
     lab_t, unl_t = torch.from_numpy(labelled).to(x.device), torch.from_numpy(unlabelled).to(x.device)
     bs = cfg.eval.batch_size
     gp_u, gf_u = outputs(global_model, x[unl_t], bs)
@@ -91,5 +92,5 @@ def query_step(cfg: ExperimentConfig, global_model: FeatureClassifier, x: torch.
     picked = unlabelled[np.asarray(result.indices, dtype=np.int64)]
     revealed = y[torch.from_numpy(picked).to(x.device)].cpu().numpy()  # the oracle answers
     histogram = np.bincount(revealed, minlength=num_classes)
-    report = {"queried": int(len(picked)), "histogram": [int(h) for h in histogram], **result.report}
+    report = {"queried": int(len(picked)), protocol.LABEL_HISTOGRAM: [int(h) for h in histogram], **result.report}
     return np.union1d(labelled, picked), report

@@ -23,16 +23,15 @@ from clients.active import labelled_positions, query_step, store_positions
 from clients.algorithms import CLIENT_ALGORITHMS
 from clients.algorithms.base import ClientRound
 from clients.losses import LossContext, build_loss
-from clients.synthetic import (JUDGE_KEY, LOCAL_CACHE_KEY, LOCAL_KEY, SAMPLER_KEYS, generator_from, judge_hits,
+from clients.synthetic import (SAMPLER_KEYS, generator_from, judge_hits,
                                load_pool, local_generator, sample_pool, store_pool, topup_counts)
 from clients.trainer import pick_device, predict_logits, round_lr, to_tensors, train_local
+from fedimb import protocol
 from fedimb.config import ExperimentConfig, from_yaml
+from fedimb.protocol import derive_seed
 from fedimb.data import build_federated_data
 from fedimb.data.local_testset import local_test_indices
 from fedimb.models import FeatureClassifier, build_model, get_weights, set_weights
-
-CONFIG_KEY = "fedimb-config"
-ALGORITHM_KEY = "client-algorithm"
 
 app = ClientApp()
 
@@ -57,11 +56,11 @@ class ClientSession:
 
 
 def _config_of(message: Message, context: Context) -> ExperimentConfig:
-    config = message.content.get("config")
-    if config is None or CONFIG_KEY not in config:
-        raise ValueError(f"message lacks the '{CONFIG_KEY}' config value; is this a fedimb ServerApp?")
-    cfg = _parse_config(str(config[CONFIG_KEY]))
-    root = context.node_config.get("data-root")
+    config = message.content.get(protocol.CONFIG)
+    if config is None or protocol.EXPERIMENT_CONFIG not in config:
+        raise ValueError(f"message lacks the '{protocol.EXPERIMENT_CONFIG}' config value; is this a fedimb ServerApp?")
+    cfg = _parse_config(str(config[protocol.EXPERIMENT_CONFIG]))
+    root = context.node_config.get(protocol.NODE_DATA_ROOT)
     if root:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, root=str(root)))
     return cfg
@@ -70,7 +69,7 @@ def _config_of(message: Message, context: Context) -> ExperimentConfig:
 def _session(message: Message, context: Context) -> ClientSession:
     cfg = _config_of(message, context)
     torch.set_num_threads(cfg.simulation.threads_per_client)
-    partition_id = int(context.node_config["partition-id"])
+    partition_id = int(context.node_config[protocol.NODE_PARTITION_ID])
     data = build_federated_data(cfg)
     if not 0 <= partition_id < len(data.client_indices):
         raise ValueError(f"partition-id {partition_id} outside 0..{len(data.client_indices) - 1}")
@@ -105,11 +104,11 @@ def hello(message: Message, context: Context) -> Message:
     """Tell the server which partition this node holds and its class counts."""
     session = _session(message, context)
     metrics = MetricRecord({
-        "partition-id": session.partition_id,
-        "num-examples": int(session.y.shape[0]),
-        "class-counts": [int(c) for c in session.class_counts.tolist()],
+        protocol.PARTITION_ID: session.partition_id,
+        protocol.NUM_EXAMPLES: int(session.y.shape[0]),
+        protocol.CLASS_COUNTS: [int(c) for c in session.class_counts.tolist()],
     })
-    return Message(RecordDict({"metrics": metrics}), reply_to=message)
+    return Message(RecordDict({protocol.METRICS: metrics}), reply_to=message)
 
 
 def _with_synthetic(session: ClientSession, context: Context) -> tuple[ClientSession, int | None]:
@@ -127,29 +126,29 @@ def train(message: Message, context: Context) -> Message:
     """Local training from the global weights; replies weights, counts and train loss."""
     session, real_count = _with_synthetic(_labelled_view(_session(message, context), context), context)
     cfg = session.cfg
-    model, global_weights = _model(session, message.content["arrays"])
-    config = message.content["config"]
-    server_round = int(config.get("server-round", 0))
+    model, global_weights = _model(session, message.content[protocol.ARRAYS])
+    config = message.content[protocol.CONFIG]
+    server_round = int(config.get(protocol.SERVER_ROUND, 0))
     stage_rounds = cfg.active_learning.rounds_per_step if cfg.active_learning.enabled else cfg.federation.rounds
     train_cfg = dataclasses.replace(cfg.train, lr=round_lr(cfg.train, server_round, stage_rounds))
-    algorithm_cls = CLIENT_ALGORITHMS[str(config.get(ALGORITHM_KEY, "fedavg"))]
+    algorithm_cls = CLIENT_ALGORITHMS[str(config.get(protocol.CLIENT_ALGORITHM, "fedavg"))]
     algorithm = algorithm_cls(ClientRound(model, global_weights, message.content, context.state,
                                           train_cfg.lr, cfg.train.momentum, session.x, session.y,
                                           session.class_counts, cfg.eval.batch_size))
     loss_fn, loss_params = build_loss(cfg.train.loss.name, cfg.train.loss.params)
-    torch.manual_seed(cfg.seed * 100_003 + server_round * 1_009 + session.partition_id)
+    torch.manual_seed(derive_seed(cfg.seed, "train-init", server_round, session.partition_id))
     loss_ctx = LossContext(session.class_counts, progress=server_round / stage_rounds)
     result = train_local(model, session.x, session.y, train_cfg, loss_fn, loss_params, loss_ctx, algorithm,
-                         seed=cfg.seed * 1_000_003 + server_round * 10_007 + session.partition_id,
+                         seed=derive_seed(cfg.seed, "train-batches", server_round, session.partition_id),
                          real_count=real_count, synthetic_weight=cfg.synthetic.loss_weight)
-    reply = RecordDict({"arrays": ArrayRecord(get_weights(model))})
+    reply = RecordDict({protocol.ARRAYS: ArrayRecord(get_weights(model))})
     metrics: dict = {
-        "num-examples": int(len(session.y) if real_count is None else real_count),
-        "train_loss": result.mean_loss,
-        "local-steps": result.steps,
+        protocol.NUM_EXAMPLES: int(len(session.y) if real_count is None else real_count),
+        protocol.TRAIN_LOSS: result.mean_loss,
+        protocol.LOCAL_STEPS: result.steps,
     }
     algorithm.finish(result.steps, reply, metrics)
-    reply["metrics"] = MetricRecord(metrics)
+    reply[protocol.METRICS] = MetricRecord(metrics)
     return Message(reply, reply_to=message)
 
 
@@ -160,15 +159,15 @@ def train_generator_round(message: Message, context: Context) -> Message:
 
     session = _session(message, context)
     syn = session.cfg.synthetic
-    unet = generator_from(message.content["arrays"], message.content["config"], session.cfg,
+    unet = generator_from(message.content[protocol.ARRAYS], message.content[protocol.CONFIG], session.cfg,
                           session.input_shape, session.num_classes).to(session.device)
-    server_round = int(message.content["config"].get("server-round", 0))
+    server_round = int(message.content[protocol.CONFIG].get(protocol.SERVER_ROUND, 0))
     # EMA restarts on every call: over a few hundred local steps it would lag the weights being averaged
     loss = train_generator(unet, session.x, session.y, steps=syn.local_steps, batch_size=syn.batch_size, lr=syn.lr,
-                           seed=session.cfg.seed * 7_919 + server_round * 101 + session.partition_id, ema_decay=0.0,
+                           seed=derive_seed(session.cfg.seed, "generator-round", server_round, session.partition_id), ema_decay=0.0,
                            balanced=syn.balanced_batches, snr_gamma=syn.snr_gamma)
-    metrics = MetricRecord({"num-examples": int(len(session.y)), "generator_loss": float(loss)})
-    reply = RecordDict({"arrays": ArrayRecord(unet.cpu().state_dict()), "metrics": metrics})
+    metrics = MetricRecord({protocol.NUM_EXAMPLES: int(len(session.y)), protocol.GENERATOR_LOSS: float(loss)})
+    reply = RecordDict({protocol.ARRAYS: ArrayRecord(unet.cpu().state_dict()), protocol.METRICS: metrics})
     return Message(reply, reply_to=message)
 
 
@@ -178,24 +177,24 @@ def topup(message: Message, context: Context) -> Message:
     sampled from this client's own generator (``synthetic.training=local``)."""
     session = _session(message, context)
     syn = session.cfg.synthetic
-    config = message.content["config"]
+    config = message.content[protocol.CONFIG]
     sampler = tuple(np.asarray(config[key], dtype=np.float64) for key in SAMPLER_KEYS) \
         if all(key in config for key in SAMPLER_KEYS) else None
-    seed = session.cfg.seed * 31 + session.partition_id
+    seed = derive_seed(session.cfg.seed, "topup", client=session.partition_id)
     report: dict[str, Any] = {}  # what a local generator's client tells the server: counts and timings
-    if "pool" in message.content:
-        record = message.content["pool"]
+    if protocol.POOL in message.content:
+        record = message.content[protocol.POOL]
         x, y = torch.from_numpy(record["x"].numpy().copy()), torch.from_numpy(record["y"].numpy().copy()).long()
-    elif bool(config.get(LOCAL_KEY, False)):
+    elif bool(config.get(protocol.TRAIN_LOCAL, False)):
         x, y, report = _local_topup(session, message, sampler, seed)
     else:
-        unet = generator_from(message.content["generator"], config, session.cfg, session.input_shape,
+        unet = generator_from(message.content[protocol.GENERATOR], config, session.cfg, session.input_shape,
                               session.num_classes)
         counts = topup_counts(session.class_counts.cpu().numpy().astype(int), syn.target_per_class, syn.max_ratio)
         x, y = sample_pool(unet.to(session.device), counts, syn, seed=seed, sampler=sampler)
     store_pool(context.state, x, y)
-    metrics = MetricRecord({"partition-id": session.partition_id, "num-synthetic": int(len(y)), **report})
-    return Message(RecordDict({"metrics": metrics}), reply_to=message)
+    metrics = MetricRecord({protocol.PARTITION_ID: session.partition_id, protocol.NUM_SYNTHETIC: int(len(y)), **report})
+    return Message(RecordDict({protocol.METRICS: metrics}), reply_to=message)
 
 
 def _local_topup(session: ClientSession, message: Message, sampler,
@@ -205,18 +204,19 @@ def _local_topup(session: ClientSession, message: Message, sampler,
     Returns the pool and its report: counts and timings only, no image and no generator weight.
     """
     syn = session.cfg.synthetic
-    config = message.content["config"]
-    cache = Path(str(config[LOCAL_CACHE_KEY])) if LOCAL_CACHE_KEY in config else None
+    config = message.content[protocol.CONFIG]
+    cache = Path(str(config[protocol.LOCAL_GENERATOR_DIR])) if protocol.LOCAL_GENERATOR_DIR in config else None
     unet, seconds, reused = local_generator(session.x, session.y, session.cfg, session.input_shape,
                                             session.num_classes, session.partition_id, cache)
     held = session.class_counts.cpu().numpy().astype(int)
-    report: dict[str, Any] = {"generator-training-s": seconds, "generator-reused": int(reused),
-                              "generator-params": sum(p.numel() for p in unet.parameters())}
-    if JUDGE_KEY in message.content:
+    report: dict[str, Any] = {protocol.GENERATOR_TRAINING_S: seconds, protocol.GENERATOR_REUSED: int(reused),
+                              protocol.GENERATOR_PARAMS: sum(p.numel() for p in unet.parameters())}
+    if protocol.JUDGE in message.content:
         judge = build_model("lenet", session.input_shape, session.num_classes)
-        judge.load_state_dict(message.content[JUDGE_KEY].to_torch_state_dict())
+        judge.load_state_dict(message.content[protocol.JUDGE].to_torch_state_dict())
         hits, scored, per_second = judge_hits(unet, judge.to(session.device), held, syn, seed, sampler)
-        report.update({"quality-hits": hits, "quality-scored": scored, "sampling-images-per-s": per_second})
+        report.update({protocol.QUALITY_HITS: hits, protocol.QUALITY_SCORED: scored,
+                       protocol.SAMPLING_IMAGES_PER_S: per_second})
     counts = topup_counts(held, syn.target_per_class, syn.max_ratio, only_held=True)
     return (*sample_pool(unet, counts, syn, seed=seed, sampler=sampler), report)
 
@@ -226,17 +226,17 @@ def select(message: Message, context: Context) -> Message:
     """Active-learning query: pick samples with the configured sampler, reveal their labels."""
     session = _session(message, context)
     cfg = session.cfg
-    model, _ = _model(session, message.content["arrays"])
-    config = message.content["config"]
+    model, _ = _model(session, message.content[protocol.ARRAYS])
+    config = message.content[protocol.CONFIG]
     labelled = labelled_positions(context.state, len(session.y), cfg, session.partition_id)
-    gamma_bar = float(config["gamma-bar"]) if "gamma-bar" in config else None
-    step = int(config.get("fal-step", 0))
-    grown, report = query_step(cfg, model, session.x, session.y, labelled, int(config["budget"]), gamma_bar,
-                               cfg.seed * 1_000_003 + step * 10_007 + session.partition_id,
+    gamma_bar = float(config[protocol.GAMMA_BAR]) if protocol.GAMMA_BAR in config else None
+    step = int(config.get(protocol.FAL_STEP, 0))
+    grown, report = query_step(cfg, model, session.x, session.y, labelled, int(config[protocol.BUDGET]), gamma_bar,
+                               derive_seed(cfg.seed, "fal-query", step, session.partition_id),
                                session.input_shape, session.num_classes)
     store_positions(context.state, grown)
-    metrics = {"partition-id": session.partition_id, "num-labelled": int(len(grown)), **report}
-    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=message)
+    metrics = {protocol.PARTITION_ID: session.partition_id, protocol.NUM_LABELLED: int(len(grown)), **report}
+    return Message(RecordDict({protocol.METRICS: MetricRecord(metrics)}), reply_to=message)
 
 
 @app.evaluate()
@@ -244,7 +244,7 @@ def evaluate(message: Message, context: Context) -> Message:
     """Accuracy of the global model on this client's local test set (its own label mix)."""
     session = _session(message, context)
     cfg = session.cfg
-    model, _ = _model(session, message.content["arrays"])
+    model, _ = _model(session, message.content[protocol.ARRAYS])
     data = build_federated_data(cfg)
     idx = local_test_indices(data.splits.test_y, data.counts[session.partition_id],
                              cfg.federation.num_clients, cfg.seed, session.partition_id)
@@ -253,9 +253,9 @@ def evaluate(message: Message, context: Context) -> Message:
     correct = int((logits.argmax(1) == y).sum()) if len(idx) else 0
     loss = float(torch.nn.functional.cross_entropy(logits, y)) if len(idx) else 0.0
     metrics = MetricRecord({
-        "num-examples": int(len(idx)),
-        "accuracy": correct / max(len(idx), 1),
-        "loss": loss,
-        "partition-id": session.partition_id,
+        protocol.NUM_EXAMPLES: int(len(idx)),
+        protocol.ACCURACY: correct / max(len(idx), 1),
+        protocol.LOSS: loss,
+        protocol.PARTITION_ID: session.partition_id,
     })
-    return Message(RecordDict({"metrics": metrics}), reply_to=message)
+    return Message(RecordDict({protocol.METRICS: metrics}), reply_to=message)

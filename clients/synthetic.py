@@ -16,22 +16,20 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, RecordDict
 
+from fedimb import protocol
 from fedimb.config import SyntheticConfig
+from fedimb.protocol import derive_seed
 from fedimb.records import atomic_write_text
 
 POOL_KEY = "synthetic-pool"
-RANGE_KEY = "generator-range"  # [lo, hi] of the training images, sent with every generator
-SAMPLER_KEYS = ("guidance-per-class", "rescale-per-class")  # the class sampler, sent with a shipped generator
-LOCAL_KEY = "train-local"  # synthetic.training=local: the client trains its own generator
-LOCAL_CACHE_KEY = "local-generator-dir"  # where it keeps that generator between runs
-JUDGE_KEY = "judge"  # the reference classifier's weights, for the quality report of local generators
+SAMPLER_KEYS = (protocol.GUIDANCE_PER_CLASS, protocol.RESCALE_PER_CLASS)  # the class sampler on the wire
 
 
 def generator_from(record: ArrayRecord, config, cfg, input_shape: tuple[int, int, int], num_classes: int):
     """Rebuild the server's generator from its weights and the data range in the message config."""
     from fedimb.generation import build_generator
 
-    lo, hi = (float(v) for v in config[RANGE_KEY])
+    lo, hi = (float(v) for v in config[protocol.GENERATOR_RANGE])
     unet = build_generator(cfg.synthetic.generator_size, input_shape, num_classes, cfg.seed, data_range=(lo, hi),
                            prediction=cfg.synthetic.prediction)
     unet.load_state_dict(record.to_torch_state_dict())
@@ -143,7 +141,7 @@ def local_generator(x: torch.Tensor, y: torch.Tensor, cfg, input_shape: tuple[in
     unet = build_generator(syn.generator_size, input_shape, num_classes, cfg.seed,
                            data_range=(float(x.min()), float(x.max())), prediction=syn.prediction).to(x.device)
     train_generator(unet, x, y, steps=syn.local_steps * syn.rounds, batch_size=syn.batch_size, lr=syn.lr,
-                    seed=cfg.seed * 7_919 + partition_id, ema_decay=0.0, balanced=syn.balanced_batches,
+                    seed=derive_seed(cfg.seed, "generator-round", 0, partition_id), ema_decay=0.0, balanced=syn.balanced_batches,
                     snr_gamma=syn.snr_gamma)
     seconds = time.time() - started
     if cache is not None:

@@ -25,13 +25,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedimb import protocol
 from fedimb.config import ConfigError
 from strategies.base import (ReproducibleSampling, StrategyContext, StrategySpec, attach_record, reweight_replies,
                              take_records)
-
-PROTOTYPES_KEY = "prototypes"
-STATS_KEY = "proto-stats"
-CONFIDENCE_METRIC = "confidence"
 
 
 @dataclass
@@ -50,9 +47,9 @@ class PrototypeParams:
     eps: float = 0.05
     ema: float = 0.5
     model_weighting: str = "fedavg"
-    lambda_proto: float = 1.0
-    lambda_geo: float = 0.1
-    tau: float = 0.2
+    lambda_proto: float = protocol.PROTOTYPE_LOSS.lambda_proto
+    lambda_geo: float = protocol.PROTOTYPE_LOSS.lambda_geo
+    tau: float = protocol.PROTOTYPE_LOSS.tau
     inference: str = "head"
 
     def check(self, prefix: str) -> None:
@@ -107,12 +104,12 @@ class PrototypeStrategy(ReproducibleSampling, FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """Send the loss knobs and, once they exist, the global prototypes."""
-        config["proto-lambda"] = self.params.lambda_proto
-        config["geo-lambda"] = self.params.lambda_geo
-        config["proto-tau"] = self.params.tau
+        config[protocol.PROTO_LAMBDA] = self.params.lambda_proto
+        config[protocol.GEO_LAMBDA] = self.params.lambda_geo
+        config[protocol.PROTO_TAU] = self.params.tau
         messages = list(super().configure_train(server_round, arrays, config, grid))
         if self.prototypes is not None:
-            attach_record(messages, PROTOTYPES_KEY, {"P": self.prototypes.astype(np.float32),
+            attach_record(messages, protocol.PROTOTYPES, {"P": self.prototypes.astype(np.float32),
                                                      "has": self.has.astype(np.float32)})
         return messages
 
@@ -138,12 +135,12 @@ class PrototypeStrategy(ReproducibleSampling, FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate prototypes from the stats records, then the weights."""
         replies = self.sort_replies(replies)
-        stats = take_records(replies, STATS_KEY)
+        stats = take_records(replies, protocol.PROTOTYPE_STATS)
         if stats:
             self._update_prototypes(stats)
         if self.params.model_weighting == "confidence" and replies:
             key = self.weighted_by_key
-            reweight_replies(replies, [float(m.content["metrics"][key]) * float(m.content["metrics"][CONFIDENCE_METRIC])
+            reweight_replies(replies, [float(m.content["metrics"][key]) * float(m.content[protocol.METRICS][protocol.CONFIDENCE])
                                        for m in replies], key)
         return super().aggregate_train(server_round, replies)
 

@@ -16,9 +16,8 @@ import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import FedAvg
 
+from fedimb import protocol
 from strategies.base import ReproducibleSampling, StrategyContext, StrategySpec, reweight_replies
-
-LOSS_METRIC = "climb-loss"
 
 
 @dataclass
@@ -62,7 +61,7 @@ class ClimbStrategy(ReproducibleSampling, FedAvg):
         pids = np.array([order[m.metadata.src_node_id] for m in replies])
         key = self.weighted_by_key
         n = np.array([float(m.content["metrics"][key]) for m in replies])
-        losses = np.array([float(m.content["metrics"][LOSS_METRIC]) for m in replies])
+        losses = np.array([float(m.content[protocol.METRICS][protocol.CLIMB_LOSS]) for m in replies])
         lam = self.lambdas[pids]
         reweight_replies(replies, list(climb_weights(n, lam) * n.sum()), key)
         self.lambdas[pids] = dual_update(lam, losses, self.params, self.num_clients)

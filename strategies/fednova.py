@@ -15,9 +15,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedimb import protocol
 from strategies.base import NoParams, ReproducibleSampling, StrategyContext, StrategySpec
-
-FACTOR_KEY = "fednova-a"
 
 
 def fednova_update(global_weights: dict[str, np.ndarray], client_weights: list[dict[str, np.ndarray]],
@@ -58,7 +57,7 @@ class FedNovaStrategy(ReproducibleSampling, FedAvg):
             start,
             [{k: c["arrays"][k].numpy() for k in start} for c in contents],
             [float(m[self.weighted_by_key]) for m in metrics],
-            [float(m[FACTOR_KEY]) for m in metrics],
+            [float(m[protocol.FEDNOVA_FACTOR]) for m in metrics],
         )
         arrays = ArrayRecord({k: Array(v) for k, v in new.items()})
         return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)

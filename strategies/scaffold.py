@@ -15,10 +15,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from fedimb import protocol
 from strategies.base import NoParams, ReproducibleSampling, StrategyContext, StrategySpec, attach_record, take_records
-
-CONTROL_KEY = "control"
-DELTA_KEY = "control-delta"
 
 
 def update_control(control: dict[str, np.ndarray], deltas: list[dict[str, np.ndarray]],
@@ -48,13 +46,13 @@ class ScaffoldStrategy(ReproducibleSampling, FedAvg):
         """Send c next to the weights (clients treat a missing c as zeros)."""
         messages = list(super().configure_train(server_round, arrays, config, grid))
         if self.control:
-            attach_record(messages, CONTROL_KEY, self.control)
+            attach_record(messages, protocol.CONTROL, self.control)
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Take Δc_i out of each reply, update c, then let FedAvg average the weights."""
         replies = self.sort_replies(replies)
-        deltas = take_records(replies, DELTA_KEY)
+        deltas = take_records(replies, protocol.CONTROL_DELTA)
         if deltas:
             self.control = update_control(self.control, deltas, self.num_clients)
         return super().aggregate_train(server_round, replies)

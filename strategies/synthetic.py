@@ -25,17 +25,17 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from rich.console import Console
 
-from clients.synthetic import (JUDGE_KEY, LOCAL_CACHE_KEY, LOCAL_KEY, RANGE_KEY, SAMPLER_KEYS, class_sampler,
+from clients.synthetic import (SAMPLER_KEYS, class_sampler,
                                guidance_of, labels_for, sample_pool, topup_counts)
+from fedimb import protocol
 from fedimb.config import ExperimentConfig, SyntheticConfig
 from fedimb.data import DatasetSplits
+from fedimb.protocol import derive_seed
 from fedimb.records import atomic_write_text
 from fedimb.generation import (build_generator, data_range, load_generator, recognisability, sample, sample_grid,
                                save_generator, train_generator, train_reference_classifier)
 from strategies.base import ReproducibleSampling, StrategyContext, error_reason
 
-GENERATOR_TRAIN = f"{MessageType.TRAIN}.generator"
-TOPUP_QUERY = f"{MessageType.QUERY}.topup"
 console = Console(stderr=True)
 
 
@@ -78,19 +78,19 @@ class GeneratorFedAvg(ReproducibleSampling, FedAvg):
         """FedAvg, then the class-aware label table when counts were given; one progress line per round."""
         replies = [m for m in self.sort_replies(replies) if not m.has_error()]
         arrays, metrics = super().aggregate_train(server_round, replies)
-        losses = [float(m.content["metrics"]["generator_loss"]) for m in replies
-                  if "metrics" in m.content and "generator_loss" in m.content["metrics"]]
+        losses = [float(m.content[protocol.METRICS][protocol.GENERATOR_LOSS]) for m in replies
+                  if protocol.METRICS in m.content and protocol.GENERATOR_LOSS in m.content[protocol.METRICS]]
         console.print(f"generator round {server_round:3d}/{self.total_rounds}  loss "
                       f"{np.mean(losses) if losses else float('nan'):.4f}  {time.time() - self.started:7.1f}s",
                       highlight=False)
         if arrays is None or self.class_counts is None or EMBEDDING_KEY not in arrays:
             return arrays, metrics
-        tables = [m.content["arrays"][EMBEDDING_KEY].numpy() for m in replies]
+        tables = [m.content[protocol.ARRAYS][EMBEDDING_KEY].numpy() for m in replies]
         counts = self.class_counts[[self.partition_of[m.metadata.src_node_id] for m in replies]]
         return class_aware_rows(arrays, tables, counts), metrics
 
     def _construct_messages(self, record: RecordDict, node_ids: list[int], message_type: str) -> Iterable[Message]:
-        kind = GENERATOR_TRAIN if message_type == MessageType.TRAIN else message_type
+        kind = protocol.GENERATOR_TRAIN if message_type == MessageType.TRAIN else message_type
         return [Message(content=record, message_type=kind, dst_node_id=n) for n in node_ids]
 
 
@@ -147,8 +147,8 @@ def obtain_generator(grid: Grid, cfg: ExperimentConfig, ctx: StrategyContext, pa
                                    class_counts=class_counts, total_rounds=syn.rounds)
         strategy.bind(ctx, partition_of)
         result = strategy.start(grid=grid, initial_arrays=ArrayRecord(unet.state_dict()), num_rounds=syn.rounds,
-                                train_config=ConfigRecord({"fedimb-config": config_text,
-                                                           RANGE_KEY: list(value_range(splits))}))
+                                train_config=ConfigRecord({protocol.EXPERIMENT_CONFIG: config_text,
+                                                           protocol.GENERATOR_RANGE: list(value_range(splits))}))
         unet.load_state_dict(result.arrays.to_torch_state_dict())
     else:  # central: only a simulation's server can see every client's images
         from fedimb.data import build_federated_data
@@ -203,7 +203,7 @@ def _send_topups(grid: Grid, messages: list[Message]) -> list[Message]:
     failed = [m for m in replies if m.has_error()]
     if failed or len(replies) != len(messages):
         raise RuntimeError(f"synthetic top-up failed: {error_reason(failed[0]) if failed else 'missing replies'}")
-    return sorted(replies, key=lambda m: int(m.content["metrics"]["partition-id"]))
+    return sorted(replies, key=lambda m: int(m.content[protocol.METRICS][protocol.PARTITION_ID]))
 
 
 def deliver(grid: Grid, cfg: ExperimentConfig, unet, partition_of: dict[int, int], counts: np.ndarray,
@@ -215,16 +215,16 @@ def deliver(grid: Grid, cfg: ExperimentConfig, unet, partition_of: dict[int, int
     syn = cfg.synthetic
     messages = []
     for node_id, pid in sorted(partition_of.items(), key=lambda item: item[1]):
-        config = {"fedimb-config": config_text, RANGE_KEY: list(data_range(unet))}
+        config = {protocol.EXPERIMENT_CONFIG: config_text, protocol.GENERATOR_RANGE: list(data_range(unet))}
         if syn.policy == "client_sample":
             config.update(_sampler_config(sampler))
-        content = RecordDict({"config": ConfigRecord(config)})
+        content = RecordDict({protocol.CONFIG: ConfigRecord(config)})
         if syn.policy == "server_pool":
-            content["pool"] = _server_pool(unet, counts[pid], cfg, cache, pid, sampler)
+            content[protocol.POOL] = _server_pool(unet, counts[pid], cfg, cache, pid, sampler)
         else:
-            content["generator"] = ArrayRecord(unet.state_dict())
-        messages.append(Message(content=content, message_type=TOPUP_QUERY, dst_node_id=node_id))
-    return [int(m.content["metrics"]["num-synthetic"]) for m in _send_topups(grid, messages)]
+            content[protocol.GENERATOR] = ArrayRecord(unet.state_dict())
+        messages.append(Message(content=content, message_type=protocol.TOPUP, dst_node_id=node_id))
+    return [int(m.content[protocol.METRICS][protocol.NUM_SYNTHETIC]) for m in _send_topups(grid, messages)]
 
 
 def local_generators(grid: Grid, cfg: ExperimentConfig, partition_of: dict[int, int], splits: DatasetSplits,
@@ -240,27 +240,27 @@ def local_generators(grid: Grid, cfg: ExperimentConfig, partition_of: dict[int, 
                                        splits.num_classes, seed=cfg.seed)
     messages = []
     for node_id, pid in sorted(partition_of.items(), key=lambda item: item[1]):
-        config = {"fedimb-config": config_text, LOCAL_KEY: True, LOCAL_CACHE_KEY: str(cache / f"local-c{pid}"),
-                  **_sampler_config(sampler)}
-        content = RecordDict({"config": ConfigRecord(config), JUDGE_KEY: ArrayRecord(judge.state_dict())})
-        messages.append(Message(content=content, message_type=TOPUP_QUERY, dst_node_id=node_id))
-    replies = [m.content["metrics"] for m in _send_topups(grid, messages)]
-    hits = np.sum([np.asarray(r["quality-hits"]) for r in replies], axis=0)
-    scored = np.sum([np.asarray(r["quality-scored"]) for r in replies], axis=0)
+        config = {protocol.EXPERIMENT_CONFIG: config_text, protocol.TRAIN_LOCAL: True,
+                  protocol.LOCAL_GENERATOR_DIR: str(cache / f"local-c{pid}"), **_sampler_config(sampler)}
+        content = RecordDict({protocol.CONFIG: ConfigRecord(config), protocol.JUDGE: ArrayRecord(judge.state_dict())})
+        messages.append(Message(content=content, message_type=protocol.TOPUP, dst_node_id=node_id))
+    replies = [m.content[protocol.METRICS] for m in _send_topups(grid, messages)]
+    hits = np.sum([np.asarray(r[protocol.QUALITY_HITS]) for r in replies], axis=0)
+    scored = np.sum([np.asarray(r[protocol.QUALITY_SCORED]) for r in replies], axis=0)
     scores = [float(h / n) if n else math.nan for h, n in zip(hits, scored)]  # NaN: a class no client holds
-    seconds = [float(r["generator-training-s"]) for r in replies]
+    seconds = [float(r[protocol.GENERATOR_TRAINING_S]) for r in replies]
     return {"recognisability": scores, "mean_recognisability": float(np.nanmean(scores)),
             "min_recognisability": float(np.nanmin(scores)), "quality_scored_per_class": scored.tolist(),
-            "sampling_images_per_s": float(np.mean([float(r["sampling-images-per-s"]) for r in replies])),
+            "sampling_images_per_s": float(np.mean([float(r[protocol.SAMPLING_IMAGES_PER_S]) for r in replies])),
             **_sampler_fields(syn),
             # the longest client's own training: what a federation whose clients train in parallel waits
             # for (a simulation on fewer cores than clients takes longer)
             "generator_training_s": max(seconds),
             "generator_training_s_per_client": seconds,
-            "generator_reused": all(bool(int(r["generator-reused"])) for r in replies),
-            "generator_params": int(replies[0]["generator-params"]),
+            "generator_reused": all(bool(int(r[protocol.GENERATOR_REUSED])) for r in replies),
+            "generator_params": int(replies[0][protocol.GENERATOR_PARAMS]),
             "generator_dir": str(cache / "local-c*"),
-            "synthetic_per_client": [int(r["num-synthetic"]) for r in replies]}
+            "synthetic_per_client": [int(r[protocol.NUM_SYNTHETIC]) for r in replies]}
 
 
 def _pool_name(syn: SyntheticConfig, pid: int) -> str:
@@ -279,7 +279,7 @@ def _server_pool(unet, client_counts: np.ndarray, cfg: ExperimentConfig, cache: 
     if path.is_file():
         x, y = torch.load(path)
     else:
-        x, y = sample_pool(unet, need, syn, seed=cfg.seed * 31 + pid, sampler=sampler)
+        x, y = sample_pool(unet, need, syn, seed=derive_seed(cfg.seed, "topup", client=pid), sampler=sampler)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save((x, y), tmp)

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from clients.app import CONFIG_KEY, train_generator_round
-from clients.synthetic import RANGE_KEY, topup_counts
+from clients.app import train_generator_round
+from clients.synthetic import topup_counts
+from fedimb.protocol import EXPERIMENT_CONFIG as CONFIG_KEY
+from fedimb.protocol import GENERATOR_RANGE as RANGE_KEY
 from fedimb.config import load_config, to_yaml
 from fedimb.data import build_federated_data
 from fedimb.generation import build_generator
@@ -137,7 +139,10 @@ def test_local_topup_reply_holds_counts_only():
     import torch
 
     from clients.app import topup
-    from clients.synthetic import JUDGE_KEY, LOCAL_CACHE_KEY, LOCAL_KEY, load_pool
+    from clients.synthetic import load_pool
+    from fedimb.protocol import JUDGE as JUDGE_KEY
+    from fedimb.protocol import LOCAL_GENERATOR_DIR as LOCAL_CACHE_KEY
+    from fedimb.protocol import TRAIN_LOCAL as LOCAL_KEY
     from fedimb.models import build_model
 
     cfg = load_config(None, DIGITS_SMALL + SYN + ["synthetic.training=local", "synthetic.policy=client_sample",

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from flwr.app import RecordDict
 
+from fedimb import protocol
 from fedimb.models import FeatureClassifier
 
 
@@ -32,7 +33,7 @@ class ClientRound:
 
     def config_value(self, key: str, default: Any) -> Any:
         """A value of the server's train ConfigRecord."""
-        config = self.content.get("config")
+        config = self.content.get(protocol.CONFIG)
         return config[key] if config is not None and key in config else default
 
 

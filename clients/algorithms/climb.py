@@ -9,8 +9,7 @@ import torch.nn.functional as F
 from flwr.app import RecordDict
 
 from clients.algorithms.base import ClientAlgorithm, ClientRound
-
-LOSS_METRIC = "climb-loss"
+from fedimb import protocol
 
 
 class ClimbClient(ClientAlgorithm):
@@ -32,4 +31,4 @@ class ClimbClient(ClientAlgorithm):
 
     def finish(self, steps: int, reply: RecordDict, metrics: dict[str, Any]) -> None:
         """Report ℓ_k."""
-        metrics[LOSS_METRIC] = self.start_loss
+        metrics[protocol.CLIMB_LOSS] = self.start_loss

@@ -11,6 +11,7 @@ from typing import Any
 from flwr.app import RecordDict
 
 from clients.algorithms.base import ClientAlgorithm
+from fedimb import protocol
 
 
 def normalising_factor(steps: int, momentum: float) -> float:
@@ -28,4 +29,4 @@ class FedNovaClient(ClientAlgorithm):
 
     def finish(self, steps: int, reply: RecordDict, metrics: dict[str, Any]) -> None:
         """Report a_i."""
-        metrics["fednova-a"] = normalising_factor(steps, self.rnd.momentum)
+        metrics[protocol.FEDNOVA_FACTOR] = normalising_factor(steps, self.rnd.momentum)

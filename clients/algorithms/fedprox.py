@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from clients.algorithms.base import ClientAlgorithm
+from fedimb import protocol
 
 
 class FedProxClient(ClientAlgorithm):
@@ -14,7 +15,7 @@ class FedProxClient(ClientAlgorithm):
 
     def extra_loss(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
         """The proximal term over trainable parameters."""
-        mu = float(self.rnd.config_value("proximal-mu", 0.0))
+        mu = float(self.rnd.config_value(protocol.PROXIMAL_MU, 0.0))
         if mu == 0.0:
             return None
         total = logits.new_zeros(())

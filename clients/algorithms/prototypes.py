@@ -20,10 +20,7 @@ import torch.nn.functional as F
 from flwr.app import ArrayRecord, RecordDict
 
 from clients.algorithms.base import ClientAlgorithm, ClientRound
-
-PROTOTYPES_KEY = "prototypes"  # server → client: P (C×D) and has (C)
-STATS_KEY = "proto-stats"  # client → server
-CONFIDENCE_METRIC = "confidence"
+from fedimb import protocol
 
 
 def class_statistics(features: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
@@ -76,13 +73,13 @@ class PrototypeClient(ClientAlgorithm):
 
     def __init__(self, rnd: ClientRound) -> None:
         super().__init__(rnd)
-        record = rnd.content.get(PROTOTYPES_KEY)
+        record = rnd.content.get(protocol.PROTOTYPES)
         device = rnd.x.device
         self.prototypes = torch.from_numpy(record["P"].numpy().copy()).to(device) if record else None
         self.has = torch.from_numpy(record["has"].numpy().copy()).to(device).bool() if record else None
-        self.lambda_proto = float(rnd.config_value("proto-lambda", 1.0))
-        self.lambda_geo = float(rnd.config_value("geo-lambda", 0.1))
-        self.tau = float(rnd.config_value("proto-tau", 0.2))
+        self.lambda_proto = float(rnd.config_value(protocol.PROTO_LAMBDA, protocol.PROTOTYPE_LOSS.lambda_proto))
+        self.lambda_geo = float(rnd.config_value(protocol.GEO_LAMBDA, protocol.PROTOTYPE_LOSS.lambda_geo))
+        self.tau = float(rnd.config_value(protocol.PROTO_TAU, protocol.PROTOTYPE_LOSS.tau))
 
     def extra_loss(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
         """λ_p·InfoNCE + λ_g·geometric consistency, once global prototypes exist."""
@@ -109,5 +106,5 @@ class PrototypeClient(ClientAlgorithm):
             feats.append(f)
             logits.append(model.head(f))
         stats = class_statistics(torch.cat(feats), torch.cat(logits), self.rnd.y, model.head.out_features)
-        metrics[CONFIDENCE_METRIC] = float(stats.pop("confidence"))
-        reply[STATS_KEY] = ArrayRecord({k: v.float().cpu() for k, v in stats.items()})
+        metrics[protocol.CONFIDENCE] = float(stats.pop("confidence"))
+        reply[protocol.PROTOTYPE_STATS] = ArrayRecord({k: v.float().cpu() for k, v in stats.items()})

@@ -13,10 +13,9 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 
 from clients.algorithms.base import ClientAlgorithm, ClientRound
+from fedimb import protocol
 
 STATE_KEY = "scaffold-control"
-SERVER_CONTROL_KEY = "control"
-DELTA_KEY = "control-delta"
 
 
 class ScaffoldClient(ClientAlgorithm):
@@ -29,7 +28,7 @@ class ScaffoldClient(ClientAlgorithm):
         super().__init__(rnd)
         params = dict(rnd.model.named_parameters())
         device = next(rnd.model.parameters()).device
-        server = rnd.content.get(SERVER_CONTROL_KEY)
+        server = rnd.content.get(protocol.CONTROL)
         own = rnd.state.get(STATE_KEY)
         self.server_control = {k: self._tensor(server, k, p).to(device) for k, p in params.items()}
         self.client_control = {k: self._tensor(own, k, p).to(device) for k, p in params.items()}
@@ -57,4 +56,4 @@ class ScaffoldClient(ClientAlgorithm):
             new_control[name] = self.client_control[name] - self.server_control[name] + drift
             delta[name] = (new_control[name] - self.client_control[name]).cpu()
         self.rnd.state[STATE_KEY] = ArrayRecord({k: v.cpu() for k, v in new_control.items()})
-        reply[DELTA_KEY] = ArrayRecord(delta)
+        reply[protocol.CONTROL_DELTA] = ArrayRecord(delta)

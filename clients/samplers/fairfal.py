@@ -30,6 +30,7 @@ from torch import Tensor
 
 from clients.samplers.base import (QueryContext, SamplerResult, SamplerSpec, balanced_subset_mean_probs, entropy,
                                    gradient_embedding, k_center_greedy, query_size, require, top_k)
+from fedimb import protocol
 from fedimb.config import ConfigError
 
 
@@ -145,7 +146,7 @@ def fairfal_sampler(ctx: QueryContext, budget: int, params: FairFALParams) -> Sa
     gamma_bar = gamma if ctx.gamma_bar is None else float(ctx.gamma_bar)
     score, uses_global = model_choice(d, gamma_bar, params.delta)
     emb_global = gamma_bar < 0.5
-    report = {"gamma": gamma, "divergence": d, "score": score, "uses_global": float(uses_global),
+    report = {protocol.FAIRFAL_GAMMA: gamma, "divergence": d, "score": score, "uses_global": float(uses_global),
               "gamma_bar_used": gamma_bar, "embedding_uses_global": float(emb_global)}
 
     k = query_size(ctx, budget)

@@ -16,12 +16,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 from rich.console import Console
 
-from clients.app import ALGORITHM_KEY, CONFIG_KEY
+from fedimb import protocol
 from fedimb.checkpoint import (Checkpoint, config_digest, load_checkpoint, resume_blocker, save_checkpoint,
                                written_for)
 from fedimb.config import ExperimentConfig, from_yaml, load_config, to_yaml
@@ -30,7 +30,7 @@ from fedimb.metrics import class_groups, classification_metrics, client_fairness
 from fedimb.models import build_model, get_weights, set_weights
 from fedimb.records import RunRecorder, package_versions
 from strategies import build_strategy, strategy_spec
-from strategies.active_learning import ActiveLearningLoop, write_fal_records
+from fedimb.app.active_learning import ActiveLearningLoop, write_fal_records
 from strategies.base import RoundOffset, StrategyContext, error_reason
 
 console = Console(stderr=True)
@@ -56,8 +56,8 @@ def say_hello(grid: Grid, cfg: ExperimentConfig, config_text: str, timeout: floa
         if time.time() > deadline:
             raise RunFailed(f"only {len(node_ids)} of {cfg.federation.num_clients} nodes connected")
         time.sleep(0.5)
-    content = RecordDict({"config": ConfigRecord({CONFIG_KEY: config_text})})
-    messages = [Message(content=content, message_type=MessageType.QUERY, dst_node_id=nid) for nid in node_ids]
+    content = RecordDict({protocol.CONFIG: ConfigRecord({protocol.EXPERIMENT_CONFIG: config_text})})
+    messages = [Message(content=content, message_type=protocol.HELLO, dst_node_id=nid) for nid in node_ids]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
     failed = [m for m in replies if m.has_error()]
     if failed or len(replies) != len(node_ids):
@@ -66,10 +66,10 @@ def say_hello(grid: Grid, cfg: ExperimentConfig, config_text: str, timeout: floa
     partition_of: dict[int, int] = {}
     rows: dict[int, list[int]] = {}
     for reply in replies:
-        metrics = reply.content["metrics"]
-        pid = int(metrics["partition-id"])
+        metrics = reply.content[protocol.METRICS]
+        pid = int(metrics[protocol.PARTITION_ID])
         partition_of[reply.metadata.src_node_id] = pid
-        rows[pid] = [int(c) for c in metrics["class-counts"]]
+        rows[pid] = [int(c) for c in metrics[protocol.CLASS_COUNTS]]
     if sorted(rows) != list(range(cfg.federation.num_clients)):
         raise RunFailed(f"partition ids {sorted(rows)} do not cover 0..{cfg.federation.num_clients - 1}")
     return Hello(partition_of, np.array([rows[p] for p in sorted(rows)], dtype=np.int64))
@@ -97,15 +97,15 @@ class RoundObserver:
 
     def train_metrics(self, records: list[RecordDict], weight_key: str) -> MetricRecord:
         """Sample-weighted mean of the clients' train metrics."""
-        weights = np.array([float(r["metrics"][weight_key]) for r in records])
-        losses = np.array([float(r["metrics"]["train_loss"]) for r in records])
+        weights = np.array([float(r[protocol.METRICS][weight_key]) for r in records])
+        losses = np.array([float(r[protocol.METRICS][protocol.TRAIN_LOSS]) for r in records])
         out = MetricRecord({"train_loss": float(np.dot(weights, losses) / weights.sum())})
         self.pending["train_loss"] = out["train_loss"]
         return out
 
     def evaluate_metrics(self, records: list[RecordDict], weight_key: str) -> MetricRecord:
         """Client-side accuracies: weighted mean and the fairness figures."""
-        accs = [float(r["metrics"]["accuracy"]) for r in records]
+        accs = [float(r[protocol.METRICS][protocol.ACCURACY]) for r in records]
         fairness = client_fairness(accs)
         self.pending.update(fairness)
         return MetricRecord({k: float(v) for k, v in fairness.items()})
@@ -204,8 +204,9 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: boo
     def initial_arrays() -> ArrayRecord:
         return ArrayRecord(get_weights(build_model(cfg.model.name, splits.input_shape, splits.num_classes, cfg.seed)))
 
-    train_config = ConfigRecord({CONFIG_KEY: config_text, ALGORITHM_KEY: strategy_spec(cfg.strategy.name).client_algorithm})
-    evaluate_config = ConfigRecord({CONFIG_KEY: config_text})
+    train_config = ConfigRecord({protocol.EXPERIMENT_CONFIG: config_text,
+                                 protocol.CLIENT_ALGORITHM: strategy_spec(cfg.strategy.name).client_algorithm})
+    evaluate_config = ConfigRecord({protocol.EXPERIMENT_CONFIG: config_text})
     extra: dict[str, Any] = {}
     if cfg.synthetic.enabled:
         from strategies.synthetic import prepare_synthetic  # diffusers loads only when asked for

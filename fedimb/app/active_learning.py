@@ -15,16 +15,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedimb import protocol
 from fedimb.config import ExperimentConfig
 from fedimb.records import atomic_write_text, save_figure
 from strategies.base import error_reason
-
-QUERY_TYPE = f"{MessageType.QUERY}.select"
-
 
 def step_budget(total_train: int, step_fraction: float, num_clients: int) -> int:
     """FairFAL's per-client budget: round(N_train, −2) · step_fraction / K."""
@@ -62,7 +60,7 @@ class ActiveLearningLoop:
             if step and al.reset_model:
                 arrays = self.initial_arrays()
             self.on_stage(step)
-            train_config["fal-step"] = step
+            train_config[protocol.FAL_STEP] = step
             result = self.make_strategy().start(
                 grid=self.grid, initial_arrays=arrays, num_rounds=al.rounds_per_step,
                 train_config=train_config, evaluate_config=evaluate_config, evaluate_fn=self.evaluate_fn)
@@ -81,22 +79,23 @@ class ActiveLearningLoop:
         al = self.cfg.active_learning
         if budget is None:
             budget = step_budget(self.total_train, al.step_fraction, self.cfg.federation.num_clients)
-        config = ConfigRecord({"fedimb-config": self.config_text, "budget": budget, "fal-step": step})
+        config = ConfigRecord({protocol.EXPERIMENT_CONFIG: self.config_text, protocol.BUDGET: budget,
+                               protocol.FAL_STEP: step})
         if self.gamma_bar is not None:
-            config["gamma-bar"] = self.gamma_bar
-        content = RecordDict({"arrays": arrays, "config": config})
+            config[protocol.GAMMA_BAR] = self.gamma_bar
+        content = RecordDict({protocol.ARRAYS: arrays, protocol.CONFIG: config})
         node_ids = sorted(self.partition_of, key=self.partition_of.get)
-        messages = [Message(content=content, message_type=QUERY_TYPE, dst_node_id=n) for n in node_ids]
+        messages = [Message(content=content, message_type=protocol.SELECT, dst_node_id=n) for n in node_ids]
         replies = list(self.grid.send_and_receive(messages))
         failed = [m for m in replies if m.has_error()]
         if failed or len(replies) != len(node_ids):
             reason = error_reason(failed[0]) if failed else "missing replies"
             raise RuntimeError(f"query step {step} failed: {reason}")
-        metrics = [m.content["metrics"] for m in replies]
-        histogram = np.sum([np.asarray(m["histogram"]) for m in metrics], axis=0)
-        if step == 0 and self.gamma_bar is None and all("gamma" in m for m in metrics):
-            self.gamma_bar = float(np.mean([float(m["gamma"]) for m in metrics]))  # frozen from here on
-        labelled = int(sum(int(m["num-labelled"]) for m in metrics))
+        metrics = [m.content[protocol.METRICS] for m in replies]
+        histogram = np.sum([np.asarray(m[protocol.LABEL_HISTOGRAM]) for m in metrics], axis=0)
+        if step == 0 and self.gamma_bar is None and all(protocol.FAIRFAL_GAMMA in m for m in metrics):
+            self.gamma_bar = float(np.mean([float(m[protocol.FAIRFAL_GAMMA]) for m in metrics]))  # frozen from here on
+        labelled = int(sum(int(m[protocol.NUM_LABELLED]) for m in metrics))
         return {"queried": int(histogram.sum()), "labelled_after": labelled,
                 "labelled_fraction_after": labelled / self.total_train,
                 "queried_tail_share": tail_share(histogram, self.tail_classes),

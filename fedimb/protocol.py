@@ -1,0 +1,110 @@
+"""The wire between fedimb's ServerApp and ClientApp, defined once for both sides.
+
+Message types, the names of records and of config / metric values that cross the wire, the
+node-config keys a SuperNode is started with, the defaults both sides read, and
+:func:`derive_seed`, the one place a per-purpose seed is made from the run's seed.
+
+Flower's own conventions (the ``arrays`` / ``metrics`` / ``config`` records of a message,
+``server-round``, ``proximal-mu``, the weighting metric ``num-examples``) are Flower's and are
+named here so that fedimb code reads them from one place too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flwr.app import MessageType
+
+# ---- message types: Flower's type, an action after the dot ----------------------------------
+HELLO = MessageType.QUERY  # the server's first question: partition id and class counts
+SELECT = f"{MessageType.QUERY}.select"  # active learning: query labels with a budget
+GENERATOR_TRAIN = f"{MessageType.TRAIN}.generator"  # one federated round of the diffusion generator
+TOPUP = f"{MessageType.QUERY}.topup"  # store (or sample) the synthetic pool
+
+# ---- records of a message (RecordDict keys) --------------------------------------------------
+ARRAYS = "arrays"  # Flower's: model weights
+METRICS = "metrics"  # Flower's: a reply's numbers
+CONFIG = "config"  # Flower's: the server's knobs for this message
+PROTOTYPES = "prototypes"  # server → client: global prototypes P (C×D) and has (C)
+PROTOTYPE_STATS = "proto-stats"  # client → server: per-class prototype, count, dispersion, uncertainty
+CONTROL = "control"  # SCAFFOLD, server → client: the server control variate c
+CONTROL_DELTA = "control-delta"  # SCAFFOLD, client → server: c_i(new) − c_i
+POOL = "pool"  # server → client: a synthetic pool sampled on the server (x, y)
+GENERATOR = "generator"  # server → client: the generator's weights, for the client to sample
+JUDGE = "judge"  # server → client: the reference classifier that scores a local generator
+
+# ---- config values (ConfigRecord keys), server → client --------------------------------------
+EXPERIMENT_CONFIG = "fedimb-config"  # the resolved experiment YAML, in every message
+CLIENT_ALGORITHM = "client-algorithm"  # which clients/algorithms entry trains this round
+SERVER_ROUND = "server-round"  # Flower's
+PROXIMAL_MU = "proximal-mu"  # Flower's FedProx
+PROTO_LAMBDA = "proto-lambda"
+GEO_LAMBDA = "geo-lambda"
+PROTO_TAU = "proto-tau"
+FAL_STEP = "fal-step"  # active learning: which query step (also sent with its training rounds)
+BUDGET = "budget"  # active learning: labels this client may query
+GAMMA_BAR = "gamma-bar"  # FairFAL: the server's mean imbalance γ̄
+GENERATOR_RANGE = "generator-range"  # [lo, hi] of the training images, sent with every generator
+GUIDANCE_PER_CLASS = "guidance-per-class"  # the per-class sampler, sent with a shipped generator
+RESCALE_PER_CLASS = "rescale-per-class"
+TRAIN_LOCAL = "train-local"  # synthetic.training=local: the client trains its own generator
+LOCAL_GENERATOR_DIR = "local-generator-dir"  # where that generator is cached between runs
+
+# ---- metric values (MetricRecord keys), client → server --------------------------------------
+NUM_EXAMPLES = "num-examples"  # Flower's weighting key: the client's real training samples
+PARTITION_ID = "partition-id"
+CLASS_COUNTS = "class-counts"
+TRAIN_LOSS = "train_loss"
+LOCAL_STEPS = "local-steps"
+ACCURACY = "accuracy"
+LOSS = "loss"
+CONFIDENCE = "confidence"  # prototype clients: mean 1 − normalised entropy on their data
+CLIMB_LOSS = "climb-loss"
+FEDNOVA_FACTOR = "fednova-a"  # FedNova's normalising factor a_i
+GENERATOR_LOSS = "generator_loss"
+NUM_SYNTHETIC = "num-synthetic"
+NUM_LABELLED = "num-labelled"
+LABEL_HISTOGRAM = "histogram"  # labels revealed by this query step
+FAIRFAL_GAMMA = "gamma"  # FairFAL: this client's imbalance γ_k, reported at the first query step
+QUALITY_HITS = "quality-hits"  # local generator: judge hits per class
+QUALITY_SCORED = "quality-scored"  # local generator: images scored per class
+GENERATOR_TRAINING_S = "generator-training-s"
+GENERATOR_REUSED = "generator-reused"
+GENERATOR_PARAMS = "generator-params"
+SAMPLING_IMAGES_PER_S = "sampling-images-per-s"
+
+# ---- node config (SuperNode / simulation) ----------------------------------------------------
+NODE_PARTITION_ID = "partition-id"  # Flower's simulation sets it; a deployed node names it
+NODE_DATA_ROOT = "data-root"
+
+
+@dataclass(frozen=True)
+class PrototypeLossDefaults:
+    """The prototype client's loss knobs when a server does not send them (the params' defaults)."""
+
+    lambda_proto: float = 1.0
+    lambda_geo: float = 0.1
+    tau: float = 0.2
+
+
+PROTOTYPE_LOSS = PrototypeLossDefaults()
+
+# ---- seeds -----------------------------------------------------------------------------------
+# purpose → (multiplier of the run's seed, multiplier of the round / step). The values are the
+# ones every published run used, so old runs reproduce; each stream is named for what it draws.
+SEED_STREAMS: dict[str, tuple[int, int]] = {
+    "train-init": (100_003, 1_009),  # torch's global RNG before local training
+    "train-batches": (1_000_003, 10_007),  # batch order of local training
+    "fal-query": (1_000_003, 10_007),  # an active-learning sampler's draws at a query step
+    "generator-round": (7_919, 101),  # a federated generator round; a local generator is round 0
+    "topup": (31, 0),  # the synthetic pool of one client (server- or client-sampled alike)
+}
+
+
+def derive_seed(seed: int, purpose: str, step: int = 0, client: int = 0) -> int:
+    """The seed of ``purpose`` for one client at one round (or step): seed·a + step·b + client."""
+    try:
+        per_seed, per_step = SEED_STREAMS[purpose]
+    except KeyError:
+        raise ValueError(f"unknown seed purpose {purpose!r}; known: {', '.join(SEED_STREAMS)}") from None
+    return seed * per_seed + step * per_step + client
