@@ -13,7 +13,7 @@ from clients.active import labelled_positions, store_positions
 from fedimb.config import load_config
 from fedimb.data import build_federated_data
 from fedimb.app.simulation import run_experiment
-from strategies.active_learning import step_budget, tail_share
+from fedimb.app.active_learning import step_budget, tail_share
 from tests.conftest import DIGITS_SMALL
 
 AL = ["active_learning.enabled=true", "active_learning.initial_fraction=0.2", "active_learning.step_fraction=0.1",
