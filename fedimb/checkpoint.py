@@ -8,7 +8,7 @@ keep nothing between rounds continues exactly as if it had never stopped. Runs w
 keep state in ``context.state`` (SCAFFOLD's control variates, active-learning pools) cannot
 rebuild it, so they write no checkpoint and ``--resume`` refuses them. Synthetic top-ups are
 client state too, but every session delivers them again before its first round, from the
-cached generator and pools (strategies/synthetic.py), so those runs resume.
+cached generator and pools, so those runs resume.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -128,15 +129,14 @@ def load_checkpoint(run_dir: Path) -> Checkpoint | None:
     return Checkpoint(**{name: _from_saved(payload[name]) for name in Checkpoint.__dataclass_fields__})
 
 
-def resume_blocker(cfg: ExperimentConfig) -> str | None:
-    """Why a run of ``cfg`` cannot resume exactly (client state that a restart loses), or None."""
-    from clients.algorithms import CLIENT_ALGORITHMS
-    from strategies import strategy_spec
+def resume_blocker(cfg: ExperimentConfig, keeps_client_state: bool) -> str | None:
+    """Why a run of ``cfg`` cannot resume exactly (client state that a restart loses), or None.
 
+    ``keeps_client_state``: what the strategy's registry entry declares.
+    """
     if cfg.active_learning.enabled:
         return "active_learning runs keep client state (labelled pools) and cannot resume; rerun it"
-    algorithm = strategy_spec(cfg.strategy.name).client_algorithm
-    if CLIENT_ALGORITHMS[algorithm].keeps_state:
+    if keeps_client_state:
         return f"strategy '{cfg.strategy.name}' keeps client state and cannot resume; rerun it"
     return None
 
@@ -150,8 +150,11 @@ class ResumePlan:
     done_round: int | None = None  # None: no checkpoint yet, the run starts over
 
 
-def plan_resume(run_dir: Path) -> ResumePlan:
-    """Read ``run_dir``: its config, whether it finished, its checkpoint; refuse what cannot resume."""
+def plan_resume(run_dir: Path, keeps_client_state: Callable[[ExperimentConfig], bool]) -> ResumePlan:
+    """Read ``run_dir``: its config, whether it finished, its checkpoint; refuse what cannot resume.
+
+    ``keeps_client_state``: whether a config's strategy keeps client state (the app's registry).
+    """
     config_path = Path(run_dir) / "config.yaml"
     if not config_path.is_file():
         raise ResumeError(f"no config.yaml in {run_dir}; not a fedimb run directory")
@@ -159,7 +162,7 @@ def plan_resume(run_dir: Path) -> ResumePlan:
     summary_path = Path(run_dir) / "summary.json"
     if summary_path.is_file():
         return ResumePlan(cfg, finished=json.loads(summary_path.read_text(encoding="utf-8")))
-    blocker = resume_blocker(cfg)
+    blocker = resume_blocker(cfg, keeps_client_state(cfg))
     if blocker:
         raise ResumeError(blocker)
     checkpoint = load_checkpoint(run_dir)

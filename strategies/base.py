@@ -69,13 +69,18 @@ class StrategyContext:
 
 @dataclass(frozen=True)
 class StrategySpec:
-    """A registered strategy: how to build it, its params dataclass, its client algorithm."""
+    """A registered strategy: how to build it, its params dataclass, its client algorithm.
+
+    ``keeps_client_state``: its clients keep something in ``context.state`` from one round to
+    the next (SCAFFOLD's c_i), which a restarted run has lost, so such runs cannot resume.
+    """
 
     name: str
     build: Callable[[StrategyContext, Any], Strategy]
     params_cls: type
     client_algorithm: str = "fedavg"
     summary: str = ""
+    keeps_client_state: bool = False
 
 
 @dataclass

@@ -63,4 +63,4 @@ def build(ctx: StrategyContext, params: NoParams) -> ScaffoldStrategy:
     return ScaffoldStrategy(num_clients=ctx.num_clients, **ctx.flower_kwargs())
 
 
-SPEC = StrategySpec("scaffold", build, NoParams, "scaffold", "control variates")
+SPEC = StrategySpec("scaffold", build, NoParams, "scaffold", "control variates", keeps_client_state=True)

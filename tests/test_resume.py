@@ -14,10 +14,11 @@ import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 
-import fedimb.app.server
+import fedimb.app.phases
 from fedimb.checkpoint import (CHECKPOINT_FILE, Checkpoint, config_digest, load_checkpoint, resume_blocker,
                                save_checkpoint, written_for)
 from fedimb.app.cli import main
+from fedimb.app.phases import cannot_resume
 from fedimb.config import load_config, to_yaml
 from fedimb.records import RunRecorder, read_rounds_csv
 from fedimb.app.simulation import run_experiment
@@ -141,9 +142,10 @@ def test_recorder_restore_drops_rows_after_the_checkpoint(tmp_path):
 
 def test_only_client_state_blocks_resume():
     blocked = {name for name in STRATEGIES
-               if resume_blocker(load_config(None, DIGITS_SMALL + [f"strategy.name={name}"]))}
+               if cannot_resume(load_config(None, DIGITS_SMALL + [f"strategy.name={name}"]))}
     assert blocked == {"scaffold"}
-    assert "active_learning" in resume_blocker(load_config(None, DIGITS_SMALL + ["active_learning.enabled=true"]))
+    assert "active_learning" in cannot_resume(load_config(None, DIGITS_SMALL + ["active_learning.enabled=true"]))
+    assert resume_blocker(load_config(None, DIGITS_SMALL), keeps_client_state=True) is not None
 
 
 def _run_dir(tmp_path: Path, overrides: list[str] = ()) -> Path:
@@ -211,7 +213,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(strategy, tmp_path, monke
     # what a run killed at that moment leaves behind. Resuming the copy must give the same rows.
     cfg = load_config(None, DIGITS_SMALL + ["federation.rounds=4"] + strategy)
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    save = fedimb.app.server.save_checkpoint
+    save = fedimb.app.phases.save_checkpoint
 
     def save_and_copy(run_dir: Path, checkpoint: Checkpoint) -> Path:
         path = save(run_dir, checkpoint)
@@ -219,7 +221,7 @@ def test_interrupted_then_resumed_equals_uninterrupted(strategy, tmp_path, monke
             shutil.copytree(run_dir, cut)
         return path
 
-    monkeypatch.setattr(fedimb.app.server, "save_checkpoint", save_and_copy)
+    monkeypatch.setattr(fedimb.app.phases, "save_checkpoint", save_and_copy)
     run_experiment(cfg, whole)
     monkeypatch.undo()
     assert not (cut / "summary.json").exists() and load_checkpoint(cut).round == 2

@@ -41,9 +41,6 @@ class ClientAlgorithm:
     """Plain local SGD (FedAvg's client). Subclasses override only the hooks they need."""
 
     name = "fedavg"
-    # True when the algorithm keeps something in ``context.state`` across rounds: a restarted
-    # run has lost it, so ``fedimb run --resume`` refuses such runs (fedimb/checkpoint.py).
-    keeps_state = False
 
     def __init__(self, rnd: ClientRound) -> None:
         self.rnd = rnd

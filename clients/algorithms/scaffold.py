@@ -22,7 +22,6 @@ class ScaffoldClient(ClientAlgorithm):
     """Gradient correction with server and client control variates."""
 
     name = "scaffold"
-    keeps_state = True  # c_i lives in context.state
 
     def __init__(self, rnd: ClientRound) -> None:
         super().__init__(rnd)

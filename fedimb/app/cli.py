@@ -40,14 +40,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _resume(args: argparse.Namespace) -> int:
     """``fedimb run --resume RUN_DIR``: continue a run from its checkpoint with its own config.yaml."""
-    from fedimb.checkpoint import ResumeError, plan_resume
     from fedimb.app.simulation import check_before_run, run_experiment
+    from fedimb.checkpoint import ResumeError, plan_resume
+    from strategies import strategy_spec
 
     if args.config or args.overrides or args.out:
         # a changed config would not continue the run that the checkpoint belongs to
         raise ResumeError("takes only the run directory; its config.yaml is the config")
     run_dir = Path(args.resume)
-    plan = plan_resume(run_dir)
+    plan = plan_resume(run_dir, lambda cfg: strategy_spec(cfg.strategy.name).keeps_client_state)
     if plan.finished is not None:
         accuracy = plan.finished.get("final", {}).get("accuracy")
         shown = f"{accuracy:.4f}" if isinstance(accuracy, (int, float)) else "n/a"

@@ -4,23 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
+from fedimb.app.process import offline_environment, quiet_run
 from fedimb.config import ConfigError, ExperimentConfig, to_yaml
-
-OFFLINE_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "RAY_DEDUP_LOGS": "0",
-    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "TOKENIZERS_PARALLELISM": "false",
-}
-
 
 class RunError(RuntimeError):
     """The federation failed; the message is the cause, one line."""
@@ -66,18 +55,22 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path, checked: bool = False, 
     """
     if not checked:
         check_before_run(cfg)
-    for key, value in OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with offline_environment(), quiet_run(cfg.simulation.verbose):
+        _simulate(cfg, run_dir, resume)
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise RunError(f"run failed: no summary.json in {run_dir}; see the log above")
+    return json.loads(summary_path.read_text())
+
+
+def _simulate(cfg: ExperimentConfig, run_dir: Path, resume: bool) -> None:
+    """Flower's simulation engine on Ray with our ServerApp and ClientApp; any failure as one RunError."""
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app
     from fedimb.app.server import make_server_app
 
-    if not cfg.simulation.verbose:
-        # Flower logs a client's traceback from deep inside Ray; RunError below carries its reason in one line
-        logging.getLogger("flwr").setLevel(logging.CRITICAL)
-        warnings.filterwarnings("ignore")
-    run_dir.mkdir(parents=True, exist_ok=True)
     try:
         run_simulation(
             server_app=make_server_app(to_yaml(cfg), run_dir, resume=resume),
@@ -94,10 +87,6 @@ def run_experiment(cfg: ExperimentConfig, run_dir: Path, checked: bool = False, 
         raise RunError("run failed: " + " ".join(str(cause).split()) + hint) from exc  # one line, whatever Flower wrapped
     finally:
         _shutdown_ray()
-    summary_path = run_dir / "summary.json"
-    if not summary_path.is_file():
-        raise RunError(f"run failed: no summary.json in {run_dir}; see the log above")
-    return json.loads(summary_path.read_text())
 
 
 def _shutdown_ray() -> None:

@@ -135,6 +135,73 @@ def plan_sweep(suite_path: Path, extra_overrides: list[str] | tuple[str, ...] = 
     return runs, sweep_dir
 
 
+def narrow(runs: list[PlannedRun], only: list[str] | None) -> list[PlannedRun]:
+    """The runs whose cell label matches one of the shell patterns ``only`` (all runs without)."""
+    if not only:
+        return runs
+    kept = [r for r in runs if any(fnmatch.fnmatch(r.label, pattern) for pattern in only)]
+    if not kept:
+        raise ConfigError("--only", f"no cell label matches {' '.join(only)}")
+    return kept
+
+
+def choose(runs: list[PlannedRun], labels: list[str], seeds_outermost: bool = False,
+           field: str = "cells") -> list[PlannedRun]:
+    """The runs of the cells ``labels``, in the plan's order, or with ``seeds_outermost`` seed by
+    seed in the order of ``labels`` (so a seed's first run trains what its later runs reuse from
+    the cache, e.g. a generator). An unknown label is an error naming ``field``."""
+    known = {r.label for r in runs}
+    unknown = [label for label in labels if label not in known]
+    if unknown:
+        raise ConfigError(f"--{field}", f"unknown cells {' '.join(unknown)}; known: {', '.join(sorted(known))}")
+    chosen = [r for r in runs if r.label in labels]
+    if seeds_outermost:
+        chosen.sort(key=lambda r: (r.cfg.seed, labels.index(r.label)))
+    return chosen
+
+
+def execute(runs: list[PlannedRun], sweep_dir: Path, dry_run: bool = False,
+            resume: bool = False) -> tuple[list[PlannedRun], list[str]]:
+    """Run every planned run not yet finished; return the finished runs and the names of failed ones.
+
+    Every run is checked, and a stale finished run stops everything, before the first one trains.
+    A run that fails does not stop the others. ``resume``: a run that left a checkpoint and no
+    summary continues from it instead of starting over.
+    """
+    from fedimb.app.simulation import RunError, check_before_run, run_experiment
+
+    for run in runs:
+        check_before_run(run.cfg)
+    done = [is_finished(run) for run in runs]  # a stale run stops the sweep before anything trains
+    console.print(f"sweep: {len(runs)} runs → {sweep_dir}", highlight=False)
+    if dry_run:
+        for run in runs:
+            console.print(f"  {run.run_dir.name}: {' '.join(run.overrides)}", highlight=False)
+        return [r for r, finished in zip(runs, done, strict=True) if finished], []
+    failed: list[str] = []
+    for i, (run, finished_before) in enumerate(zip(runs, done, strict=True), 1):
+        if finished_before:
+            console.print(f"[{i}/{len(runs)}] {run.run_dir.name}: done before, skipped", highlight=False)
+            continue
+        resuming = resume and (run.run_dir / "checkpoint.pt").is_file()
+        console.print(f"[{i}/{len(runs)}] {run.run_dir.name}{': resuming' if resuming else ''}", highlight=False)
+        try:
+            run_experiment(run.cfg, run.run_dir, checked=True, resume=resuming)  # every run was checked above
+        except RunError as exc:
+            console.print(f"[red]{run.run_dir.name}: {exc}[/]", highlight=False, soft_wrap=True)
+            failed.append(run.run_dir.name)
+    return [r for r in runs if (r.run_dir / "summary.json").is_file()], failed
+
+
+def failure(failed: list[str], total: int, written: Path | None, what: str = "the report") -> Exception:
+    """The error that ends a sweep with failed runs, after ``written`` was made from the others."""
+    from fedimb.app.simulation import RunError
+
+    others = f"{what} of the others is in {written}" if written else "no run finished"
+    return RunError(f"{len(failed)} of {total} sweep runs failed ({', '.join(failed)}); {others}; "
+                    "rerun the sweep to retry them")
+
+
 def run_sweep(suite_path: Path, extra_overrides: list[str] | tuple[str, ...] = (),
               out: Path | None = None, dry_run: bool = False, seeds: list[int] | None = None,
               only: list[str] | None = None) -> Path:
@@ -145,36 +212,13 @@ def run_sweep(suite_path: Path, extra_overrides: list[str] | tuple[str, ...] = (
     then :class:`RunError` names the failed ones (rerunning the sweep retries only those).
     """
     from fedimb.report import write_report
-    from fedimb.app.simulation import RunError, check_before_run, run_experiment
 
     runs, sweep_dir = plan_sweep(suite_path, extra_overrides, out, seeds)
-    if only:
-        runs = [r for r in runs if any(fnmatch.fnmatch(r.label, pattern) for pattern in only)]
-        if not runs:
-            raise ConfigError("--only", f"no cell label matches {' '.join(only)}")
-    for run in runs:
-        check_before_run(run.cfg)
-    done = [is_finished(run) for run in runs]  # a stale run stops the sweep before anything trains
-    console.print(f"sweep: {len(runs)} runs → {sweep_dir}", highlight=False)
+    runs = narrow(runs, only)
+    finished, failed = execute(runs, sweep_dir, dry_run=dry_run)
     if dry_run:
-        for run in runs:
-            console.print(f"  {run.run_dir.name}: {' '.join(run.overrides)}", highlight=False)
         return sweep_dir
-    failed: list[str] = []
-    for i, (run, finished_before) in enumerate(zip(runs, done, strict=True), 1):
-        if finished_before:
-            console.print(f"[{i}/{len(runs)}] {run.run_dir.name}: done before, skipped", highlight=False)
-            continue
-        console.print(f"[{i}/{len(runs)}] {run.run_dir.name}", highlight=False)
-        try:
-            run_experiment(run.cfg, run.run_dir, checked=True)  # every run was checked above
-        except RunError as exc:
-            console.print(f"[red]{run.run_dir.name}: {exc}[/]", highlight=False, soft_wrap=True)
-            failed.append(run.run_dir.name)
-    finished = [r.run_dir for r in runs if (r.run_dir / "summary.json").is_file()]
-    report = write_report(finished, sweep_dir) if finished else None
+    report = write_report([r.run_dir for r in finished], sweep_dir) if finished else None
     if failed:
-        others = f"the report of the others is in {report}" if report else "no run finished"
-        raise RunError(f"{len(failed)} of {len(runs)} sweep runs failed ({', '.join(failed)}); {others}; "
-                       "rerun the sweep to retry them")
+        raise failure(failed, len(runs), report)
     return report

@@ -1,0 +1,100 @@
+"""What the server records each round: client metrics, the central evaluation, the printed line."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from rich.console import Console
+
+from fedimb import protocol
+from fedimb.config import ExperimentConfig
+from fedimb.data import DatasetSplits, build_federated_data, load_dataset
+from fedimb.metrics import classification_metrics, client_fairness
+from fedimb.models import build_model, set_weights
+from fedimb.records import RunRecorder
+
+console = Console(stderr=True)
+
+
+@dataclass
+class RoundObserver:
+    """Collects each round's client metrics and the centralised evaluation into the records."""
+
+    cfg: ExperimentConfig
+    recorder: RunRecorder
+    train_counts: np.ndarray | None  # the clients' class counts, known after the hello phase
+    test_x: torch.Tensor
+    test_y: np.ndarray
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    rounds_per_stage: int = 0  # rounds of one strategy.start (all rounds unless active learning)
+    round_offset: int = 0  # rounds of earlier active-learning stages
+    pending: dict[str, Any] = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+
+    def start_stage(self, stage: int) -> None:
+        """Active learning: number this stage's rounds after the earlier stages'."""
+        self.round_offset = stage * self.rounds_per_stage
+
+    def train_metrics(self, records: list[RecordDict], weight_key: str) -> MetricRecord:
+        """Sample-weighted mean of the clients' train metrics."""
+        weights = np.array([float(r[protocol.METRICS][weight_key]) for r in records])
+        losses = np.array([float(r[protocol.METRICS][protocol.TRAIN_LOSS]) for r in records])
+        out = MetricRecord({"train_loss": float(np.dot(weights, losses) / weights.sum())})
+        self.pending["train_loss"] = out["train_loss"]
+        return out
+
+    def evaluate_metrics(self, records: list[RecordDict], weight_key: str) -> MetricRecord:
+        """Client-side accuracies: weighted mean and the fairness figures."""
+        accs = [float(r[protocol.METRICS][protocol.ACCURACY]) for r in records]
+        fairness = client_fairness(accs)
+        self.pending.update(fairness)
+        return MetricRecord({k: float(v) for k, v in fairness.items()})
+
+    def central_evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        """Global model on the balanced test set every ``eval.every`` rounds and at the end."""
+        last = server_round == self.rounds_per_stage
+        if (server_round % self.cfg.eval.every and not last) or (server_round == 0 and self.round_offset):
+            return None
+        model = build_model(self.cfg.model.name, self.input_shape, self.num_classes, self.cfg.seed)
+        set_weights(model, arrays.to_torch_state_dict())
+        model.eval()
+        with torch.no_grad():
+            preds = torch.cat([model(self.test_x[i:i + self.cfg.eval.batch_size]).argmax(1)
+                               for i in range(0, len(self.test_x), self.cfg.eval.batch_size)])
+        metrics = classification_metrics(self.test_y, preds.numpy(), self.num_classes, self.train_counts)
+        row = {**metrics, **self.pending}
+        self.pending = {}
+        self.recorder.log_round(self.round_offset + server_round, row)
+        self._print(self.round_offset + server_round, row)
+        return MetricRecord({k: float(v) for k, v in metrics.items() if not isinstance(v, list)})
+
+    def _print(self, server_round: int, row: dict[str, Any]) -> None:
+        parts = [f"round {server_round:>3}/{total_rounds(self.cfg)}",
+                 f"acc {row['accuracy']:.4f}", f"bal {row['balanced_accuracy']:.4f}",
+                 f"f1 {row['macro_f1']:.4f}", f"tail {row['tail_recall']:.4f}"]
+        if "client_accuracy_std" in row:
+            parts.append(f"client-std {row['client_accuracy_std']:.4f}")
+        parts.append(f"{time.time() - self.started:7.1f}s")
+        console.print("  ".join(parts), highlight=False, soft_wrap=True)
+
+
+def evaluation_set(cfg: ExperimentConfig) -> tuple[np.ndarray, np.ndarray, DatasetSplits]:
+    """The balanced test set, or (``eval.split=validation``) the held-out training samples."""
+    if cfg.eval.split == "validation":
+        data = build_federated_data(cfg)
+        idx = data.validation_indices
+        return data.splits.train_x[idx], data.splits.train_y[idx], data.splits
+    splits = load_dataset(cfg.data)
+    return splits.test_x, splits.test_y, splits
+
+
+def total_rounds(cfg: ExperimentConfig) -> int:
+    """Rounds of the whole run: all active-learning stages, or ``federation.rounds``."""
+    al = cfg.active_learning
+    return (al.steps + 1) * al.rounds_per_step if al.enabled else cfg.federation.rounds

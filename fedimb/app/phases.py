@@ -1,0 +1,189 @@
+"""The phases a server run is composed of, and the state they share.
+
+A run is: hello (which partition each node holds, its class counts), then the optional
+generator (synthetic top-up), then the federation itself: rounds of one strategy, or
+active-learning stages with query steps between them. Each phase reads and extends one
+:class:`ServerRun`; :func:`phases_for` says which phases a config asks for.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedimb import protocol
+from fedimb.app.active_learning import ActiveLearningLoop, write_fal_records
+from fedimb.app.observer import RoundObserver
+from fedimb.checkpoint import Checkpoint, config_digest, resume_blocker, save_checkpoint
+from fedimb.config import ExperimentConfig
+from fedimb.data import DatasetSplits, partition_stats, plot_partition
+from fedimb.metrics import class_groups
+from fedimb.models import build_model, get_weights
+from strategies import build_strategy, strategy_spec
+from strategies.base import RoundOffset, StrategyContext, error_reason
+
+
+class RunFailed(RuntimeError):
+    """A federation could not finish; the message says which client or step failed."""
+
+
+@dataclass
+class Hello:
+    """What the hello round learnt: node id → partition id, and each partition's class counts."""
+
+    partition_of: dict[int, int]
+    counts: np.ndarray  # (num_clients, num_classes), row = partition id
+
+
+def say_hello(grid: Grid, cfg: ExperimentConfig, config_text: str, timeout: float = 600.0) -> Hello:
+    """Wait for all nodes, ask each for its partition id and class counts (query messages)."""
+    deadline = time.time() + timeout
+    while len(node_ids := sorted(grid.get_node_ids())) < cfg.federation.num_clients:
+        if time.time() > deadline:
+            raise RunFailed(f"only {len(node_ids)} of {cfg.federation.num_clients} nodes connected")
+        time.sleep(0.5)
+    content = RecordDict({protocol.CONFIG: ConfigRecord({protocol.EXPERIMENT_CONFIG: config_text})})
+    messages = [Message(content=content, message_type=protocol.HELLO, dst_node_id=nid) for nid in node_ids]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    failed = [m for m in replies if m.has_error()]
+    if failed or len(replies) != len(node_ids):
+        reason = error_reason(failed[0]) if failed else "no reply"
+        raise RunFailed(f"hello round failed on {len(failed) or len(node_ids) - len(replies)} node(s): {reason}")
+    partition_of: dict[int, int] = {}
+    rows: dict[int, list[int]] = {}
+    for reply in replies:
+        metrics = reply.content[protocol.METRICS]
+        pid = int(metrics[protocol.PARTITION_ID])
+        partition_of[reply.metadata.src_node_id] = pid
+        rows[pid] = [int(c) for c in metrics[protocol.CLASS_COUNTS]]
+    if sorted(rows) != list(range(cfg.federation.num_clients)):
+        raise RunFailed(f"partition ids {sorted(rows)} do not cover 0..{cfg.federation.num_clients - 1}")
+    return Hello(partition_of, np.array([rows[p] for p in sorted(rows)], dtype=np.int64))
+
+
+@dataclass
+class ServerRun:
+    """What the phases of one run share; each phase reads it and adds what it learnt."""
+
+    grid: Grid
+    cfg: ExperimentConfig
+    config_text: str
+    run_dir: Path
+    splits: DatasetSplits
+    observer: RoundObserver
+    ctx: StrategyContext
+    checkpoint: Checkpoint | None = None
+    hello: Hello | None = None
+    summary: dict[str, Any] = field(default_factory=dict)  # blocks added to summary.json
+
+    def make_strategy(self) -> Strategy:
+        """A fresh strategy from the registry, bound to the seed and the hello round's node map."""
+        strategy, _ = build_strategy(self.cfg, self.ctx)
+        strategy.bind(self.ctx, self.hello.partition_of)
+        return strategy
+
+    def initial_arrays(self) -> ArrayRecord:
+        """The model every federation (and every reset active-learning stage) starts from."""
+        splits = self.splits
+        return ArrayRecord(get_weights(build_model(self.cfg.model.name, splits.input_shape, splits.num_classes,
+                                                   self.cfg.seed)))
+
+    def train_config(self) -> ConfigRecord:
+        """What every train message carries: the experiment and the strategy's client algorithm."""
+        return ConfigRecord({protocol.EXPERIMENT_CONFIG: self.config_text,
+                             protocol.CLIENT_ALGORITHM: strategy_spec(self.cfg.strategy.name).client_algorithm})
+
+    def evaluate_config(self) -> ConfigRecord:
+        """What every evaluate message carries."""
+        return ConfigRecord({protocol.EXPERIMENT_CONFIG: self.config_text})
+
+
+Phase = Callable[[ServerRun], None]
+
+
+def cannot_resume(cfg: ExperimentConfig) -> str | None:
+    """Why a run of ``cfg`` cannot resume (the registry says whether its clients keep state), or None."""
+    return resume_blocker(cfg, strategy_spec(cfg.strategy.name).keeps_client_state)
+
+
+def hello_phase(run: ServerRun) -> None:
+    """Learn each node's partition and class counts; write the partition report and heatmap."""
+    run.hello = say_hello(run.grid, run.cfg, run.config_text)
+    run.observer.train_counts = run.hello.counts.sum(0)
+    run.observer.recorder.write_partition(partition_stats(run.hello.counts))
+    plot_partition(run.hello.counts, run.run_dir / "partition.png",
+                   title=f"{run.cfg.data.dataset}: {run.cfg.partition.name}")
+
+
+def synthetic_phase(run: ServerRun) -> None:
+    """Train (or reload) the federated generator and top every client up; summary block ``synthetic``."""
+    from strategies.synthetic import prepare_synthetic  # diffusers loads only when asked for
+
+    run.summary["synthetic"] = prepare_synthetic(run.grid, run.cfg, run.ctx, run.hello.partition_of,
+                                                 run.hello.counts, run.splits, run.config_text, run.run_dir)
+
+
+def active_learning_phase(run: ServerRun) -> None:
+    """FL stages on the labelled pools with query steps between them; summary block ``active_learning``."""
+    al = run.cfg.active_learning
+    counts = run.hello.counts
+    loop = ActiveLearningLoop(run.cfg, run.grid, run.hello.partition_of, run.config_text, run.make_strategy,
+                              run.initial_arrays, run.observer.central_evaluate, run.observer.start_stage,
+                              class_groups(run.splits.num_classes, counts.sum(0))["tail"], int(counts.sum()))
+    run.summary["active_learning"] = loop.run(run.train_config(), run.evaluate_config())
+    write_fal_records(run.run_dir, loop.steps, al.initial_fraction, al.step_fraction)
+
+
+def rounds_phase(run: ServerRun) -> None:
+    """``federation.rounds`` rounds of the configured strategy, after the checkpoint when resuming."""
+    run_rounds(run.grid, run.cfg, run.run_dir, run.make_strategy(), run.initial_arrays, run.checkpoint,
+               run.observer, run.train_config(), run.evaluate_config())
+
+
+def phases_for(cfg: ExperimentConfig) -> list[Phase]:
+    """The phases of a run of ``cfg``: hello, the generator if asked for, then the federation."""
+    federation = active_learning_phase if cfg.active_learning.enabled else rounds_phase
+    return [hello_phase, *([synthetic_phase] if cfg.synthetic.enabled else []), federation]
+
+
+def run_rounds(grid: Grid, cfg: ExperimentConfig, run_dir: Path, strategy: Strategy,
+               initial_arrays: Callable[[], ArrayRecord], checkpoint: Checkpoint | None, observer: RoundObserver,
+               train_config: ConfigRecord, evaluate_config: ConfigRecord) -> None:
+    """The rounds after ``checkpoint`` (all of them without one), checkpointing after each.
+
+    Runs that cannot resume (:func:`cannot_resume`) write no checkpoint: it would never be read.
+    """
+    keep = cannot_resume(cfg) is None
+    digest = config_digest(cfg)
+
+    as_evaluated = getattr(strategy, "evaluation_arrays", lambda arrays: arrays)  # e.g. a prototype head
+
+    def evaluate_and_checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        metrics = observer.central_evaluate(server_round, as_evaluated(arrays))
+        if keep:
+            state = strategy.state_dict() if hasattr(strategy, "state_dict") else {}
+            save_checkpoint(run_dir, Checkpoint(
+                round=server_round, config_sha256=digest, arrays={k: v.numpy() for k, v in arrays.items()},
+                rows=observer.recorder.rounds, pending=observer.pending, strategy_state=state,
+                elapsed_s=observer.recorder.elapsed()))
+        return metrics
+
+    done = 0
+    arrays = initial_arrays()
+    runner: Strategy = strategy
+    if checkpoint is not None:
+        done = checkpoint.round
+        arrays = ArrayRecord({k: Array(v) for k, v in checkpoint.arrays.items()})
+        if hasattr(strategy, "load_state_dict"):  # every fedimb strategy has it (ReproducibleSampling)
+            strategy.load_state_dict(checkpoint.strategy_state)
+        runner = RoundOffset(strategy, done)
+    runner.start(grid=grid, initial_arrays=arrays, num_rounds=cfg.federation.rounds - done,
+                 train_config=train_config, evaluate_config=evaluate_config, evaluate_fn=evaluate_and_checkpoint)
