@@ -184,7 +184,7 @@ class SyntheticConfig:
     guidance_scale: float = 2.0
     # phi of guidance rescale (Lin et al. 2023): 0 = plain guidance. Lets guidance go above 1.5
     # without saturated, collapsed classes: more recognisable samples, but on FMNIST-LT less useful
-    # pools (docs/results/synthetic_generator_probe.md and synthetic_tuning.md, session 8)
+    # pools (docs/results/synthetic_generator_probe.md and synthetic_tuning.md)
     guidance_rescale: float = 0.0
     # A sampler of their own for the tail third of the classes (fewest training samples over all
     # clients, the classes of tail recall); None = guidance_scale / guidance_rescale. Strong

@@ -173,7 +173,7 @@ class RunRecorder:
         """Write partition statistics as ``partition.json``."""
         return atomic_write_json(self.run_dir / "partition.json", stats)
 
-    def log_round(self, round: int, metrics: dict[str, Any]) -> Path:  # noqa: A002 (brief's name)
+    def log_round(self, round: int, metrics: dict[str, Any]) -> Path:  # noqa: A002 (the CSV column's name)
         """Record one round's metrics and rewrite ``rounds.csv`` with the union of all columns."""
         row: dict[str, Any] = {"round": int(round), "wall_time_s": self.elapsed()}
         row.update({k: _plain(v) for k, v in metrics.items() if k not in row})

@@ -1,8 +1,7 @@
 """CAFedCL-style confidence-aware prototype aggregation, and FedProto as its ablation.
 
 Our design after Wu et al., "Breaking the Prototype Bias Loop" (arXiv 2603.03007; only the
-abstract is public, see ../shared/reference/cafedcl.md), built on FedProto (Tan et al.,
-AAAI 2022). Clients send, per class c they hold: prototype p_k,c, count n_k,c, dispersion
+abstract is public), built on FedProto (Tan et al., AAAI 2022). Clients send, per class c they hold: prototype p_k,c, count n_k,c, dispersion
 σ²_k,c and mean normalised entropy u_k,c (``clients/algorithms/prototypes.py``). Per class:
 
     w̃_k,c = n_k,c · exp(−β·u_k,c) · q_k,c / (σ²_k,c + ε),   w_k,c = w̃_k,c / Σ_j w̃_j,c

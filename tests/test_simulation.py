@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
+import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -27,11 +30,22 @@ def metric_rows(run_dir: Path) -> list[dict[str, str]]:
     return [{k: v for k, v in row.items() if k != "wall_time_s"} for row in rounds_of(run_dir)]
 
 
+def process_settings() -> tuple:
+    """What a run may change process-wide: the environment, the flwr logger, the warning filters."""
+    return dict(os.environ), logging.getLogger("flwr").level, list(warnings.filters)
+
+
 @pytest.fixture(scope="module")
 def fedavg_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "fedavg"
+    before = process_settings()
     run_experiment(load_config(None, DIGITS_SMALL), run_dir)
+    (run_dir.parent / "settings_kept").write_text(str(process_settings() == before))
     return run_dir
+
+
+def test_a_run_gives_back_the_process_settings(fedavg_run):
+    assert (fedavg_run.parent / "settings_kept").read_text() == "True"
 
 
 def test_accuracy_beats_round_zero_and_records_are_written(fedavg_run):
