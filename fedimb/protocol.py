@@ -33,9 +33,14 @@ POOL = "pool"  # server → client: a synthetic pool sampled on the server (x, y
 GENERATOR = "generator"  # server → client: the generator's weights, for the client to sample
 JUDGE = "judge"  # server → client: the reference classifier that scores a local generator
 
+# ---- arrays inside a synthetic pool record (POOL) --------------------------------------------
+POOL_IMAGES = "x"
+POOL_LABELS = "y"
+
 # ---- config values (ConfigRecord keys), server → client --------------------------------------
 EXPERIMENT_CONFIG = "fedimb-config"  # the resolved experiment YAML, in every message
 CLIENT_ALGORITHM = "client-algorithm"  # which clients/algorithms entry trains this round
+DEFAULT_CLIENT_ALGORITHM = "fedavg"  # plain local SGD, when a strategy names none
 SERVER_ROUND = "server-round"  # Flower's
 PROXIMAL_MU = "proximal-mu"  # Flower's FedProx
 PROTO_LAMBDA = "proto-lambda"

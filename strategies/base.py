@@ -23,6 +23,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from fedimb import protocol
+
 
 class ClientFailed(RuntimeError):
     """A ClientApp replied with an error."""
@@ -78,7 +80,7 @@ class StrategySpec:
     name: str
     build: Callable[[StrategyContext, Any], Strategy]
     params_cls: type
-    client_algorithm: str = "fedavg"
+    client_algorithm: str = protocol.DEFAULT_CLIENT_ALGORITHM
     summary: str = ""
     keeps_client_state: bool = False
 

@@ -40,7 +40,7 @@ class ClientRound:
 class ClientAlgorithm:
     """Plain local SGD (FedAvg's client). Subclasses override only the hooks they need."""
 
-    name = "fedavg"
+    name = protocol.DEFAULT_CLIENT_ALGORITHM
 
     def __init__(self, rnd: ClientRound) -> None:
         self.rnd = rnd
