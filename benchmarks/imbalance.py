@@ -3,39 +3,37 @@
     fedimb sweep experiments/suites/cafedcl_tuning.yaml                                         # validation split
     fedimb sweep experiments/suites/imbalance_fmnist.yaml --seeds 0 1 2 --only 'lt100_dirbal0.1_*'  # 3 seeds, key cell
     fedimb sweep experiments/suites/imbalance_fmnist.yaml                                       # 1 seed, 4 settings
-    python benchmarks/imbalance.py                                                              # this report
+    fedimb bench imbalance                                                                      # this report
+    fedimb bench imbalance --from-records                       # the same from its records, nothing else read
 
-Reads the finished runs of both sweeps (nothing is trained here) and writes
-docs/results/imbalance.md plus docs/results/imbalance/ (results.md, results.csv,
-comparison.png, curves_compare.png) and copies the runs' text records to docs/results/imbalance/records/
-(committed: ``--sweep docs/results/imbalance/records/imbalance_fmnist --tuning
-docs/results/imbalance/records/cafedcl_tuning`` rebuilds the report without training). The floors, on rho = 100 with dir_balance alpha = 0.1:
-cafedcl beats fedavg by >= 3 points of balanced accuracy and >= 5 of tail recall, beats
-fedproto, and has a lower client accuracy std than fedavg. ``--cafedcl`` / ``--fedproto``
-pick the method labels compared (default: the variants chosen on the validation split).
+Reads the finished runs of both sweeps (nothing is trained here), keeps their records in
+docs/results/imbalance/records.jsonl.gz and writes docs/results/imbalance.md plus
+docs/results/imbalance/ (results.md, results.csv, comparison.png, curves_compare.png). The floors,
+on rho = 100 with dir_balance alpha = 0.1: cafedcl beats fedavg by >= 3 points of balanced
+accuracy and >= 5 of tail recall, beats fedproto, and has a lower client accuracy std than fedavg.
+``--cafedcl`` / ``--fedproto`` pick the method labels compared (default: the variants chosen on
+the validation split).
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
-import time
 from pathlib import Path
+from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from fedimb.app.cli import guarded
+from fedimb.app.pages import bench_parser, floors_section, floors_table, parse, records_of, save_records, table
+from fedimb.report import (aggregate, collect_runs, find_run_dirs, read_records, results_markdown, run_of_record,
+                           write_report)
 
-from fedimb.app.cli import guarded  # noqa: E402
-from fedimb.records import copy_run_records, load_run  # noqa: E402
-from fedimb.report import aggregate, collect_runs, find_run_dirs, results_markdown, write_report  # noqa: E402
-
+DOC = "docs/results/imbalance.md"
 KEY_SETTING = "dir_balance(0.1), LT rho=100"
 TABLE_METRICS = ("balanced_accuracy", "tail_recall", "macro_f1", "client_accuracy_std", "accuracy")
 
 
 def floors(groups: list[dict], cafedcl: str, fedprotos: list[str]) -> tuple[str, bool]:
-    """Markdown lines checking the issue's floors on the key setting (against every ablation
-    label given), and whether all hold."""
+    """Markdown lines checking the floors on the key setting (against every ablation label given),
+    and whether all hold."""
     by_method = {g["method"]: g for g in groups if g["setting"] == KEY_SETTING}
     missing = [m for m in ["fedavg", cafedcl, *fedprotos] if m not in by_method]
     if missing:
@@ -52,37 +50,30 @@ def floors(groups: list[dict], cafedcl: str, fedprotos: list[str]) -> tuple[str,
            pts(ours, "balanced_accuracy") - pts(by_method[label], "balanced_accuracy"), 0.0) for label in fedprotos],
         ("client accuracy std below fedavg's", pts(base, "client_accuracy_std") - pts(ours, "client_accuracy_std"), 0.0),
     ]
-    lines = [f"Floors on {KEY_SETTING}, `{cafedcl}` (n = {ours['n']}) against `fedavg` (n = {base['n']}) "
-             "and the FedProto ablations, means over seeds:", "",
-             "| floor | measured (points) | needed | holds |", "|---|---|---|---|"]
-    ok = True
-    for name, value, need in checks:
-        holds = value > need if need == 0 else value >= need
-        ok &= holds
-        lines.append(f"| {name} | {value:+.2f} | {'> 0' if need == 0 else f'>= {need:g}'} | {'yes' if holds else 'no'} |")
-    return "\n".join(lines), ok
+    text, ok = floors_table(["floor", "measured (points)", "needed", "holds"],
+                            [([name], value, ">" if need == 0 else ">=", need) for name, value, need in checks])
+    return (f"Floors on {KEY_SETTING}, `{cafedcl}` (n = {ours['n']}) against `fedavg` (n = {base['n']}) "
+            f"and the FedProto ablations, means over seeds:\n\n{text}"), ok
 
 
-def plateau(groups: list[dict], window: int) -> str:
+def plateau(groups: list[dict], window: int, rounds: dict[str, list[dict]]) -> str:
     """Markdown table: how flat each key-setting method's balanced accuracy is at the end of its runs."""
-    lines = [f"| method | runs | last {window} rounds: max − min | last {window} rounds: change per round |",
-             "|---|---|---|---|"]
+    rows = []
     for group in (g for g in groups if g["setting"] == KEY_SETTING):
         spreads, climbs = [], []
         for run_dir in group["run_dirs"]:
-            curve = [100 * r["balanced_accuracy"] for r in load_run(run_dir)["rounds"] if "balanced_accuracy" in r]
+            curve = [100 * r["balanced_accuracy"] for r in rounds[run_dir] if "balanced_accuracy" in r]
             if len(curve) > window:
                 spreads.append(max(curve[-window:]) - min(curve[-window:]))
                 climbs.append((curve[-1] - curve[-window]) / (window - 1))
         if spreads:
-            lines.append(f"| {group['method']} | {len(spreads)} | {sum(spreads) / len(spreads):.2f} "
-                         f"| {sum(climbs) / len(climbs):+.2f} |")
-    return "\n".join(lines)
+            rows.append([group["method"], f"{len(spreads)}", f"{sum(spreads) / len(spreads):.2f}",
+                         f"{sum(climbs) / len(climbs):+.2f}"])
+    return table(["method", "runs", f"last {window} rounds: max − min", f"last {window} rounds: change per round"], rows)
 
 
-def protocol(run_dir: Path) -> str:
+def protocol(cfg: dict[str, Any]) -> str:
     """The training schedule of a run, read from its config (rounds, epochs, lr and its decay)."""
-    cfg = load_run(run_dir)["config"]
     train, rounds = cfg.get("train") or {}, (cfg.get("federation") or {}).get("rounds")
     text = (f"{rounds} rounds × {train.get('local_epochs')} local epochs (SGD lr {train.get('lr')}, "
             f"momentum {train.get('momentum')}, batch {train.get('batch_size')}")
@@ -91,15 +82,9 @@ def protocol(run_dir: Path) -> str:
     return text + ")"
 
 
-def keep_records(runs: list[Path], source: Path, dest: Path) -> None:
-    """Copy the runs' text records to ``dest`` unless they are being read from there already."""
-    if runs and dest.resolve() != source.resolve():
-        copy_run_records(runs, dest)
-
-
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """Write the report from the finished sweep runs."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("imbalance", __doc__, DOC)
     parser.add_argument("--sweep", default="runs/sweeps/imbalance_fmnist")
     parser.add_argument("--tuning", default="runs/sweeps/cafedcl_tuning")
     parser.add_argument("--cafedcl", default="cafedcl(inference=prototype,lambda_proto=2,tau=0.1)", help="method label of the CAFedCL-style row to check")
@@ -108,25 +93,21 @@ def main() -> int:
                         help="method labels of the ablations (FedProto at its own and at cafedcl's loss knobs)")
     parser.add_argument("--last-rounds", type=int, default=5, metavar="K",
                         help="average each run's last K rounds (0: final round only)")
-    parser.add_argument("--doc", default="docs/results/imbalance.md")
-    parser.add_argument("--records", default="docs/results/imbalance/records",
-                        help="where the runs' text records are copied (committed; --sweep/--tuning can read them)")
-    parser.add_argument("--notes", default="docs/results/imbalance_notes.md",
-                        help="hand-written analysis inserted after the floors (kept across regenerations)")
-    args = parser.parse_args()
-    doc = Path(args.doc)
-    assets = doc.with_suffix("")
-    runs = find_run_dirs(args.sweep)
-    if not runs:
-        print(f"no finished runs under {args.sweep}", file=sys.stderr)
-        return 1
-    write_report(runs, assets, last_rounds=args.last_rounds)
-    keep_records(runs, Path(args.sweep), Path(args.records) / "imbalance_fmnist")
+    args, header, page = parse(parser, sys.argv[1:] if argv is None else argv)
+    if not args.from_records:
+        sweep_runs = find_run_dirs(args.sweep)
+        if not sweep_runs:
+            print(f"no finished runs under {args.sweep}", file=sys.stderr)
+            return 1
+        tuning_runs = find_run_dirs(args.tuning) if Path(args.tuning).is_dir() else []
+        save_records(page, header, records_of(sweep_runs, group="sweep") + records_of(tuning_runs, group="tuning"))
+    records = read_records(page.records)[1]
+    runs = [run_of_record(r, page.records) for r in records if r["group"] == "sweep"]
+    tuning_runs = [run_of_record(r, page.records) for r in records if r["group"] == "tuning"]
+    write_report(runs, page.folder, last_rounds=args.last_rounds)
     groups = aggregate(collect_runs(runs, last_rounds=args.last_rounds))
     floor_text, ok = floors(groups, args.cafedcl, args.fedproto)
-    notes = Path(args.notes).read_text() + "\n" if Path(args.notes).is_file() else ""
-    tuning_runs = find_run_dirs(args.tuning) if Path(args.tuning).is_dir() else []
-    keep_records(tuning_runs, Path(args.tuning), Path(args.records) / "cafedcl_tuning")
+    notes = page.notes()
     tuning = (results_markdown(aggregate(collect_runs(tuning_runs, last_rounds=args.last_rounds)),
                                ("balanced_accuracy", "tail_recall", "client_accuracy_std"))
               if tuning_runs else "(no tuning runs)\n")
@@ -134,29 +115,31 @@ def main() -> int:
               else "Final-round metrics")
     text = (
         "# Imbalance-aware methods on FMNIST-LT\n\n"
-        f"Written {time.strftime('%Y-%m-%d %H:%M')} by `python benchmarks/imbalance.py {' '.join(sys.argv[1:])}` "
+        f"Written {header['written']} by `{header['command']}` "
         "from the finished runs of these sweeps (the (n) in each cell counts the seeds that exist)\n\n"
         "```\nfedimb sweep experiments/suites/cafedcl_tuning.yaml                      # validation split, seed 0\n"
         "fedimb sweep experiments/suites/imbalance_fmnist.yaml --seeds 0 1 2 --only "
         "'lt100_dirbal0.1_*'  # key setting\n"
         "fedimb sweep experiments/suites/imbalance_fmnist.yaml --seeds 0           # the other settings\n```\n\n"
         "Setting: FMNIST with a global exp long tail (rho = 20 or 100; balanced test set), 10 clients, all "
-        f"participating, LeNet, {protocol(runs[0])}. "
+        f"participating, LeNet, {protocol(runs[0]['config'])}. "
         f"{window}, mean ± std over seeds (n), percent. Tail recall = mean recall of the rarest "
         "third of classes by training count (here sneaker, bag, ankle boot: easy classes on FMNIST, so "
         "balanced accuracy is the more telling figure).\n\n"
-        f"## Floors\n\n{floor_text}\n\nAll floors hold: {'yes' if ok else 'no'}.\n\n"
+        f"{floors_section(floor_text, ok)}"
         f"## Convergence on {KEY_SETTING} (balanced accuracy, points, mean over runs)\n\n"
-        f"{plateau(groups, max(args.last_rounds, 5))}\n\n{notes}"
+        f"{plateau(groups, max(args.last_rounds, 5), {r['run_dir']: r['rounds'] for r in runs})}\n\n"
+        f"{notes + chr(10) if notes else ''}"
         "## Tuning on a validation split (never the test set)\n\n"
         "20% of every training class held out and used as the evaluation set; rho = 100, dir_balance 0.1, seed 0.\n\n"
         f"{tuning}\n"
         f"## Results\n\n{results_markdown(groups, TABLE_METRICS)}\n"
-        f"![final metrics](imbalance/comparison.png)\n\n![accuracy over rounds](imbalance/curves_compare.png)\n"
+        f"![final metrics]({page.folder.name}/comparison.png)\n\n"
+        f"![accuracy over rounds]({page.folder.name}/curves_compare.png)\n"
     )
-    doc.write_text(text)
+    page.write(text)
     print(floor_text)
-    print(f"wrote {doc}")
+    print(f"wrote {page.doc}")
     return 0
 
 

@@ -1,53 +1,49 @@
 """Synthetic minority samples on FMNIST-LT: the federated generator and what its top-up buys.
 
-    python benchmarks/synthetic.py --seeds 0 1 2 3 4                # generator + fedavg / +synthetic / cafedcl+synthetic
-    python benchmarks/synthetic.py --seeds 0 --methods fedavg_syn   # the generator table only needs one synthetic run
+    fedimb bench synthetic --seeds 0 1 2 3 4                # generator + fedavg / +synthetic / cafedcl+synthetic
+    fedimb bench synthetic --seeds 0 --methods fedavg_syn   # the generator table only needs one synthetic run
     # the top-up's knobs, chosen on a validation split (docs/results/synthetic_tuning.md):
-    python benchmarks/synthetic.py --suite experiments/suites/synthetic_tuning.yaml --seeds 0 1
+    fedimb bench synthetic --suite experiments/suites/synthetic_tuning.yaml --seeds 0 1
         --methods fedavg fedavg_syn fedavg_syn_w0.5 fedavg_syn_w0.25 fedavg_syn_r0.5 fedavg_syn_w0.5_g2r0.7
         fedavg_syn_w0.5_g2.5r1 fedavg_syn_w0.5_g2.5r1_tail1.5 cafedcl_syn_w1 cafedcl_syn_w0.5
         cafedcl_syn_w0.5_g2.5r1 cafedcl_syn_w0.5_g2.5r1_tail1.5
         --out runs/sweeps/synthetic_tuning --doc docs/results/synthetic_tuning.md
-        --records docs/results/synthetic_tuning/records
     # generators trained by each client alone against the federated one:
-    python benchmarks/synthetic.py --seeds 0 1 2 --methods fedavg fedavg_syn fedavg_syn_local
-        --doc docs/results/synthetic_local.md --records docs/results/synthetic_local/records
+    fedimb bench synthetic --seeds 0 1 2 --methods fedavg fedavg_syn fedavg_syn_local --doc docs/results/synthetic_local.md
+    fedimb bench synthetic --from-records [--doc PAGE]      # a page again from its records, nothing trained
 
 Runs the cells of experiments/suites/synthetic_fmnist.yaml (or --suite; FMNIST-LT rho = 100, dir_balance
-alpha = 0.1, 10 clients; seeds outermost, finished runs reused). Each seed's generator is
-trained once, federated, by its first synthetic run and reused from the cache by the others.
-Prints and writes to docs/results/synthetic.md (or --doc):
+alpha = 0.1, 10 clients) through the sweep runner, seeds outermost, finished runs reused. Each
+seed's generator is trained once, federated, by its first synthetic run and reused from the cache
+by the others. Prints and writes to docs/results/synthetic.md (or --doc):
   1. the generator per seed: parameters, federated rounds × local steps, training wall time,
      DDIM steps, guided sampling images/s, recognisability per class (a LeNet trained on the
      real balanced training set labels 100 generated samples per class);
   2. metrics on the evaluation split (the test set unless the suite says otherwise) per method
-     (mean of each run's last 5 rounds, as benchmarks/imbalance.py),
-     mean ± std over seeds, the deltas to fedavg and the issue's floors, and recall per class;
-  3. the hand-written notes beside the page (docs/results/synthetic_notes.md for the default), if any.
-The runs' text records are copied to docs/results/synthetic/records/ (or --records).
+     (mean of each run's last 5 rounds, as the imbalance benchmark),
+     mean ± std over seeds, the deltas to fedavg and the floors, and recall per class;
+  3. the hand-written notes beside the page (docs/results/synthetic/notes.md for the default), if any.
+The runs' records and each seed's sample grid go beside the page (docs/results/synthetic/).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
+from fedimb.app.cli import guarded
+from fedimb.app.pages import (PageRun, bench_parser, by_label, floors_section, floors_table, mean_std, parse,
+                              store_runs, table)
+from fedimb.app.sweep import PlannedRun, choose, execute, failure, plan_sweep
+from fedimb.report import REPORT_METRICS as METRICS
+from fedimb.report import collect_runs, last_rounds_mean
+
+DOC = "docs/results/synthetic.md"
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from fedimb.app.cli import guarded  # noqa: E402
-from fedimb.records import copy_run_records, load_run  # noqa: E402
-from fedimb.report import REPORT_METRICS as METRICS  # noqa: E402
-from fedimb.report import collect_runs, last_rounds_mean  # noqa: E402
-from fedimb.app.sweep import is_finished, plan_sweep  # noqa: E402
-
-FLOORS = {"tail_recall": 5.0, "balanced_accuracy": 2.0}  # points over fedavg (the issue's floors)
+FLOORS = {"tail_recall": 5.0, "balanced_accuracy": 2.0}  # points over fedavg
 
 
 def _sampler_text(scale: float, rescale: float) -> str:
@@ -74,20 +70,20 @@ def _generator_label(synthetic_cfg) -> str:
 
 def generator_table(reports: dict[tuple[int, str], dict], synthetic_cfg, num_clients: int) -> str:
     """One row per seed and sampler: cost, speed and recognisability of the seed's federated generator."""
-    lines = ["| seed | size | predicts | params | rounds × local steps × clients | training (min) | DDIM steps "
-             "| guidance | images/s | mean recog. | min recog. | per class |", "|" + "---|" * 12]
+    rows = []
     for (seed, guidance), rep in sorted(reports.items()):
         per_class = " ".join("–" if v is None else f"{v:.2f}" for v in rep["recognisability"])  # None: no client holds it
-        lines.append(f"| {seed} | {synthetic_cfg.generator_size} | {synthetic_cfg.prediction} "
-                     f"| {rep.get('generator_params', 0):,} "
-                     f"| {synthetic_cfg.rounds} × {synthetic_cfg.local_steps} × {num_clients} "
-                     f"| {rep['generator_training_s'] / 60:.1f} | {rep['ddim_steps']} | {guidance} "
-                     f"| {rep['sampling_images_per_s']:.1f} | {rep['mean_recognisability']:.3f} "
-                     f"| {rep['min_recognisability']:.3f} | {per_class} |")
-    return "\n".join(lines)
+        rows.append([f"{seed}", f"{synthetic_cfg.generator_size}", f"{synthetic_cfg.prediction}",
+                     f"{rep.get('generator_params', 0):,}",
+                     f"{synthetic_cfg.rounds} × {synthetic_cfg.local_steps} × {num_clients}",
+                     f"{rep['generator_training_s'] / 60:.1f}", f"{rep['ddim_steps']}", f"{guidance}",
+                     f"{rep['sampling_images_per_s']:.1f}", f"{rep['mean_recognisability']:.3f}",
+                     f"{rep['min_recognisability']:.3f}", per_class])
+    return table(["seed", "size", "predicts", "params", "rounds × local steps × clients", "training (min)",
+                  "DDIM steps", "guidance", "images/s", "mean recog.", "min recog.", "per class"], rows)
 
 
-# the issue's generator floors on 2 cores: (summary key, scale, needed, True if it is a ceiling)
+# the generator floors on 2 cores: (summary key, scale, needed, True if it is a ceiling)
 GENERATOR_FLOORS = {"training (min)": ("generator_training_s", 1 / 60, 20.0, True),
                     "images/s": ("sampling_images_per_s", 1.0, 20.0, False),
                     "mean recog.": ("mean_recognisability", 1.0, 0.7, False),
@@ -95,64 +91,51 @@ GENERATOR_FLOORS = {"training (min)": ("generator_training_s", 1 / 60, 20.0, Tru
 
 
 def generator_floor_lines(reports: dict[tuple[int, str], dict]) -> tuple[str, bool]:
-    """Markdown rows checking the issue's generator floors on every seed (and sampler, when methods differ).
+    """Markdown rows checking the generator floors on every seed (and sampler, when methods differ).
 
     The floors are the federated generator's: rows of local generators are shown in the table, not checked.
     """
     reports = {key: rep for key, rep in reports.items() if not key[1].endswith(LOCAL_LABEL)}
     several = len({guidance for _, guidance in reports}) > 1
-    lines, ok = ["| seed | floor | measured | needed | holds |", "|---|---|---|---|---|"], True
+    checks = []
     for (seed, guidance), rep in sorted(reports.items()):
         row = f"{seed} (guidance {guidance})" if several else f"{seed}"
         for name, (key, scale, needed, ceiling) in GENERATOR_FLOORS.items():
-            measured = rep[key] * scale
-            holds = measured <= needed if ceiling else measured >= needed
-            ok &= holds
-            lines.append(f"| {row} | {name} | {measured:.2f} | {'<=' if ceiling else '>='} {needed:g} "
-                         f"| {'yes' if holds else 'no'} |")
-    return "\n".join(lines), ok
+            checks.append(([row, name], rep[key] * scale, "<=" if ceiling else ">=", needed))
+    return floors_table(["seed", "floor", "measured", "needed", "holds"], checks, signed=False)
 
 
 def floor_lines(finals: dict[str, list[dict]]) -> tuple[str, bool]:
-    """Markdown rows checking the issue's floors (points over fedavg) for every synthetic method."""
+    """Markdown rows checking the floors (points over fedavg) for every synthetic method."""
     if "fedavg" not in finals or not finals["fedavg"]:
         return "(no fedavg runs: floors not checked)", False
     base = {m: 100 * np.mean([f[m] for f in finals["fedavg"]]) for m in FLOORS}
-    lines, ok = ["| method | floor | measured | needed | holds |", "|---|---|---|---|---|"], True
-    for label, runs in finals.items():
-        if label == "fedavg" or not runs:
-            continue
-        for metric, needed in FLOORS.items():
-            delta = 100 * np.mean([f[metric] for f in runs]) - base[metric]
-            ok &= delta >= needed
-            lines.append(f"| {label} (n = {len(runs)}) | {metric} over fedavg | {delta:+.2f} | >= {needed:g} "
-                         f"| {'yes' if delta >= needed else 'no'} |")
-    return "\n".join(lines), ok
+    checks = [([f"{label} (n = {len(runs)})", f"{metric} over fedavg"],
+               100 * np.mean([f[metric] for f in runs]) - base[metric], ">=", needed)
+              for label, runs in finals.items() if label != "fedavg" and runs for metric, needed in FLOORS.items()]
+    return floors_table(["method", "floor", "measured", "needed", "holds"], checks)
 
 
 def method_table(finals: dict[str, list[dict]]) -> str:
     """Mean ± std over seeds of the metrics, in percent, plus deltas to fedavg."""
-    lines = ["| method | seeds | " + " | ".join(METRICS) + " | Δ bal. acc. | Δ tail recall |", "|" + "---|" * (len(METRICS) + 4)]
     base = {m: 100 * np.mean([f[m] for f in finals.get("fedavg", [])]) for m in METRICS} if "fedavg" in finals else None
+    rows = []
     for label, runs in finals.items():
-        cells = []
-        for metric in METRICS:
-            values = 100 * np.array([f[metric] for f in runs])
-            cells.append(f"{values.mean():.2f} ± {values.std():.2f}" if len(values) > 1 else f"{values.mean():.2f}")
+        cells = [mean_std(100 * np.array([f[metric] for f in runs])) for metric in METRICS]
         deltas = ["", ""]
         if base is not None and label != "fedavg":
             deltas = [f"{100 * np.mean([f[m] for f in runs]) - base[m]:+.2f}" for m in ("balanced_accuracy", "tail_recall")]
-        lines.append(f"| {label} | {len(runs)} | " + " | ".join(cells) + f" | {deltas[0]} | {deltas[1]} |")
-    return "\n".join(lines)
+        rows.append([label, f"{len(runs)}", *cells, *deltas])
+    return table(["method", "seeds", *METRICS, "Δ bal. acc.", "Δ tail recall"], rows)
 
 
-def per_class_table(run_dirs: dict[str, list[Path]], last_rounds: int) -> str:
+def per_class_table(runs: dict[str, list[PageRun]], last_rounds: int) -> str:
     """Recall of every class per method (mean over seeds of each run's last-rounds mean), in percent."""
     rows: dict[str, np.ndarray] = {}
-    for label, dirs in run_dirs.items():
+    for label, members in runs.items():
         per_run = []
-        for run_dir in dirs:
-            rounds = load_run(run_dir)["rounds"]
+        for member in members:
+            rounds = member.run["rounds"]
             names = sorted((k for k in rounds[-1] if k.startswith("per_class_recall_")),
                            key=lambda k: int(k.rsplit("_", 1)[1])) if rounds else []
             per_run.append([last_rounds_mean(rounds, k, max(last_rounds, 1)) for k in names])
@@ -161,9 +144,8 @@ def per_class_table(run_dirs: dict[str, list[Path]], last_rounds: int) -> str:
     if not rows:
         return "(no runs)"
     classes = len(next(iter(rows.values())))
-    lines = ["| method | " + " | ".join(str(c) for c in range(classes)) + " |", "|" + "---|" * (classes + 1)]
-    lines += [f"| {label} | " + " | ".join(f"{v:.1f}" for v in values) + " |" for label, values in rows.items()]
-    return "\n".join(lines)
+    return table(["method", *(str(c) for c in range(classes))],
+                 [[label, *(f"{v:.1f}" for v in values)] for label, values in rows.items()])
 
 
 def topup_knobs(runs: list) -> str:
@@ -179,90 +161,87 @@ def topup_knobs(runs: list) -> str:
                         for label, (cap, weight, guidance) in knobs.items()))
 
 
-def main() -> int:
+def copy_grids(runs: list[PlannedRun], folder: Path) -> None:
+    """Each seed's sample grid from its first run that drew one (local generators' images stay on the clients)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    seeds: set[int] = set()
+    for run in runs:
+        grid = run.run_dir / "synthetic_grid.png"
+        if grid.is_file() and run.cfg.seed not in seeds:
+            shutil.copyfile(grid, folder / f"grid_s{run.cfg.seed}.png")
+            seeds.add(run.cfg.seed)
+
+
+def main(argv: list[str] | None = None) -> int:
     """Run the chosen methods and seeds, print the tables and write the page."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("synthetic", __doc__, DOC)
     parser.add_argument("--methods", nargs="+", default=["fedavg", "fedavg_syn", "cafedcl_syn"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--suite", default="experiments/suites/synthetic_fmnist.yaml",
                         help="the sweep whose cells --methods names (default: the test-set comparison)")
     parser.add_argument("--out", default="runs/sweeps/synthetic_fmnist")
-    parser.add_argument("--doc", default="docs/results/synthetic.md")
     parser.add_argument("--last-rounds", type=int, default=5, metavar="K",
-                        help="average each run's last K rounds (0: final round only), as benchmarks/imbalance.py")
-    parser.add_argument("--records", default="docs/results/synthetic/records",
-                        help="where the runs' text records are copied (committed)")
+                        help="average each run's last K rounds (0: final round only), as the imbalance benchmark")
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
-    from fedimb.app.simulation import run_experiment
+    args, header, page = parse(parser, sys.argv[1:] if argv is None else argv)
 
-    runs, _ = plan_sweep(ROOT / args.suite, args.overrides, Path(args.out),
-                         seeds=args.seeds)
-    chosen = sorted((r for r in runs if r.label in args.methods),
-                    key=lambda r: (r.cfg.seed, args.methods.index(r.label)))
-    if not chosen:
-        known = sorted({r.label for r in runs})
-        print(f"--methods: none of {' '.join(args.methods)} is a cell of the suite; choose from {', '.join(known)}",
-              file=sys.stderr)
-        return 2
-    finals: dict[str, list[dict]] = {label: [] for label in args.methods}
+    failed: list[str] = []
+    if not args.from_records:
+        planned, sweep_dir = plan_sweep(ROOT / args.suite, args.overrides, Path(args.out), seeds=args.seeds)
+        chosen = choose(planned, args.methods, seeds_outermost=True, field="methods")
+        finished, failed = execute(chosen, sweep_dir)
+        copy_grids(finished, page.folder)
+        store_runs(page, header, [r.run_dir for r in finished], failed, len(chosen))
+    runs = page.runs()
     reports: dict[tuple[int, str], dict] = {}  # (seed, sampler and where trained): the quality report of its pools
-    grid_seeds: set[int] = set()
-    doc = Path(args.doc)
-    grids = doc.with_suffix("")  # beside the page and named after it: a probe's --doc keeps its own images
-    grids.mkdir(parents=True, exist_ok=True)
-    for run in chosen:
-        if not is_finished(run):
-            print(f"running {run.run_dir.name}", flush=True)
-            run_experiment(run.cfg, run.run_dir)
-        summary = json.loads((run.run_dir / "summary.json").read_text())
-        key = (run.cfg.seed, _generator_label(run.cfg.synthetic))
-        if "synthetic" in summary and key not in reports:
-            grid = run.run_dir / "synthetic_grid.png"  # none from local generators: their images stay on the clients
-            if grid.is_file() and run.cfg.seed not in grid_seeds:  # one grid per seed: its first sampler's
-                shutil.copyfile(grid, grids / f"grid_s{run.cfg.seed}.png")
-                grid_seeds.add(run.cfg.seed)
-            reports[key] = summary["synthetic"]
-    # metrics as benchmarks/imbalance.py reads them: the mean of each run's last K rounds
-    rows = collect_runs([r.run_dir for r in chosen], last_rounds=args.last_rounds)
-    for run, row in zip(chosen, rows, strict=True):
+    for run in runs:
+        key = (run.seed, _generator_label(run.cfg.synthetic))
+        if "synthetic" in run.summary and key not in reports:
+            reports[key] = run.summary["synthetic"]
+    # one grid per seed with a federated generator, copied beside the page when its run drew it
+    grid_seeds = sorted({run.seed for run in runs if "synthetic" in run.summary and run.cfg.synthetic.training != "local"
+                         and (page.folder / f"grid_s{run.seed}.png").is_file()})
+    # metrics as the imbalance benchmark reads them: the mean of each run's last K rounds
+    rows = collect_runs([r.run for r in runs], last_rounds=args.last_rounds)
+    finals: dict[str, list[dict]] = {label: [] for label in args.methods}
+    for run, row in zip(runs, rows, strict=True):
         finals[run.label].append(row)
-    copy_run_records([r.run_dir for r in chosen], args.records)
-    syn_cfg, fed, train = chosen[0].cfg.synthetic, chosen[0].cfg.federation, chosen[0].cfg.train
+    first = runs[0].cfg
+    # the generator's knobs as a run that trained one saw them (a run without the block does not use them)
+    syn_cfg = next((r.cfg.synthetic for r in runs if r.cfg.synthetic.enabled), first.synthetic)
+    fed, train = first.federation, first.train
     gen = generator_table(reports, syn_cfg, fed.num_clients)
     methods = method_table({k: v for k, v in finals.items() if v})
-    classes = per_class_table({label: [r.run_dir for r in chosen if r.label == label] for label in args.methods},
-                              args.last_rounds)
-    split = "test set" if chosen[0].cfg.eval.split == "test" else f"{chosen[0].cfg.eval.split} split"
+    classes = per_class_table(by_label(runs, args.methods), args.last_rounds)
+    split = "test set" if first.eval.split == "test" else f"{first.eval.split} split"
     decay = "".join(f", lr × {train.lr_decay_factor:g} after round {int(at * fed.rounds)}" for at in train.lr_decay_at)
     window = (f"mean of each run's last {args.last_rounds} rounds" if args.last_rounds > 0 else "final round")
     generator_floors, generator_ok = generator_floor_lines(reports)
     classifier_floors, classifier_ok = floor_lines(finals)
     floors_text, floors_ok = f"{generator_floors}\n\n{classifier_floors}", generator_ok and classifier_ok
-    setting = (f"FMNIST-LT rho=100, dir_balance alpha=0.1, {fed.num_clients} clients, {chosen[0].cfg.model.name}, "
+    setting = (f"FMNIST-LT rho=100, dir_balance alpha=0.1, {fed.num_clients} clients, {first.model.name}, "
                f"{fed.rounds} rounds × {train.local_epochs} local epochs (lr {train.lr:g}{decay}); "
-               f"top-up policy {syn_cfg.policy}, to the client's largest class, " + topup_knobs(chosen))
+               f"top-up policy {syn_cfg.policy}, to the client's largest class, " + topup_knobs(runs))
     print(setting)
     print(gen)
     print(methods)
     print(floors_text)
     print(classes)
-    images = "\n".join(f"![generated samples, seed {s}]({grids.name}/grid_s{s}.png)"
-                       for s in sorted(grid_seeds))
+    images = "\n".join(f"![generated samples, seed {s}]({page.folder.name}/grid_s{s}.png)" for s in grid_seeds)
     title_split = "" if split == "test set" else f" ({split})"
-    notes_file = doc.with_name(doc.stem + "_notes.md")
-    notes = notes_file.read_text() if notes_file.is_file() else ""
-    doc.write_text(
+    page.write(
         f"# Synthetic minority samples on FMNIST-LT{title_split}\n\n"
-        f"Command: `python benchmarks/synthetic.py {' '.join(sys.argv[1:])}`"
-        f"  \nWritten {time.strftime('%Y-%m-%d %H:%M')}. Setting: {setting}.\n\n## The federated generator\n\n"
+        f"Command: `{header['command']}`"
+        f"  \nWritten {header['written']}. Setting: {setting}.\n\n## The federated generator\n\n"
         "Training wall time covers the whole federated generator phase (Flower rounds included) on "
         "this machine; images/s is guided DDIM sampling of 100 images per class in the server process. "
         f"Recognisability: the share of a class's generated samples that a LeNet trained on the real "
         f"balanced training set assigns to that class.\n\n{gen}\n\n{images}\n\n"
-        f"## Classifier federation ({window}, {split}, %)\n\n{methods}\n\n## Floors\n\n{floors_text}\n\n"
-        f"All floors hold: {'yes' if floors_ok else 'no'}.\n\n## Recall per class ({window}, {split}, %)\n\n"
-        f"{classes}\n\n{notes}")
+        f"## Classifier federation ({window}, {split}, %)\n\n{methods}\n\n{floors_section(floors_text, floors_ok)}"
+        f"## Recall per class ({window}, {split}, %)\n\n"
+        f"{classes}\n\n{page.notes()}")
+    if failed:
+        raise failure(failed, len(chosen), page.doc, "the page")
     return 0
 
 

@@ -4,12 +4,17 @@ Runs are grouped by (setting, method): the setting is the partition label (plus 
 long tail, and the dataset when runs span several), the method is the strategy name (plus
 the client loss when it is not plain cross-entropy). Each group is summarised by the mean and
 population std (ddof=0) of the final metrics over its seeds.
+
+Runs are read from run directories or from a records file (``*.jsonl.gz``, see
+:func:`write_records`): the compact form in which the results pages keep their runs.
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 import io
+import json
 import math
 from collections import defaultdict
 from pathlib import Path
@@ -20,7 +25,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from fedimb.records import atomic_write_text, load_run, read_rounds_csv, save_figure
+from fedimb.records import _parse_cell, atomic_write_bytes, atomic_write_text, load_run, read_rounds_csv, save_figure
 
 REPORT_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "tail_recall", "client_accuracy_std")
 # All columns of a report: the final metrics above plus the best accuracy over rounds.
@@ -29,9 +34,86 @@ ALL_METRICS = REPORT_METRICS + ("best_accuracy",)
 PERCENT_METRICS = frozenset(ALL_METRICS) | {"head_recall", "mid_recall", "client_accuracy_mean"}
 
 
+RECORDS_SUFFIX = ".jsonl.gz"
+
+
+def is_records_file(path: str | Path) -> bool:
+    """Whether ``path`` is a records file (``*.jsonl.gz``) rather than a run directory."""
+    return str(path).endswith(RECORDS_SUFFIX) and Path(path).is_file()
+
+
 def find_run_dirs(root: str | Path) -> list[Path]:
-    """All directories under ``root`` (itself included) that contain ``summary.json``, sorted."""
+    """All directories under ``root`` (itself included) that contain ``summary.json``, sorted;
+    a records file is returned as it is (it holds its runs)."""
+    if is_records_file(root):
+        return [Path(root)]
     return sorted({p.parent for p in Path(root).rglob("summary.json") if p.is_file()})
+
+
+def record_of_run(run_dir: str | Path, **fields: Any) -> dict[str, Any]:
+    """One run directory as a line of a records file: its name, ``fields``, and the config,
+    summary and rounds a report reads (texts kept as written, so they parse to the same values)."""
+    run_dir = Path(run_dir)
+    rounds = run_dir / "rounds.csv"
+    return {"name": run_dir.name, **fields,
+            "config": (run_dir / "config.yaml").read_text(encoding="utf-8"),
+            "summary": json.loads((run_dir / "summary.json").read_text(encoding="utf-8")),
+            "rounds": rounds.read_text(encoding="utf-8") if rounds.is_file() else ""}
+
+
+def write_records(path: str | Path, header: dict[str, Any], records: list[dict[str, Any]]) -> Path:
+    """Write a records file: gzipped JSON lines, ``{"page": header}`` first, then one line per record.
+
+    The bytes depend only on the content (no timestamp in the gzip header).
+    """
+    lines = [json.dumps({"page": header}, ensure_ascii=False)]
+    lines += [json.dumps(record, ensure_ascii=False) for record in records]
+    return atomic_write_bytes(path, gzip.compress(("\n".join(lines) + "\n").encode("utf-8"), 9, mtime=0))
+
+
+def read_records(path: str | Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The header and the records of a records file, in the order they were written."""
+    lines = gzip.decompress(Path(path).read_bytes()).decode("utf-8").splitlines()
+    entries = [json.loads(line) for line in lines if line.strip()]
+    if not entries or "page" not in entries[0]:
+        raise ValueError(f"{path}: not a records file (no header line)")
+    return entries[0]["page"], entries[1:]
+
+
+def run_of_record(record: dict[str, Any], where: str | Path) -> dict[str, Any]:
+    """A line of a records file as :func:`fedimb.records.load_run` gives a run directory, plus
+    ``run_dir``: ``where/<group>/<name>``, the run's place inside the records file."""
+    from omegaconf import OmegaConf  # deferred, as in load_run
+
+    config = OmegaConf.to_container(OmegaConf.create(record["config"]), resolve=True) if record.get("config") else {}
+    reader = csv.DictReader(io.StringIO(record.get("rounds", ""), newline=""))
+    rounds = [{k: _parse_cell(v) for k, v in row.items() if v not in ("", None)} for row in reader]
+    place = Path(where, *[record["group"]] if record.get("group") else [], record["name"])
+    return {"run_dir": str(place), "config": config if isinstance(config, dict) else {},
+            "summary": record.get("summary") or {}, "rounds": rounds}
+
+
+def load_runs(sources: list[Path], warnings: list[str] | None = None) -> list[dict[str, Any]]:
+    """Load run directories and records files as ``{"run_dir", "config", "summary", "rounds"}``.
+
+    A directory without ``summary.json`` is skipped; a line saying so is appended to ``warnings``
+    when a list is passed.
+    """
+    runs: list[dict[str, Any]] = []
+    for source in sources:
+        if is_records_file(source):
+            runs += [run_of_record(record, source) for record in read_records(source)[1]]
+        elif not (Path(source) / "summary.json").is_file():
+            if warnings is not None:
+                warnings.append(f"{source}: no summary.json (run unfinished or failed), skipped")
+        else:
+            runs.append({"run_dir": str(Path(source)), **load_run(source)})
+    return runs
+
+
+def _as_runs(items: list[Path] | list[dict[str, Any]], warnings: list[str] | None) -> list[dict[str, Any]]:
+    # Runs already loaded pass through; paths are loaded.
+    return [run for item in items for run in ([item] if isinstance(item, dict) else load_runs([item], warnings))]
 
 
 def partition_label(config: dict[str, Any]) -> str:
@@ -89,28 +171,23 @@ def last_rounds_mean(rounds: list[dict[str, Any]], metric: str, window: int) -> 
     return float(np.mean(values)) if values else float("nan")
 
 
-def collect_runs(run_dirs: list[Path], warnings: list[str] | None = None,
+def collect_runs(run_dirs: list[Path] | list[dict[str, Any]], warnings: list[str] | None = None,
                  last_rounds: int = 0) -> list[dict[str, Any]]:
     """One row per run: run_dir, strategy, partition, dataset, seed and the report metrics.
 
-    The metrics are the final round's (``summary.json``), or with ``last_rounds = k > 0`` the
-    mean over the last k logged rounds of ``rounds.csv``. Directories without ``summary.json``
-    are skipped; a line saying so is appended to ``warnings`` when a list is passed.
+    ``run_dirs``: run directories and records files (see :func:`load_runs`), or runs loaded
+    by it. The metrics are the final round's (``summary.json``), or with ``last_rounds = k > 0``
+    the mean over the last k logged rounds of ``rounds.csv``.
     """
+    runs = _as_runs(run_dirs, warnings)
     rows: list[dict[str, Any]] = []
-    for run_dir in run_dirs:
-        run_dir = Path(run_dir)
-        if not (run_dir / "summary.json").is_file():
-            if warnings is not None:
-                warnings.append(f"{run_dir}: no summary.json (run unfinished or failed), skipped")
-            continue
-        run = load_run(run_dir)
+    for run in runs:
         config, summary = run["config"], run["summary"]
         if not config and warnings is not None:
-            warnings.append(f"{run_dir}: no config.yaml, setting and method unknown")
+            warnings.append(f"{run['run_dir']}: no config.yaml, setting and method unknown")
         final = summary.get("final") or {}
         row: dict[str, Any] = {
-            "run_dir": str(run_dir),
+            "run_dir": run["run_dir"],
             "strategy": method_label(config, summary),
             "partition": partition_label(config) if config else "unknown",
             "dataset": str((config.get("data") or {}).get("dataset", "unknown")),
@@ -240,11 +317,11 @@ def plot_comparison(groups: list[dict[str, Any]], path: Path) -> Path:
     return save_figure(fig, path)
 
 
-def _mean_curve(run_dirs: list[str], metric: str = "accuracy") -> tuple[list[float], list[float]]:
+def _mean_curve(rounds_of_runs: list[list[dict[str, Any]]], metric: str = "accuracy") -> tuple[list[float], list[float]]:
     # Average per round over the seeds that logged that round (eval.every may skip rounds).
     per_round: dict[float, list[float]] = defaultdict(list)
-    for run_dir in run_dirs:
-        for row in read_rounds_csv(Path(run_dir) / "rounds.csv"):
+    for rounds in rounds_of_runs:
+        for row in rounds:
             value = row.get(metric)
             if isinstance(value, float) and math.isfinite(value) and "round" in row:
                 per_round[float(row["round"])].append(value)
@@ -252,8 +329,13 @@ def _mean_curve(run_dirs: list[str], metric: str = "accuracy") -> tuple[list[flo
     return rounds, [float(np.mean(per_round[r])) for r in rounds]
 
 
-def plot_curves_compare(groups: list[dict[str, Any]], path: Path, metric: str = "accuracy") -> Path:
-    """One panel per setting, one mean-over-seeds ``metric`` curve per method."""
+def plot_curves_compare(groups: list[dict[str, Any]], path: Path, metric: str = "accuracy",
+                        rounds: dict[str, list[dict[str, Any]]] | None = None) -> Path:
+    """One panel per setting, one mean-over-seeds ``metric`` curve per method.
+
+    ``rounds``: each run's logged rounds by its ``run_dir``; read from the run directories if not given.
+    """
+    rounds = rounds or {}
     settings = _unique([g["setting"] for g in groups])
     ncols = min(3, max(len(settings), 1))
     nrows = math.ceil(max(len(settings), 1) / ncols)
@@ -261,9 +343,10 @@ def plot_curves_compare(groups: list[dict[str, Any]], path: Path, metric: str = 
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, setting in zip(axes, settings):
         for g in (g for g in groups if g["setting"] == setting):
-            rounds, values = _mean_curve(g["run_dirs"], metric)
-            if rounds:
-                ax.plot(rounds, [100 * v for v in values], label=f"{g['method']} (n={g['n']})")
+            logged = [rounds[d] if d in rounds else read_rounds_csv(Path(d) / "rounds.csv") for d in g["run_dirs"]]
+            xs, values = _mean_curve(logged, metric)
+            if xs:
+                ax.plot(xs, [100 * v for v in values], label=f"{g['method']} (n={g['n']})")
         ax.set_title(setting, fontsize="medium")
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -277,15 +360,17 @@ def plot_curves_compare(groups: list[dict[str, Any]], path: Path, metric: str = 
     return save_figure(fig, path)
 
 
-def write_report(run_dirs: list[Path], out_dir: Path, last_rounds: int = 0) -> Path:
+def write_report(run_dirs: list[Path] | list[dict[str, Any]], out_dir: Path, last_rounds: int = 0) -> Path:
     """Write results.md, results.csv, comparison.png and curves_compare.png; return results.md.
 
+    ``run_dirs``: run directories and records files, or runs loaded by :func:`load_runs`.
     ``last_rounds = k > 0`` reports each run's mean over its last k logged rounds instead of
     its final round. Raises ``ValueError`` when none of ``run_dirs`` holds a ``summary.json``.
     """
     out = Path(out_dir)
     warnings: list[str] = []
-    rows = collect_runs([Path(d) for d in run_dirs], warnings, last_rounds=last_rounds)
+    runs = _as_runs(run_dirs, warnings)
+    rows = collect_runs(runs, warnings, last_rounds=last_rounds)
     if not rows:
         raise ValueError(f"no finished runs (summary.json) among {len(run_dirs)} run directories")
     groups = aggregate(rows)
@@ -296,5 +381,5 @@ def write_report(run_dirs: list[Path], out_dir: Path, last_rounds: int = 0) -> P
         text += "\n### Skipped\n\n" + "\n".join(f"- {w}" for w in warnings) + "\n"
     atomic_write_text(out / "results.csv", results_csv(groups))
     plot_comparison(groups, out / "comparison.png")
-    plot_curves_compare(groups, out / "curves_compare.png")
+    plot_curves_compare(groups, out / "curves_compare.png", rounds={r["run_dir"]: r["rounds"] for r in runs})
     return atomic_write_text(out / "results.md", text)

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
+from fedimb.app.bench import load_benchmark
 from fedimb.app.sweep import plan_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _synthetic_benchmark():
-    spec = importlib.util.spec_from_file_location("synthetic_benchmark", ROOT / "benchmarks/synthetic.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("synthetic")
 
 
 def test_topup_knobs_name_what_differs_between_methods(tmp_path):

@@ -1,4 +1,4 @@
-"""``fedimb run [--resume RUN_DIR] | sweep | report | partition``.
+"""``fedimb run [--resume RUN_DIR] | sweep | report | partition | bench``.
 
 Bad input exits with code 2 and one line naming the field; a failed run exits with 1.
 """
@@ -117,6 +117,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from fedimb.app.bench import bench
+
+    return bench(args.name, args.args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``fedimb`` command."""
     parser = argparse.ArgumentParser(prog="fedimb", description="Federated learning on imbalanced, non-IID data.")
@@ -147,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--last-rounds", type=int, default=0, metavar="K",
                         help="average each run's last K logged rounds instead of taking its final round")
     report.set_defaults(func=_cmd_report)
+    bench = sub.add_parser("bench", help="run a benchmark of benchmarks/ and write its results page",
+                           description="fedimb bench NAME [ARGS]: a benchmark of benchmarks/ (fedimb bench NAME --help); "
+                                       "fedimb bench index: docs/results/README.md; fedimb bench rebuild [--check]: "
+                                       "every results page again from its records")
+    bench.add_argument("name", help="niid_bench, imbalance, fal, synthetic, ...; or index, rebuild")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own arguments")
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -1,0 +1,191 @@
+"""The results pages under docs/results/: where a page keeps its sources, and the pieces every page is made of.
+
+A page ``docs/results/NAME.md`` keeps what it is built from in ``docs/results/NAME/``:
+
+    records.jsonl.gz   the runs it shows (config, rounds and summary of each; see fedimb.report)
+                       after a header line with the command that made the page and when
+    notes.md           the hand-written reading, inserted where the page puts it (optional)
+    *.png              plots and sample grids
+
+A benchmark (``fedimb bench NAME``) runs its cells through the sweep runner, stores the
+finished runs in the records file, then builds the page from that file alone, so
+``fedimb bench NAME --from-records`` (no training, no run directories) rebuilds it byte for byte.
+"""
+
+from __future__ import annotations
+
+import argparse
+import operator
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedimb.config import ConfigError, ExperimentConfig, from_yaml
+from fedimb.records import atomic_write_text
+from fedimb.report import read_records, record_of_run, run_of_record, write_records
+
+RECORDS = "records.jsonl.gz"
+NOTES = "notes.md"
+
+
+@dataclass(frozen=True)
+class Page:
+    """A results page and the folder beside it."""
+
+    doc: Path
+
+    @property
+    def folder(self) -> Path:
+        """``docs/results/NAME/``: records, notes and images."""
+        return self.doc.with_suffix("")
+
+    @property
+    def records(self) -> Path:
+        return self.folder / RECORDS
+
+    def notes(self) -> str:
+        """The hand-written notes (``NAME/notes.md``), or ``""``."""
+        path = self.folder / NOTES
+        return path.read_text(encoding="utf-8") if path.is_file() else ""
+
+    def runs(self) -> list[PageRun]:
+        """The sweep runs in the page's records, in their order."""
+        return page_runs(read_records(self.records)[1], self.records)
+
+    def write(self, text: str) -> Path:
+        self.doc.parent.mkdir(parents=True, exist_ok=True)
+        return atomic_write_text(self.doc, text)
+
+
+def bench_parser(name: str, description: str | None, doc: str) -> argparse.ArgumentParser:
+    """The argument parser of ``fedimb bench NAME``, with ``--doc`` and ``--from-records``."""
+    parser = argparse.ArgumentParser(prog=f"fedimb bench {name}", description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--doc", default=doc, help="the page to write (its records, notes and images go beside it)")
+    parser.add_argument("--from-records", action="store_true",
+                        help="train and read nothing else: rebuild the page from its records with the options "
+                             "that wrote it (only --doc may be given with it)")
+    return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Namespace, dict[str, Any], Page]:
+    """Parse ``fedimb bench`` arguments; return them, the page's header and the page.
+
+    With ``--from-records`` the arguments are the ones stored in the page's records and the
+    header is theirs; otherwise the header names this command and the present time.
+    """
+    args = parser.parse_args(argv)
+    page = Page(Path(args.doc))
+    if not args.from_records:
+        command = " ".join([parser.prog, *argv])
+        return args, {"command": command, "args": list(argv), "written": time.strftime("%Y-%m-%d %H:%M"),
+                      "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}"}, page
+    defaults = parser.parse_args([])
+    given = [k for k, v in vars(args).items() if k not in ("doc", "from_records") and v != getattr(defaults, k)]
+    if given:
+        raise ConfigError("--from-records", f"takes only --doc, not {', '.join(given)}: "
+                                            "the other options are the ones stored with the records")
+    if not page.records.is_file():
+        raise ConfigError("--from-records", f"no records beside the page: {page.records}")
+    header, _ = read_records(page.records)
+    stored = parser.parse_args(header["args"])
+    stored.doc, stored.from_records = args.doc, True
+    return stored, header, page
+
+
+def store_runs(page: Page, header: dict[str, Any], run_dirs: list[Path], failed: list[str], total: int) -> None:
+    """Keep the finished runs as the page's records; with none, leave the page and its records as they are."""
+    from fedimb.app.sweep import failure
+
+    if not run_dirs:
+        if failed:
+            raise failure(failed, total, None)
+        raise ConfigError("runs", f"none of the {total} chosen runs has finished; {page.doc} and its records "
+                                  "are left as they are")
+    save_records(page, header, records_of(run_dirs))
+
+
+def save_records(page: Page | Path, header: dict[str, Any], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Store ``records`` with the page header (in ``page.records``, or the file given); return them as read back."""
+    path = page.records if isinstance(page, Page) else page
+    write_records(path, header, records)
+    return read_records(path)[1]
+
+
+def records_of(run_dirs: list[Path], **fields: Any) -> list[dict[str, Any]]:
+    """The records of finished run directories, in order (``fields`` added to each)."""
+    return [record_of_run(run_dir, **fields) for run_dir in run_dirs]
+
+
+@dataclass
+class PageRun:
+    """A run as a page sees it: its cell label, its config and what it logged."""
+
+    label: str
+    cfg: ExperimentConfig
+    run: dict[str, Any]  # run_dir, config, summary, rounds (fedimb.report.run_of_record)
+
+    @property
+    def seed(self) -> int:
+        return int(self.cfg.seed)
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self.run["summary"]
+
+
+def page_runs(records: list[dict[str, Any]], where: Path) -> list[PageRun]:
+    """The records of sweep runs (named ``<label>-s<seed>``) as :class:`PageRun` objects, in order."""
+    return [PageRun(record["name"].rsplit("-s", 1)[0], from_yaml(record["config"]), run_of_record(record, where))
+            for record in records]
+
+
+def by_label(runs: list[PageRun], labels: list[str]) -> dict[str, list[PageRun]]:
+    """The runs of each label in ``labels`` (labels without runs left out), in run order."""
+    grouped = {label: [r for r in runs if r.label == label] for label in labels}
+    return {label: members for label, members in grouped.items() if members}
+
+
+# --- markdown pieces ---------------------------------------------------------------------------
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table (no trailing newline)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def mean_std(values: Any, digits: int = 2) -> str:
+    """``"mean ± std"`` (population std) of ``values``, or the value alone when there is one."""
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) > 1:
+        return f"{values.mean():.{digits}f} ± {values.std():.{digits}f}"
+    return f"{values.mean():.{digits}f}"
+
+
+_NEEDS = {">": operator.gt, ">=": operator.ge, "<=": operator.le}
+
+
+def floors_table(header: list[str], checks: list[tuple[list[str], float, str, float]],
+                 signed: bool = True) -> tuple[str, bool]:
+    """A table of floors and whether all hold.
+
+    ``checks``: (leading cells, measured, ``">"`` / ``">="`` / ``"<="``, needed) per row; each row
+    ends with the measured value (with its sign when ``signed``), the need and ``yes`` / ``no``.
+    """
+    rows, ok = [], True
+    for cells, measured, need, needed in checks:
+        holds = bool(_NEEDS[need](measured, needed))
+        ok &= holds
+        rows.append([*cells, f"{measured:+.2f}" if signed else f"{measured:.2f}", f"{need} {needed:g}",
+                     "yes" if holds else "no"])
+    return table(header, rows), ok
+
+
+def floors_section(text: str, ok: bool) -> str:
+    """``## Floors``: the floor tables and the one-line verdict."""
+    return f"## Floors\n\n{text}\n\nAll floors hold: {'yes' if ok else 'no'}.\n\n"
