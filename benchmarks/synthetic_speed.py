@@ -1,7 +1,7 @@
 """Speed of the diffusion generator sizes on 1×28×28, 10 classes: training and guided DDIM sampling.
 
-    python benchmarks/synthetic_speed.py                       # all sizes, torch's default threads
-    python benchmarks/synthetic_speed.py --sizes cpu --threads 1
+    python -m benchmarks.synthetic_speed                       # all sizes, torch's default threads
+    python -m benchmarks.synthetic_speed --sizes cpu --threads 1
 
 Short measurements (a few batches each, after one warm-up), so numbers are indicative. The
 table: size, parameters, training samples/s at batch 64 (forward + backward + AdamW + EMA),
@@ -12,16 +12,11 @@ together), torch threads and device.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from fedimb.generation import GENERATOR_SIZES, build_generator, sample, train_generator  # noqa: E402
+from fedimb.synthetic.generator import GENERATOR_SIZES, Generator
 
 SHAPE = (1, 28, 28)
 NUM_CLASSES = 10
@@ -35,16 +30,16 @@ def _timed(fn) -> float:
 
 def measure(size: str, train_batches: int, num_images: int, ddim_steps: int, device: str) -> dict[str, float]:
     """Parameters, training samples/s at batch 64 and guided sampling images/s for one size."""
-    unet = build_generator(size, SHAPE, NUM_CLASSES).to(device)
+    generator = Generator.build(size, SHAPE, NUM_CLASSES).to(device)
     gen = torch.Generator().manual_seed(0)
     images, labels = torch.randn((512, *SHAPE), generator=gen), torch.randint(NUM_CLASSES, (512,), generator=gen)
-    train_generator(unet, images, labels, steps=1)  # warm-up: allocator, oneDNN kernels
-    train_s = _timed(lambda: train_generator(unet, images, labels, steps=train_batches))
+    generator.train(images, labels, steps=1)  # warm-up: allocator, oneDNN kernels
+    train_s = _timed(lambda: generator.train(images, labels, steps=train_batches))
     wanted = torch.arange(num_images) % NUM_CLASSES
-    sample(unet, wanted[:8], num_inference_steps=2)
-    sample_s = _timed(lambda: sample(unet, wanted, guidance_scale=2.0, num_inference_steps=ddim_steps))
+    generator.sample(wanted[:8], num_inference_steps=2)
+    sample_s = _timed(lambda: generator.sample(wanted, guidance_scale=2.0, num_inference_steps=ddim_steps))
     return {
-        "params": sum(p.numel() for p in unet.parameters()),
+        "params": generator.num_parameters,
         "train_per_s": train_batches * 64 / train_s,
         "sample_per_s": num_images / sample_s,
     }

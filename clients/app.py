@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -23,8 +22,7 @@ from clients.active import labelled_positions, query_step, store_positions
 from clients.algorithms import CLIENT_ALGORITHMS
 from clients.algorithms.base import ClientRound
 from clients.losses import LossContext, build_loss
-from clients.synthetic import (SAMPLER_KEYS, generator_from, judge_hits,
-                               load_pool, local_generator, sample_pool, store_pool, topup_counts)
+from clients.synthetic import generator_from, load_pool, local_generator, pool_tensors, store_pool
 from clients.trainer import pick_device, predict_logits, round_lr, to_tensors, train_local
 from fedimb import protocol
 from fedimb.config import ExperimentConfig, from_yaml
@@ -32,6 +30,7 @@ from fedimb.protocol import derive_seed
 from fedimb.data import build_federated_data
 from fedimb.data.local_testset import local_test_indices
 from fedimb.models import FeatureClassifier, build_model, get_weights, set_weights
+from fedimb.synthetic.topup import ClassSampler, judge_hits, sample_pool, topup_counts, train_as_configured
 
 app = ClientApp()
 
@@ -155,19 +154,16 @@ def train(message: Message, context: Context) -> Message:
 @app.train("generator")
 def train_generator_round(message: Message, context: Context) -> Message:
     """One federated round of the diffusion generator on this client's real data (no image leaves)."""
-    from fedimb.generation import train_generator
-
     session = _session(message, context)
-    syn = session.cfg.synthetic
-    unet = generator_from(message.content[protocol.ARRAYS], message.content[protocol.CONFIG], session.cfg,
-                          session.input_shape, session.num_classes).to(session.device)
+    generator = generator_from(message.content[protocol.ARRAYS], message.content[protocol.CONFIG], session.cfg,
+                               session.input_shape, session.num_classes).to(session.device)
     server_round = int(message.content[protocol.CONFIG].get(protocol.SERVER_ROUND, 0))
     # EMA restarts on every call: over a few hundred local steps it would lag the weights being averaged
-    loss = train_generator(unet, session.x, session.y, steps=syn.local_steps, batch_size=syn.batch_size, lr=syn.lr,
-                           seed=derive_seed(session.cfg.seed, "generator-round", server_round, session.partition_id), ema_decay=0.0,
-                           balanced=syn.balanced_batches, snr_gamma=syn.snr_gamma)
+    loss = train_as_configured(generator, session.x, session.y, session.cfg.synthetic,
+                               steps=session.cfg.synthetic.local_steps, ema_decay=0.0,
+                               seed=derive_seed(session.cfg.seed, "generator-round", server_round, session.partition_id))
     metrics = MetricRecord({protocol.NUM_EXAMPLES: int(len(session.y)), protocol.GENERATOR_LOSS: float(loss)})
-    reply = RecordDict({protocol.ARRAYS: ArrayRecord(unet.cpu().state_dict()), protocol.METRICS: metrics})
+    reply = RecordDict({protocol.ARRAYS: ArrayRecord(generator.to("cpu").state_dict()), protocol.METRICS: metrics})
     return Message(reply, reply_to=message)
 
 
@@ -178,26 +174,24 @@ def topup(message: Message, context: Context) -> Message:
     session = _session(message, context)
     syn = session.cfg.synthetic
     config = message.content[protocol.CONFIG]
-    sampler = tuple(np.asarray(config[key], dtype=np.float64) for key in SAMPLER_KEYS) \
-        if all(key in config for key in SAMPLER_KEYS) else None
+    sampler = ClassSampler.from_config(config)
     seed = derive_seed(session.cfg.seed, "topup", client=session.partition_id)
     report: dict[str, Any] = {}  # what a local generator's client tells the server: counts and timings
     if protocol.POOL in message.content:
-        record = message.content[protocol.POOL]
-        x, y = torch.from_numpy(record["x"].numpy().copy()), torch.from_numpy(record["y"].numpy().copy()).long()
+        x, y = pool_tensors(message.content[protocol.POOL])
     elif bool(config.get(protocol.TRAIN_LOCAL, False)):
         x, y, report = _local_topup(session, message, sampler, seed)
     else:
-        unet = generator_from(message.content[protocol.GENERATOR], config, session.cfg, session.input_shape,
-                              session.num_classes)
+        generator = generator_from(message.content[protocol.GENERATOR], config, session.cfg, session.input_shape,
+                                   session.num_classes)
         counts = topup_counts(session.class_counts.cpu().numpy().astype(int), syn.target_per_class, syn.max_ratio)
-        x, y = sample_pool(unet.to(session.device), counts, syn, seed=seed, sampler=sampler)
+        x, y = sample_pool(generator.to(session.device), counts, syn, seed=seed, sampler=sampler)
     store_pool(context.state, x, y)
     metrics = MetricRecord({protocol.PARTITION_ID: session.partition_id, protocol.NUM_SYNTHETIC: int(len(y)), **report})
     return Message(RecordDict({protocol.METRICS: metrics}), reply_to=message)
 
 
-def _local_topup(session: ClientSession, message: Message, sampler,
+def _local_topup(session: ClientSession, message: Message, sampler: ClassSampler | None,
                  seed: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Train (or reload) this client's own generator, score it with the shipped judge, sample its pool.
 
@@ -206,19 +200,19 @@ def _local_topup(session: ClientSession, message: Message, sampler,
     syn = session.cfg.synthetic
     config = message.content[protocol.CONFIG]
     cache = Path(str(config[protocol.LOCAL_GENERATOR_DIR])) if protocol.LOCAL_GENERATOR_DIR in config else None
-    unet, seconds, reused = local_generator(session.x, session.y, session.cfg, session.input_shape,
-                                            session.num_classes, session.partition_id, cache)
+    generator, seconds, reused = local_generator(session.x, session.y, session.cfg, session.input_shape,
+                                                 session.num_classes, session.partition_id, cache)
     held = session.class_counts.cpu().numpy().astype(int)
     report: dict[str, Any] = {protocol.GENERATOR_TRAINING_S: seconds, protocol.GENERATOR_REUSED: int(reused),
-                              protocol.GENERATOR_PARAMS: sum(p.numel() for p in unet.parameters())}
+                              protocol.GENERATOR_PARAMS: generator.num_parameters}
     if protocol.JUDGE in message.content:
         judge = build_model("lenet", session.input_shape, session.num_classes)
         judge.load_state_dict(message.content[protocol.JUDGE].to_torch_state_dict())
-        hits, scored, per_second = judge_hits(unet, judge.to(session.device), held, syn, seed, sampler)
+        hits, scored, per_second = judge_hits(generator, judge.to(session.device), held, syn, seed, sampler)
         report.update({protocol.QUALITY_HITS: hits, protocol.QUALITY_SCORED: scored,
                        protocol.SAMPLING_IMAGES_PER_S: per_second})
     counts = topup_counts(held, syn.target_per_class, syn.max_ratio, only_held=True)
-    return (*sample_pool(unet, counts, syn, seed=seed, sampler=sampler), report)
+    return (*sample_pool(generator, counts, syn, seed=seed, sampler=sampler), report)
 
 
 @app.query("select")

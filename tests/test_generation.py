@@ -9,23 +9,8 @@ import torch
 from torch import nn
 
 from fedimb.config import ConfigError
-from fedimb.generation import (
-    GENERATOR_SIZES,
-    build_generator,
-    data_range,
-    from_model_space,
-    load_generator,
-    null_class,
-    patch_size,
-    prediction_type,
-    recognisability,
-    sample,
-    sample_grid,
-    save_generator,
-    to_model_space,
-    train_generator,
-    train_reference_classifier,
-)
+from fedimb.synthetic.generator import GENERATOR_SIZES, Generator
+from fedimb.synthetic.quality import recognisability, sample_grid, train_reference_classifier
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -48,21 +33,21 @@ def halves(n: int, size: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Te
 
 
 @pytest.fixture(scope="module")
-def trained() -> nn.Module:
+def trained() -> Generator:
     """The "cpu" generator trained briefly on the two half-bright classes (8×8)."""
-    unet = build_generator("cpu", (1, 8, 8), num_classes=2)
+    generator = Generator.build("cpu", (1, 8, 8), num_classes=2)
     images, labels = halves(64)
-    loss = train_generator(unet, images, labels, steps=300, batch_size=32)
+    loss = generator.train(images, labels, steps=300, batch_size=32)
     assert math.isfinite(loss) and loss < 0.2
-    return unet
+    return generator
 
 
 @pytest.mark.parametrize("shape", [(1, 28, 28), (1, 8, 8), (3, 12, 12)])
 def test_sample_shape_and_dtype(shape):
-    unet = build_generator("cpu", shape, num_classes=3, data_range=(-1.0, 2.0))
-    assert null_class(unet) == 3
+    generator = Generator.build("cpu", shape, num_classes=3, data_range=(-1.0, 2.0))
+    assert generator.null_class == 3
     labels = torch.tensor([0, 1, 2, 2, 1])
-    out = sample(unet, labels, num_inference_steps=2, batch_size=2)
+    out = generator.sample(labels, num_inference_steps=2, batch_size=2)
     assert out.shape == (5, *shape) and out.dtype == torch.float32
     assert torch.isfinite(out).all()
 
@@ -71,60 +56,60 @@ def test_sample_shape_and_dtype(shape):
                                          ("cpu", (3, 12, 12))])
 def test_model_space_round_trip(size, shape):
     """Patching (space-to-depth), padding and the range map are undone exactly on the way back."""
-    unet = build_generator(size, shape, num_classes=2, data_range=(-0.5, 3.0))
+    generator = Generator.build(size, shape, num_classes=2, data_range=(-0.5, 3.0))
     images = torch.rand((4, *shape)) * 3.5 - 0.5
-    inside = to_model_space(unet, images)
-    patch = patch_size(unet)
-    assert inside.shape[1] == unet.config.in_channels == shape[0] * patch * patch
+    inside = generator.to_model_space(images)
+    patch = generator.meta.patch
+    assert inside.shape[1] == generator.unet.config.in_channels == shape[0] * patch * patch
     assert inside.min() >= -1.0 - 1e-6 and inside.max() <= 1.0 + 1e-6
-    assert torch.allclose(from_model_space(unet, inside), images, atol=1e-5)
+    assert torch.allclose(generator.from_model_space(inside), images, atol=1e-5)
 
 
 def test_odd_size_is_padded_and_cropped():
-    unet = build_generator("small", (1, 10, 10), num_classes=2)  # 3 levels need multiples of 4
+    generator = Generator.build("small", (1, 10, 10), num_classes=2)  # 3 levels need multiples of 4
     images, labels = halves(8, size=10)
-    train_generator(unet, images, labels, steps=2, batch_size=4)
-    assert sample(unet, labels[:3], num_inference_steps=2).shape == (3, 1, 10, 10)
+    generator.train(images, labels, steps=2, batch_size=4)
+    assert generator.sample(labels[:3], num_inference_steps=2).shape == (3, 1, 10, 10)
 
 
 def test_unknown_size_names_the_field():
     with pytest.raises(ConfigError, match="synthetic.generator_size.*cpu"):
-        build_generator("huge", (1, 28, 28), 10)
+        Generator.build("huge", (1, 28, 28), 10)
 
 
 def test_bad_inputs_are_refused():
-    unet = build_generator("cpu", (1, 8, 8), num_classes=2)
+    generator = Generator.build("cpu", (1, 8, 8), num_classes=2)
     images, labels = halves(4)
     with pytest.raises(ValueError, match="labels must lie in"):
-        sample(unet, torch.tensor([3]))
+        generator.sample(torch.tensor([3]))
     with pytest.raises(ValueError, match="no data range"):
-        sample(unet, torch.tensor([1]))
+        generator.sample(torch.tensor([1]))
     with pytest.raises(ValueError, match="shape"):
-        train_generator(unet, images[:, :, :4], labels, steps=1)
+        generator.train(images[:, :, :4], labels, steps=1)
 
 
 def test_same_seed_same_init():
-    a, b = build_generator("cpu", (1, 8, 8), 2, seed=4), build_generator("cpu", (1, 8, 8), 2, seed=4)
-    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    a, b = Generator.build("cpu", (1, 8, 8), 2, seed=4), Generator.build("cpu", (1, 8, 8), 2, seed=4)
+    assert all(torch.equal(p, q) for p, q in zip(a.unet.parameters(), b.unet.parameters()))
     assert set(GENERATOR_SIZES) >= {"cpu", "small", "gpu"}
 
 
 def test_gpu_size_trains_and_samples_at_fmnist_shape():
     """The GPU-sized UNet (attention, ~16M parameters) runs end to end on 1×28×28 (here on the CPU)."""
-    unet = build_generator("gpu", (1, 28, 28), num_classes=10, prediction="v_prediction")
-    assert sum(p.numel() for p in unet.parameters()) > 10_000_000
+    generator = Generator.build("gpu", (1, 28, 28), num_classes=10, prediction="v_prediction")
+    assert generator.num_parameters > 10_000_000
     images, labels = torch.randn((4, 1, 28, 28)), torch.tensor([0, 3, 7, 9])
-    before = [p.detach().clone() for p in unet.parameters()]
-    train_generator(unet, images, labels, steps=1, batch_size=4, ema_decay=0.0)
-    assert any(not torch.equal(p, q) for p, q in zip(unet.parameters(), before))
-    out = sample(unet, labels[:2], guidance_scale=2.5, guidance_rescale=1.0, num_inference_steps=2)
+    before = [p.detach().clone() for p in generator.unet.parameters()]
+    generator.train(images, labels, steps=1, batch_size=4, ema_decay=0.0)
+    assert any(not torch.equal(p, q) for p, q in zip(generator.unet.parameters(), before))
+    out = generator.sample(labels[:2], guidance_scale=2.5, guidance_rescale=1.0, num_inference_steps=2)
     assert out.shape == (2, 1, 28, 28) and torch.isfinite(out).all()
 
 
-def assert_halves_follow_labels(unet: nn.Module) -> torch.Tensor:
+def assert_halves_follow_labels(generator: Generator) -> torch.Tensor:
     """16 guided samples per class of ``halves``: ≥ 90% bright on their class's side. Returns them."""
     labels = torch.tensor([0] * 16 + [1] * 16)
-    out = sample(unet, labels, guidance_scale=2.0, num_inference_steps=10)
+    out = generator.sample(labels, guidance_scale=2.0, num_inference_steps=10)
     left_minus_right = out[..., :4].mean((1, 2, 3)) - out[..., 4:].mean((1, 2, 3))
     assert (left_minus_right[:16] > 0).float().mean() >= 0.9
     assert (left_minus_right[16:] < 0).float().mean() >= 0.9
@@ -134,30 +119,30 @@ def assert_halves_follow_labels(unet: nn.Module) -> torch.Tensor:
 def test_samples_follow_their_label(trained):
     out = assert_halves_follow_labels(trained)
     # Samples come back in the data's space, not the UNet's [-1, 1].
-    lo, hi = data_range(trained)
+    lo, hi = trained.data_range
     assert out.max() > 1.0 and lo < out.mean() < hi
 
 
 def test_sampling_is_seeded_and_batch_size_free(trained):
     labels = torch.tensor([0, 1, 0, 1, 1])
-    a = sample(trained, labels, num_inference_steps=4, seed=3, batch_size=5)
-    b = sample(trained, labels, num_inference_steps=4, seed=3, batch_size=2)
-    c = sample(trained, labels, num_inference_steps=4, seed=4, batch_size=5)
+    a = trained.sample(labels, num_inference_steps=4, seed=3, batch_size=5)
+    b = trained.sample(labels, num_inference_steps=4, seed=3, batch_size=2)
+    c = trained.sample(labels, num_inference_steps=4, seed=4, batch_size=5)
     assert torch.allclose(a, b, atol=1e-5)
     assert not torch.allclose(a, c)
 
 
 def test_guidance_interval_and_rescale(trained):
     labels = torch.tensor([0, 1, 0, 1])
-    plain = sample(trained, labels, guidance_scale=1.0, num_inference_steps=5, seed=2)
-    guided = sample(trained, labels, guidance_scale=3.0, num_inference_steps=5, seed=2)
+    plain = trained.sample(labels, guidance_scale=1.0, num_inference_steps=5, seed=2)
+    guided = trained.sample(labels, guidance_scale=3.0, num_inference_steps=5, seed=2)
     # An empty interval (no step has t <= 0) leaves every step plain conditional.
-    never = sample(trained, labels, guidance_scale=3.0, num_inference_steps=5, seed=2, guidance_interval=(0.0, 0.0))
+    never = trained.sample(labels, guidance_scale=3.0, num_inference_steps=5, seed=2, guidance_interval=(0.0, 0.0))
     assert torch.allclose(never, plain, atol=1e-5) and not torch.allclose(guided, plain, atol=1e-3)
     # phi 0 is plain guidance; phi 1 still follows the labels but changes the images.
-    assert torch.equal(sample(trained, labels, guidance_scale=3.0, num_inference_steps=5, seed=2, guidance_rescale=0.0),
-                       guided)
-    rescaled = sample(trained, labels, guidance_scale=3.0, num_inference_steps=5, seed=2, guidance_rescale=1.0)
+    assert torch.equal(trained.sample(labels, guidance_scale=3.0, num_inference_steps=5, seed=2,
+                                      guidance_rescale=0.0), guided)
+    rescaled = trained.sample(labels, guidance_scale=3.0, num_inference_steps=5, seed=2, guidance_rescale=1.0)
     assert not torch.allclose(rescaled, guided, atol=1e-3)
     left_minus_right = rescaled[..., :4].mean((1, 2, 3)) - rescaled[..., 4:].mean((1, 2, 3))
     assert (left_minus_right[[0, 2]] > 0).all() and (left_minus_right[[1, 3]] < 0).all()
@@ -165,20 +150,20 @@ def test_guidance_interval_and_rescale(trained):
 
 def test_a_sampler_per_label_changes_only_its_labels(trained):
     labels = torch.tensor([0, 1, 0, 1])
-    plain = sample(trained, labels, guidance_scale=1.5, num_inference_steps=4, seed=5)
-    strong = sample(trained, labels, guidance_scale=3.0, num_inference_steps=4, seed=5, guidance_rescale=1.0)
+    plain = trained.sample(labels, guidance_scale=1.5, num_inference_steps=4, seed=5)
+    strong = trained.sample(labels, guidance_scale=3.0, num_inference_steps=4, seed=5, guidance_rescale=1.0)
     # class 1 sampled strongly, class 0 plainly: each image equals its own sampler's, the noise is shared
-    mixed = sample(trained, labels, guidance_scale=torch.tensor([1.5, 3.0, 1.5, 3.0]), num_inference_steps=4, seed=5,
-                   guidance_rescale=torch.tensor([0.0, 1.0, 0.0, 1.0]))
+    mixed = trained.sample(labels, guidance_scale=torch.tensor([1.5, 3.0, 1.5, 3.0]), num_inference_steps=4, seed=5,
+                           guidance_rescale=torch.tensor([0.0, 1.0, 0.0, 1.0]))
     assert torch.allclose(mixed[[0, 2]], plain[[0, 2]], atol=1e-5)
     assert torch.allclose(mixed[[1, 3]], strong[[1, 3]], atol=1e-5)
     assert not torch.allclose(plain[[1, 3]], strong[[1, 3]], atol=1e-3)
     with pytest.raises(ValueError, match="guidance_scale has 3 values for 4 labels"):
-        sample(trained, labels, guidance_scale=torch.tensor([1.0, 2.0, 3.0]), num_inference_steps=2)
+        trained.sample(labels, guidance_scale=torch.tensor([1.0, 2.0, 3.0]), num_inference_steps=2)
 
 
 def test_rescale_matches_the_conditional_std():
-    from fedimb.generation.diffusion import _rescaled
+    from fedimb.synthetic.diffusion import _rescaled
 
     gen = torch.Generator().manual_seed(0)
     cond, guided = torch.randn((3, 2, 4, 4), generator=gen), 5 * torch.randn((3, 2, 4, 4), generator=gen)
@@ -191,38 +176,60 @@ def test_rescale_matches_the_conditional_std():
 
 def test_state_dict_transfer_needs_the_shared_range(trained):
     # Federated rounds move weights only: a copy built with the same range samples the same.
-    copy = build_generator("cpu", (1, 8, 8), num_classes=2, data_range=data_range(trained))
+    copy = Generator.build("cpu", (1, 8, 8), num_classes=2, data_range=trained.data_range)
     copy.load_state_dict(trained.state_dict())
     labels = torch.tensor([0, 1])
-    assert torch.equal(sample(copy, labels, num_inference_steps=3), sample(trained, labels, num_inference_steps=3))
+    assert torch.equal(copy.sample(labels, num_inference_steps=3), trained.sample(labels, num_inference_steps=3))
 
 
 def test_save_load_round_trip(trained, tmp_path):
-    save_generator(trained, tmp_path / "gen")
-    save_generator(trained, tmp_path / "gen")  # overwriting an existing generator is fine
+    trained.save_pretrained(tmp_path / "gen")
+    trained.save_pretrained(tmp_path / "gen")  # overwriting an existing generator is fine
     assert {p.name for p in (tmp_path / "gen").iterdir()} == {
-        "config.json", "diffusion_pytorch_model.safetensors", "scheduler_config.json"
+        "config.json", "diffusion_pytorch_model.safetensors", "scheduler_config.json", "generator_config.json"
     }
-    loaded = load_generator(tmp_path / "gen")
-    assert data_range(loaded) == data_range(trained)
-    assert loaded.config.num_train_timesteps == trained.config.num_train_timesteps
+    loaded = Generator.from_pretrained(tmp_path / "gen")
+    assert loaded.data_range == trained.data_range and loaded.meta == trained.meta
+    assert loaded.scheduler.config.num_train_timesteps == trained.scheduler.config.num_train_timesteps
+    assert not any(key.startswith("_fedimb") for key in loaded.unet.config)  # the metadata has its own file
     labels = torch.tensor([0, 1, 1])
-    assert torch.equal(sample(trained, labels, num_inference_steps=4), sample(loaded, labels, num_inference_steps=4))
+    assert torch.equal(trained.sample(labels, num_inference_steps=4), loaded.sample(labels, num_inference_steps=4))
 
 
 def test_v_prediction_generator_follows_labels_and_survives_save_load(tmp_path):
-    unet = build_generator("cpu", (1, 8, 8), num_classes=2, prediction="v_prediction")
+    generator = Generator.build("cpu", (1, 8, 8), num_classes=2, prediction="v_prediction")
     images, labels = halves(64)
-    train_generator(unet, images, labels, steps=300, batch_size=32, snr_gamma=5.0)
-    save_generator(unet, tmp_path / "gen")
-    loaded = load_generator(tmp_path / "gen")
-    assert prediction_type(loaded) == "v_prediction"
+    generator.train(images, labels, steps=300, batch_size=32, snr_gamma=5.0)
+    generator.save_pretrained(tmp_path / "gen")
+    loaded = Generator.from_pretrained(tmp_path / "gen")
+    assert loaded.prediction == "v_prediction"
     assert_halves_follow_labels(loaded)
+
+
+def test_a_folder_in_the_older_layout_loads(trained, tmp_path):
+    """Generators cached before generator_config.json kept their metadata in the UNet's config."""
+    legacy = Generator.build("cpu", (1, 8, 8), num_classes=2, prediction="v_prediction")
+    legacy.load_state_dict(trained.state_dict())
+    lo, hi = trained.data_range
+    # what the older save wrote: private keys in the UNet's config, the scheduler's own file beside it
+    legacy.unet.register_to_config(_fedimb_data_range=[lo, hi], _fedimb_image_shape=[1, 8, 8], _fedimb_patch=2,
+                                   _fedimb_prediction="v_prediction")
+    legacy.unet.save_pretrained(tmp_path / "old")
+    legacy.scheduler.save_pretrained(tmp_path / "old")
+    loaded = Generator.from_pretrained(tmp_path / "old")
+    assert loaded.meta.image_shape == (1, 8, 8) and loaded.meta.patch == 2 and loaded.data_range == (lo, hi)
+    assert loaded.prediction == "v_prediction" and loaded.meta.size is None
+    assert not any(key.startswith("_fedimb") for key in loaded.unet.config)  # a re-save writes them once, apart
+    legacy.set_data_range(lo, hi)
+    labels = torch.tensor([0, 1])
+    assert torch.equal(loaded.sample(labels, num_inference_steps=3), legacy.sample(labels, num_inference_steps=3))
+    loaded.save_pretrained(tmp_path / "new")
+    assert Generator.from_pretrained(tmp_path / "new").meta == loaded.meta
 
 
 def test_unknown_prediction_names_the_field():
     with pytest.raises(ConfigError, match="synthetic.prediction.*v_prediction"):
-        build_generator("cpu", (1, 8, 8), 2, prediction="x0")
+        Generator.build("cpu", (1, 8, 8), 2, prediction="x0")
 
 
 def test_sample_grid_writes_png(tmp_path):

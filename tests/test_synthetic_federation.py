@@ -9,12 +9,12 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from clients.app import train_generator_round
-from clients.synthetic import topup_counts
 from fedimb.protocol import EXPERIMENT_CONFIG as CONFIG_KEY
 from fedimb.protocol import GENERATOR_RANGE as RANGE_KEY
 from fedimb.config import load_config, to_yaml
 from fedimb.data import build_federated_data
-from fedimb.generation import build_generator
+from fedimb.synthetic.generator import Generator
+from fedimb.synthetic.topup import topup_counts
 from fedimb.app.simulation import run_experiment
 from tests.conftest import DIGITS_SMALL
 
@@ -27,17 +27,17 @@ def test_generator_round_sends_only_weights_and_scalars():
     cfg = load_config(None, DIGITS_SMALL + SYN)
     data = build_federated_data(cfg)
     shape, classes = data.splits.input_shape, data.splits.num_classes
-    unet = build_generator("cpu", shape, classes, seed=0, data_range=(-1.0, 5.0))
-    content = RecordDict({"arrays": ArrayRecord(unet.state_dict()),
+    generator = Generator.build("cpu", shape, classes, seed=0, data_range=(-1.0, 5.0))
+    content = RecordDict({"arrays": ArrayRecord(generator.state_dict()),
                           "config": ConfigRecord({CONFIG_KEY: to_yaml(cfg), RANGE_KEY: [-1.0, 5.0], "server-round": 1})})
     message = Message(content=content, dst_node_id=7, message_type="train.generator")
     context = Context(run_id=1, node_id=7, node_config={"partition-id": 1, "num-partitions": 3}, state=RecordDict(),
                       run_config={})
     reply = train_generator_round(message, context).content
     assert set(reply.keys()) == {"arrays", "metrics"}
-    assert set(reply["arrays"].keys()) == set(unet.state_dict().keys())  # the generator's weights, nothing else
+    assert set(reply["arrays"].keys()) == set(generator.state_dict().keys())  # the generator's weights, nothing else
     for key, array in reply["arrays"].items():
-        assert tuple(array.shape) == tuple(unet.state_dict()[key].shape)
+        assert tuple(array.shape) == tuple(generator.state_dict()[key].shape)
     assert all(not isinstance(v, list) for v in reply["metrics"].values())
     assert int(reply["metrics"]["num-examples"]) == len(data.client_indices[1])
 
@@ -47,28 +47,28 @@ def test_client_samples_with_the_class_sampler_it_is_sent():
     import torch
 
     from clients.app import topup
-    from clients.synthetic import SAMPLER_KEYS, class_sampler, load_pool, sample_pool
+    from clients.synthetic import load_pool
+    from fedimb.synthetic.topup import ClassSampler, sample_pool
 
     cfg = load_config(None, DIGITS_SMALL + SYN + ["synthetic.policy=client_sample", "synthetic.guidance_scale=3",
                                                   "synthetic.tail_guidance_scale=1"])
     data = build_federated_data(cfg)
     shape, classes = data.splits.input_shape, data.splits.num_classes
-    unet = build_generator("cpu", shape, classes, seed=0, data_range=(-1.0, 5.0))
-    sampler = class_sampler(cfg.synthetic, data.counts.sum(axis=0))
-    pid = int(np.argmax([(topup_counts(c, 0, 1.0) * (sampler[0] == 1.0)).sum() for c in data.counts]))
+    generator = Generator.build("cpu", shape, classes, seed=0, data_range=(-1.0, 5.0))
+    sampler = ClassSampler.for_classes(cfg.synthetic, data.counts.sum(axis=0))
+    pid = int(np.argmax([(topup_counts(c, 0, 1.0) * (sampler.guidance == 1.0)).sum() for c in data.counts]))
     need = topup_counts(data.counts[pid], 0, 1.0)
-    assert need[sampler[0] == 1.0].sum() > 0 and need[sampler[0] == 3.0].sum() > 0  # both samplers in play
-    config = ConfigRecord({CONFIG_KEY: to_yaml(cfg), RANGE_KEY: [-1.0, 5.0],
-                           **{key: [float(v) for v in values] for key, values in zip(SAMPLER_KEYS, sampler)}})
-    message = Message(content=RecordDict({"generator": ArrayRecord(unet.state_dict()), "config": config}),
+    assert need[sampler.guidance == 1.0].sum() > 0 and need[sampler.guidance == 3.0].sum() > 0  # both samplers in play
+    config = ConfigRecord({CONFIG_KEY: to_yaml(cfg), RANGE_KEY: [-1.0, 5.0], **sampler.to_config()})
+    message = Message(content=RecordDict({"generator": ArrayRecord(generator.state_dict()), "config": config}),
                       dst_node_id=7, message_type="query.topup")
     context = Context(run_id=1, node_id=7, node_config={"partition-id": pid, "num-partitions": 3}, state=RecordDict(),
                       run_config={})
     topup(message, context)
     x, y = load_pool(context.state, torch.device("cpu"))
     seed = cfg.seed * 31 + pid
-    expected, _ = sample_pool(unet, need, cfg.synthetic, seed=seed, sampler=sampler)
-    one_sampler, _ = sample_pool(unet, need, cfg.synthetic, seed=seed)
+    expected, _ = sample_pool(generator, need, cfg.synthetic, seed=seed, sampler=sampler)
+    one_sampler, _ = sample_pool(generator, need, cfg.synthetic, seed=seed)
     assert torch.allclose(x, expected, atol=1e-5) and not torch.allclose(x, one_sampler, atol=1e-3)
 
 
@@ -168,7 +168,8 @@ def test_class_aware_label_table_hand_case():
     import numpy as np
     from flwr.app import Array
 
-    from strategies.synthetic import EMBEDDING_KEY, class_aware_rows
+    from fedimb.synthetic.generator import EMBEDDING_KEY
+    from strategies.generator import class_aware_rows
 
     # 3 clients, 2 classes + null row, D = 1. FedAvg (weights 1:1:2) gave the merged table below.
     tables = [np.array([[1.0], [0.0], [3.0]]), np.array([[0.0], [4.0], [5.0]]), np.array([[0.0], [0.0], [7.0]])]
@@ -186,7 +187,7 @@ def test_class_aware_label_table_hand_case():
 def test_class_balanced_weights_give_every_class_the_same_mass():
     import torch
 
-    from fedimb.generation.diffusion import class_balanced_weights
+    from fedimb.synthetic.diffusion import class_balanced_weights
 
     labels = torch.tensor([0] * 90 + [1] * 9 + [3])
     weights = class_balanced_weights(labels)
@@ -200,7 +201,7 @@ def test_min_snr_weighting_hand_case():
     import torch
     from diffusers import DDPMScheduler
 
-    from fedimb.generation.diffusion import _denoising_loss
+    from fedimb.synthetic.diffusion import _denoising_loss
 
     scheduler = DDPMScheduler(num_train_timesteps=1000)
     t = torch.tensor([0, 999])
@@ -217,7 +218,7 @@ def test_min_snr_weighting_for_v_prediction_hand_case():
     import torch
     from diffusers import DDPMScheduler
 
-    from fedimb.generation.diffusion import _denoising_loss
+    from fedimb.synthetic.diffusion import _denoising_loss
 
     scheduler = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction")
     t = torch.tensor([0, 999])

@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from clients.losses import LossContext, build_loss
-from clients.synthetic import class_sampler, labels_for, load_pool, store_pool, topup_counts
+from clients.synthetic import load_pool, store_pool
 from clients.trainer import _batch_loss
-from flwr.app import RecordDict
+from fedimb.synthetic.topup import ClassSampler, labels_for, topup_counts
+from flwr.app import ConfigRecord, RecordDict
 
 
 def test_topup_to_the_largest_class():
@@ -60,7 +61,7 @@ def test_synthetic_samples_weighted_in_the_loss():
 
 def test_generator_cache_key_ignores_sampling_knobs():
     from fedimb.config import load_config
-    from strategies.synthetic import cache_key
+    from fedimb.app.synthetic import cache_key
 
     base = ["synthetic.enabled=true", "data.dataset=digits"]
     key = cache_key(load_config(None, base))
@@ -97,23 +98,37 @@ def test_tail_classes_get_their_own_sampler():
     # Classes by count: 3 > 0 > 5 > 1 > 4 > 2 > 6; C=7 splits 3 / 2 / 2, so the tail is {2, 6}.
     counts = np.array([500, 90, 20, 900, 60, 300, 5])
     syn = SyntheticConfig(guidance_scale=2.5, guidance_rescale=1.0)
-    scales, phis = class_sampler(syn, counts)
-    assert scales.tolist() == [2.5] * 7 and phis.tolist() == [1.0] * 7  # no tail knobs: one sampler
-    scales, phis = class_sampler(replace(syn, tail_guidance_scale=1.5, tail_guidance_rescale=0.0), counts)
-    assert scales.tolist() == [2.5, 2.5, 1.5, 2.5, 2.5, 2.5, 1.5]
-    assert phis.tolist() == [1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0]
+    sampler = ClassSampler.for_classes(syn, counts)
+    assert sampler.guidance.tolist() == [2.5] * 7 and sampler.rescale.tolist() == [1.0] * 7  # no tail knobs: one sampler
+    sampler = ClassSampler.for_classes(replace(syn, tail_guidance_scale=1.5, tail_guidance_rescale=0.0), counts)
+    assert sampler.guidance.tolist() == [2.5, 2.5, 1.5, 2.5, 2.5, 2.5, 1.5]
+    assert sampler.rescale.tolist() == [1.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0]
     # a tail knob left out keeps the main one for the tail
-    scales, phis = class_sampler(replace(syn, tail_guidance_scale=1.5), counts)
-    assert scales[[2, 6]].tolist() == [1.5, 1.5] and phis.tolist() == [1.0] * 7
+    sampler = ClassSampler.for_classes(replace(syn, tail_guidance_scale=1.5), counts)
+    assert sampler.guidance[[2, 6]].tolist() == [1.5, 1.5] and sampler.rescale.tolist() == [1.0] * 7
+
+
+def test_class_sampler_wire_round_trip():
+    sampler = ClassSampler(np.array([2.5, 1.5, 2.0]), np.array([1.0, 0.0, 0.5]))
+    config = ConfigRecord({"fedimb-config": "...", **sampler.to_config()})
+    back = ClassSampler.from_config(config)
+    assert back.guidance.tolist() == [2.5, 1.5, 2.0] and back.rescale.tolist() == [1.0, 0.0, 0.5]
+    assert back.guidance.dtype == np.float64
+    assert ClassSampler.from_config(ConfigRecord({"fedimb-config": "..."})) is None  # sent without one
+    scale, rescale = back.per_label(torch.tensor([2, 0, 0, 1]))
+    assert scale.tolist() == [2.0, 2.5, 2.5, 1.5] and rescale.tolist() == [0.5, 1.0, 1.0, 0.0]
+    assert scale.dtype == torch.float32
+    with pytest.raises(ValueError, match="3 guidance scales but 2 rescales"):
+        ClassSampler(np.ones(3), np.ones(2))
 
 
 def test_pool_names_carry_the_tail_sampler_only_when_set():
     from dataclasses import replace
 
     from fedimb.config import SyntheticConfig
-    from strategies.synthetic import _pool_name
+    from fedimb.app.synthetic import pool_name
 
     syn = SyntheticConfig(guidance_scale=1.5, ddim_steps=20)
-    assert _pool_name(syn, 3) == "pool-t0-r1.0-w1.5-s20-c3.pt"  # the name pools had before the tail knobs
-    tail = _pool_name(replace(syn, tail_guidance_scale=1.0), 3)
-    assert tail != _pool_name(syn, 3) and tail != _pool_name(replace(syn, tail_guidance_rescale=0.5), 3)
+    assert pool_name(syn, 3) == "pool-t0-r1.0-w1.5-s20-c3.pt"  # the name pools had before the tail knobs
+    tail = pool_name(replace(syn, tail_guidance_scale=1.0), 3)
+    assert tail != pool_name(syn, 3) and tail != pool_name(replace(syn, tail_guidance_rescale=0.5), 3)

@@ -125,10 +125,10 @@ def hello_phase(run: ServerRun) -> None:
 
 def synthetic_phase(run: ServerRun) -> None:
     """Train (or reload) the federated generator and top every client up; summary block ``synthetic``."""
-    from strategies.synthetic import prepare_synthetic  # diffusers loads only when asked for
+    from fedimb.app.synthetic import prepare_synthetic  # diffusers loads only when asked for
 
-    run.summary["synthetic"] = prepare_synthetic(run.grid, run.cfg, run.ctx, run.hello.partition_of,
-                                                 run.hello.counts, run.splits, run.config_text, run.run_dir)
+    run.summary["synthetic"] = prepare_synthetic(run.grid, run.cfg, run.hello.partition_of, run.hello.counts,
+                                                 run.splits, run.config_text, run.run_dir)
 
 
 def active_learning_phase(run: ServerRun) -> None:

@@ -1,55 +1,13 @@
-"""Class-conditional DDPM generator for synthetic minority samples (FedSSG), from diffusers parts.
+"""Synthetic minority samples (FedSSG) from a class-conditional DDPM generator built of diffusers parts.
 
-``build_generator`` makes a ``UNet2DModel`` by size name, ``train_generator`` /
-``sample`` are the short training and DDIM + classifier-free-guidance loops,
-``save_generator`` / ``load_generator`` wrap ``save_pretrained`` / ``from_pretrained``, and
-``quality`` holds the sample grid and the recognisability score.
+* ``generator``: :class:`~fedimb.synthetic.generator.Generator`, the UNet, its DDPM scheduler
+  and its metadata (``build``, ``train``, ``sample``, ``save_pretrained`` / ``from_pretrained``);
+* ``diffusion``: the training and sampling loops behind ``Generator.train`` / ``Generator.sample``;
+* ``topup``: what server and clients share: how many samples per class, the per-class
+  ``ClassSampler``, pools, the judge's count, training and caching from the config;
+* ``quality``: the sample grid and the recognisability score.
+
+The package imports nothing itself, so that ``topup`` loads without diffusers (every client
+imports it; only the synthetic phase needs a generator). Flower messages live in
+``fedimb.app.synthetic`` (server) and ``clients.synthetic`` (client).
 """
-
-from fedimb.generation.diffusion import (
-    from_model_space,
-    load_generator,
-    sample,
-    sampling_scheduler,
-    save_generator,
-    to_model_space,
-    train_generator,
-    training_scheduler,
-)
-from fedimb.generation.model import (
-    GENERATOR_SIZES,
-    build_generator,
-    data_range,
-    image_channels,
-    image_size,
-    null_class,
-    padded_size,
-    patch_size,
-    prediction_type,
-    set_data_range,
-)
-from fedimb.generation.quality import recognisability, sample_grid, train_reference_classifier
-
-__all__ = [
-    "GENERATOR_SIZES",
-    "build_generator",
-    "data_range",
-    "from_model_space",
-    "image_channels",
-    "image_size",
-    "load_generator",
-    "null_class",
-    "padded_size",
-    "patch_size",
-    "prediction_type",
-    "recognisability",
-    "sample",
-    "sample_grid",
-    "sampling_scheduler",
-    "save_generator",
-    "set_data_range",
-    "to_model_space",
-    "train_generator",
-    "train_reference_classifier",
-    "training_scheduler",
-]

@@ -1,11 +1,12 @@
-"""Train and sample the class-conditional DDPM: diffusers' UNet + schedulers, our short loops.
+"""Train and sample a :class:`~fedimb.synthetic.generator.Generator`: our short loops around diffusers' parts.
 
 Training is epsilon prediction (or v prediction, a per-generator choice) with a
 ``DDPMScheduler`` (linear betas, T steps): ``x_t = add_noise(x_0, eps, t)``, loss
 ``||unet(x_t, t, y) - eps||²`` (or ``- v``), with the label replaced by the null id with
 probability ``p_uncond`` so that the same network also learns the unconditional score.
 Sampling uses a ``DDIMScheduler`` built from the training scheduler's config and
-classifier-free guidance ``out = out_u + w (out_c - out_u)``.
+classifier-free guidance ``out = out_u + w (out_c - out_u)``. Both are the generator's methods
+(``generator.train(...)``, ``generator.sample(...)``).
 
 Images enter and leave in the classifier's normalised space. Inside, they are mapped
 affinely from the stored data range ``[lo, hi]`` to ``[-1, 1]`` (so the scheduler's
@@ -14,57 +15,18 @@ affinely from the stored data range ``[lo, hi]`` to ``[-1, 1]`` (so the schedule
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel, compute_snr
 
-from fedimb.generation.model import (image_channels, image_size, null_class, padded_size, patch_size, prediction_type,
-                                     set_data_range)
-from fedimb.generation.model import data_range as stored_range
-
-
-def training_scheduler(unet: UNet2DModel) -> DDPMScheduler:
-    """The DDPM noise schedule this generator is (or will be) trained with."""
-    return DDPMScheduler(num_train_timesteps=int(unet.config.num_train_timesteps or 1000),
-                         prediction_type=prediction_type(unet))
-
-
-def sampling_scheduler(unet: UNet2DModel, num_inference_steps: int) -> DDIMScheduler:
-    """A DDIM scheduler on the training schedule, set to ``num_inference_steps`` steps."""
-    # "trailing" starts at t = T-1; the default "leading" starts at T - T/steps, which leaves
-    # noise the model never saw at t = T-1 unremoved (Lin et al. 2023, "Common diffusion noise
-    # schedules and sample steps are flawed").
-    scheduler = DDIMScheduler.from_config(training_scheduler(unet).config, timestep_spacing="trailing")
-    scheduler.set_timesteps(num_inference_steps)
-    return scheduler
-
-
-def to_model_space(unet: UNet2DModel, images: torch.Tensor) -> torch.Tensor:
-    """Normalised-space images (N, C, H, W) -> the UNet's padded [-1, 1] space."""
-    lo, hi = stored_range(unet) or (-1.0, 1.0)
-    x = (images.float() - lo) * (2.0 / (hi - lo)) - 1.0
-    (height, width), (ph, pw) = image_size(unet), padded_size(unet)
-    if (ph, pw) != (height, width):
-        x = F.pad(x, (0, pw - width, 0, ph - height), mode="replicate")
-    return F.pixel_unshuffle(x, patch_size(unet)) if patch_size(unet) > 1 else x
-
-
-def from_model_space(unet: UNet2DModel, x: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`to_model_space`: crop the padding, map [-1, 1] back to the data range."""
-    lo, hi = stored_range(unet) or (-1.0, 1.0)
-    height, width = image_size(unet)
-    if patch_size(unet) > 1:
-        x = F.pixel_shuffle(x, patch_size(unet))
-    return (x[..., :height, :width] + 1.0) * ((hi - lo) / 2.0) + lo
+if TYPE_CHECKING:
+    from fedimb.synthetic.generator import Generator
 
 
 @contextmanager
@@ -79,10 +41,10 @@ def _progress(enabled: bool, total: int, description: str) -> Iterator[Callable[
         yield lambda: bar.advance(task)
 
 
-def _check_inputs(unet: UNet2DModel, labels: torch.Tensor, images: torch.Tensor | None = None) -> None:
-    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > null_class(unet)):
-        raise ValueError(f"labels must lie in [0, {null_class(unet)}] (the last id is the null class)")
-    expected = (image_channels(unet), *image_size(unet))
+def _check_inputs(generator: Generator, labels: torch.Tensor, images: torch.Tensor | None = None) -> None:
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > generator.null_class):
+        raise ValueError(f"labels must lie in [0, {generator.null_class}] (the last id is the null class)")
+    expected = generator.image_shape
     if images is not None and tuple(images.shape[1:]) != expected:
         raise ValueError(f"images of shape {tuple(images.shape[1:])} given to a generator for {expected}")
     if images is not None and len(images) != len(labels):
@@ -90,13 +52,13 @@ def _check_inputs(unet: UNet2DModel, labels: torch.Tensor, images: torch.Tensor 
 
 
 def _choose_range(
-    unet: UNet2DModel, images: torch.Tensor, given: tuple[float, float] | None
+    generator: Generator, images: torch.Tensor, given: tuple[float, float] | None
 ) -> tuple[float, float]:
     # A range already stored wins over the data's own min/max: a second call (another round of
     # federated training) must keep the space the weights were trained in.
     if given is not None:
         return given
-    stored = stored_range(unet)
+    stored = generator.data_range
     return stored if stored is not None else (float(images.min()), float(images.max()))
 
 
@@ -118,8 +80,8 @@ def _denoising_loss(predicted: torch.Tensor, target: torch.Tensor, t: torch.Tens
     return (weight * per_sample).mean()
 
 
-def train_generator(
-    unet: UNet2DModel,
+def train(
+    generator: Generator,
     images: torch.Tensor,
     labels: torch.Tensor,
     steps: int,
@@ -128,37 +90,34 @@ def train_generator(
     p_uncond: float = 0.1,
     seed: int = 0,
     progress: bool = False,
-    num_train_timesteps: int = 1000,
     data_range: tuple[float, float] | None = None,
     ema_decay: float = 0.999,
     balanced: bool = False,
     snr_gamma: float = 0.0,
 ) -> float:
-    """Train ``unet`` in place for ``steps`` batches; return the mean loss of the last 10% of steps.
+    """Train ``generator`` in place for ``steps`` batches; return the mean loss of the last 10% of steps.
 
     ``data_range`` is the (lo, hi) mapped to [-1, 1]; by default the range stored by an earlier
-    call or given to ``build_generator``, else the min/max of ``images``; federated clients must
-    share one range (see ``build_generator``).
+    call or given to ``Generator.build``, else the min/max of ``images``; federated clients must
+    share one range (see ``Generator.build``).
     ``ema_decay`` > 0 keeps an exponential moving average of the weights (diffusers'
     ``EMAModel``, warm-up decay ``(1+s)/(10+s)`` capped at ``ema_decay``) and leaves the
-    average in ``unet`` at the end; 0 keeps the raw weights. The average restarts with every
+    average in the UNet at the end; 0 keeps the raw weights. The average restarts with every
     call, so short federated rounds may prefer 0. ``balanced`` draws every class present equally
     often (sample weight 1 / its class count) instead of every image. ``snr_gamma`` > 0 weights
     each sample's loss by ``min(SNR(t), gamma) / SNR(t)`` (``/ (SNR(t) + 1)`` for a v-predicting
     generator; Min-SNR, Hang et al. 2023), so the nearly clean timesteps stop dominating the
-    gradient; 0 is the plain mean. ``unet`` is left in eval mode.
+    gradient; 0 is the plain mean. The UNet is left in eval mode.
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    _check_inputs(unet, labels, images)
-    device = unet.device
-    set_data_range(unet, *_choose_range(unet, images, data_range))
-    unet.register_to_config(num_train_timesteps=int(num_train_timesteps))
-    scheduler = training_scheduler(unet)
+    _check_inputs(generator, labels, images)
+    unet, scheduler, device = generator.unet, generator.scheduler, generator.device
+    generator.set_data_range(*_choose_range(generator, images, data_range))
     predicts_v = scheduler.config.prediction_type == "v_prediction"
-    x_all = to_model_space(unet, images).to(device)
+    x_all = generator.to_model_space(images).to(device)
     y_all = labels.long().to(device)
-    null = null_class(unet)
+    null = generator.null_class
     gen = torch.Generator().manual_seed(seed)
     draw_weights = class_balanced_weights(labels) if balanced else None
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr)
@@ -196,7 +155,7 @@ def train_generator(
 
 @torch.inference_mode()
 def sample(
-    unet: UNet2DModel,
+    generator: Generator,
     labels: torch.Tensor,
     guidance_scale: float | torch.Tensor = 2.0,
     num_inference_steps: int = 20,
@@ -221,22 +180,22 @@ def sample(
     ~30% slower per image there (cache); on a GPU pass more.
     """
     labels = labels.long().reshape(-1)
-    _check_inputs(unet, labels)
-    if stored_range(unet) is None:
+    _check_inputs(generator, labels)
+    if generator.data_range is None:
         # Loud on purpose: weights loaded with load_state_dict into a fresh build have no range,
         # and samples would silently come back on the wrong scale.
         raise ValueError("the generator has no data range: train it, or build it with data_range=(lo, hi)")
-    device, was_training = unet.device, unet.training
+    unet, device = generator.unet, generator.device
+    was_training = unet.training
     unet.eval()
-    scheduler = sampling_scheduler(unet, num_inference_steps)
+    scheduler = generator.sampling_scheduler(num_inference_steps)
     scales = _per_label(guidance_scale, labels, "guidance_scale")
     phis = _per_label(guidance_rescale, labels, "guidance_rescale")
     guided = bool((scales != 1.0).any())
     horizon = float(scheduler.config.num_train_timesteps)
     lo_t, hi_t = guidance_interval[0] * horizon, guidance_interval[1] * horizon
     # All starting noise drawn at once, so the images do not depend on batch_size.
-    patch = patch_size(unet)
-    inner = tuple(side // patch for side in padded_size(unet))
+    inner = tuple(side // generator.meta.patch for side in generator.padded_size)
     noise = torch.randn(
         (len(labels), unet.config.in_channels, *inner), generator=torch.Generator().manual_seed(seed)
     )
@@ -247,7 +206,7 @@ def sample(
             x = noise[start : start + batch_size].to(device)
             y = labels[start : start + batch_size].to(device)
             scale, phi = (v[start : start + batch_size].to(device).view(-1, *[1] * (x.dim() - 1)) for v in (scales, phis))
-            both = torch.cat([y, torch.full_like(y, null_class(unet))])
+            both = torch.cat([y, torch.full_like(y, generator.null_class)])
             for t in scheduler.timesteps:
                 # The output is eps or v; both are affine in x0 and eps, so guidance mixes either alike.
                 if guided and lo_t <= float(t) <= hi_t:
@@ -257,9 +216,9 @@ def sample(
                     out_t = unet(x, t, class_labels=y).sample
                 x = scheduler.step(out_t, t, x).prev_sample
                 advance()
-            out.append(from_model_space(unet, x).float().cpu())
+            out.append(generator.from_model_space(x).float().cpu())
     unet.train(was_training)
-    empty = torch.zeros((0, image_channels(unet), *image_size(unet)))
+    empty = torch.zeros((0, *generator.image_shape))
     return torch.cat(out) if out else empty
 
 
@@ -280,31 +239,3 @@ def _rescaled(guided: torch.Tensor, cond: torch.Tensor, phi: float | torch.Tenso
     dims = tuple(range(1, guided.dim()))
     matched = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True).clamp_min(1e-8))
     return phi * matched + (1.0 - phi) * guided
-
-
-def save_generator(unet: UNet2DModel, path: str | os.PathLike[str]) -> Path:
-    """Save the UNet (config + safetensors) and its DDPM scheduler config into folder ``path``.
-
-    Written to a temporary sibling folder first and then renamed, so a killed save never
-    leaves a half-written generator behind.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-    try:
-        unet.save_pretrained(tmp)
-        training_scheduler(unet).save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
-
-
-def load_generator(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> UNet2DModel:
-    """Load a generator saved by :func:`save_generator`, in eval mode on ``device``."""
-    # Without `accelerate` installed, the default low_cpu_mem_usage=True only logs a warning.
-    unet = UNet2DModel.from_pretrained(path, low_cpu_mem_usage=False)
-    return unet.to(device).eval()

@@ -1,46 +1,53 @@
-"""The class-conditional generator: a diffusers ``UNet2DModel`` built by size name.
+"""The class-conditional generator: a diffusers ``UNet2DModel``, its ``DDPMScheduler`` and its metadata.
 
 The class embedding has ``num_classes + 1`` rows; the last id is the null ("unconditional")
-token that classifier-free guidance needs. Besides the UNet's own fields, ``unet.config``
-carries what sampling needs to reproduce training, so one saved folder is the whole generator:
+token that classifier-free guidance needs. The scheduler's config holds the noise schedule
+(T steps, linear betas) and what the UNet predicts (``epsilon`` or ``v_prediction``).
+:class:`GeneratorMeta` holds what diffusers has no field for:
 
-* ``num_train_timesteps``: length of the DDPM noise schedule. It is a genuine
-  ``UNet2DModel`` field (read only by its "learned" time embedding, which we do not use), so
-  it costs nothing and travels with ``save_pretrained`` / ``from_pretrained``.
-* ``_fedimb_data_range``: ``[lo, hi]`` of the training images in the classifier's normalised
-  space; the diffusion itself runs on ``[-1, 1]``. The leading underscore matters: on
-  ``from_pretrained`` diffusers re-registers unknown *private* keys silently, while unknown
-  public keys are kept too but logged as "will be ignored".
-
-* ``_fedimb_image_shape``: ``[C, H, W]`` of the images, and ``_fedimb_patch``: p of the
-  space-to-depth step. With p > 1 the UNet works on ``pixel_unshuffle(x, p)``, a
-  (C·p², H/p, W/p) tensor: 4× fewer positions for p = 2, so with the same channels the CPU
-  size trains 2.4× and samples 3.4× faster than at full resolution on 2 idle threads (the
-  patch embedding of DiT).
+* the data range ``(lo, hi)`` of the training images in the classifier's normalised space; the
+  diffusion itself runs on ``[-1, 1]``;
+* the image shape ``(C, H, W)`` and the patch p of the space-to-depth step. With p > 1 the UNet
+  works on ``pixel_unshuffle(x, p)``, a (C·p², H/p, W/p) tensor: 4× fewer positions for p = 2,
+  so with the same channels the CPU size trains 2.4× and samples 3.4× faster than at full
+  resolution on 2 idle threads (the patch embedding of DiT).
 
 Spatial sizes: the patch divides H and W, and each extra resolution level halves them again,
 so H and W must be multiples of ``p · 2 ** (levels - 1)``. 28×28 works unpadded with p = 2
 and 2 levels (28→14→7) or p = 1 and up to 3 levels; other sizes are padded (replicate)
 inside training and sampling and cropped back.
+
+One folder is the whole generator, as diffusers saves its parts: the UNet's ``config.json`` and
+weights, ``scheduler_config.json`` and our ``generator_config.json``. Folders written before
+the last file existed kept the metadata as ``_fedimb_*`` keys of the UNet's config; they load too.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import UNet2DModel
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers.configuration_utils import FrozenDict
 
 from fedimb.config import GENERATOR_PREDICTIONS, ConfigError
+from fedimb.synthetic.diffusion import sample, train
 
-DATA_RANGE_KEY = "_fedimb_data_range"
-IMAGE_SHAPE_KEY = "_fedimb_image_shape"
-PATCH_KEY = "_fedimb_patch"
-PREDICTION_KEY = "_fedimb_prediction"
+EMBEDDING_KEY = "class_embedding.weight"  # the UNet's (num_classes + 1) x D label table
+METADATA_FILE = "generator_config.json"
+NUM_TRAIN_TIMESTEPS = 1000
+_LEGACY_PREFIX = "_fedimb_"
 
 # UNet2DModel kwargs by name (plus our "patch", see the module docstring). Parameters on
 # 1×28×28 with 10 classes (+1 null); speeds on 2 idle CPU threads, batch 64 training and 20
-# guided DDIM steps (python benchmarks/synthetic_speed.py --sizes cpu cpu28):
+# guided DDIM steps (python -m benchmarks.synthetic_speed --sizes cpu cpu28):
 #   cpu      161,268  patch 2 (4×14×14), (16, 32), no attention; 557 train samples/s, 44.6 images/s
 #   cpu28    160,401  the same channels at full 28×28: 228 train samples/s, 13.0 images/s
 #   small  1,114,209  (32, 64, 64), attention at 7×7 and in the middle block
@@ -76,99 +83,217 @@ GENERATOR_SIZES: dict[str, dict[str, Any]] = {
 }
 
 
-def build_generator(
-    size: str,
-    image_shape: tuple[int, int, int],
-    num_classes: int,
-    seed: int = 0,
-    data_range: tuple[float, float] | None = None,
-    prediction: str = "epsilon",
-) -> UNet2DModel:
-    """A fresh UNet for ``image_shape`` (C, H, W) and ``num_classes`` (+1 null id), seeded init.
+@dataclass(frozen=True)
+class GeneratorMeta:
+    """What sampling needs besides the UNet's and the scheduler's configs (``generator_config.json``)."""
 
-    ``prediction`` is what the network outputs: ``epsilon`` (the noise) or ``v_prediction``
-    (``v = sqrt(a) eps - sqrt(1 - a) x0``, Salimans & Ho 2022); it is stored in the UNet's
-    config, so training and sampling schedulers follow it after a save and load.
+    image_shape: tuple[int, int, int]  # (C, H, W) of the images, before patching and padding
+    patch: int = 1  # p of the space-to-depth step (1: the UNet sees full resolution)
+    data_range: tuple[float, float] | None = None  # (lo, hi) mapped to [-1, 1]; None before training
+    size: str | None = None  # the GENERATOR_SIZES name; None in folders saved before it was kept
 
-    ``data_range`` (lo, hi) of the normalised images fixes the [-1, 1] mapping up front. A
-    federation needs it: ``load_state_dict`` carries weights only, not ``unet.config``, so
-    every party (server, each client) must build its copy with the same range.
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> GeneratorMeta:
+        """The metadata from its JSON form (lists back to tuples)."""
+        lo_hi = values.get("data_range")
+        return cls(image_shape=tuple(int(v) for v in values["image_shape"]), patch=int(values.get("patch", 1)),
+                   data_range=None if lo_hi is None else (float(lo_hi[0]), float(lo_hi[1])), size=values.get("size"))
+
+    @classmethod
+    def from_legacy(cls, config: dict[str, Any]) -> GeneratorMeta:
+        """The metadata of a folder that kept it in the UNet's config (``_fedimb_*`` keys)."""
+        shape = config.get(f"{_LEGACY_PREFIX}image_shape")
+        if not shape:  # older still: the UNet saw the images unpatched and unpadded
+            side = config["sample_size"]
+            shape = (config["in_channels"], *((side, side) if isinstance(side, int) else side))
+        return cls.from_dict({"image_shape": shape, "patch": config.get(f"{_LEGACY_PREFIX}patch") or 1,
+                              "data_range": config.get(f"{_LEGACY_PREFIX}data_range")})
+
+
+class Generator:
+    """A class-conditional DDPM generator: ``unet``, its training ``scheduler`` and its ``meta``.
+
+    ``train`` and ``sample`` are :func:`fedimb.synthetic.diffusion.train` and
+    :func:`~fedimb.synthetic.diffusion.sample`; images enter and leave in the classifier's
+    normalised space. Weights travel as :meth:`state_dict`; the data range does not, so every
+    party of a federation builds its copy with the same range.
     """
-    if size not in GENERATOR_SIZES:
-        raise ConfigError(
-            "synthetic.generator_size", f"'{size}' is not allowed; choose one of {', '.join(GENERATOR_SIZES)}"
-        )
-    if prediction not in GENERATOR_PREDICTIONS:
-        raise ConfigError(
-            "synthetic.prediction", f"'{prediction}' is not allowed; choose one of {', '.join(GENERATOR_PREDICTIONS)}"
-        )
-    channels, height, width = (int(v) for v in image_shape)
-    unet_kwargs = dict(GENERATOR_SIZES[size])
-    patch = int(unet_kwargs.pop("patch", 1))
-    multiple = patch * 2 ** (len(unet_kwargs["block_out_channels"]) - 1)
-    inner_h, inner_w = (-(-side // multiple) * multiple // patch for side in (height, width))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DModel(
-            sample_size=inner_h if inner_h == inner_w else (inner_h, inner_w),
-            in_channels=channels * patch * patch,
-            out_channels=channels * patch * patch,
-            num_class_embeds=num_classes + 1,
-            num_train_timesteps=1000,
-            **unet_kwargs,
-        )
-    unet.register_to_config(
-        **{IMAGE_SHAPE_KEY: [channels, height, width], PATCH_KEY: patch, PREDICTION_KEY: prediction}
-    )
-    if data_range is not None:
-        set_data_range(unet, *data_range)
-    return unet
 
+    train = train
+    sample = sample
 
-def null_class(unet: UNet2DModel) -> int:
-    """The class id that means "no class" (classifier-free guidance's unconditional token)."""
-    return int(unet.config.num_class_embeds) - 1
+    def __init__(self, unet: UNet2DModel, scheduler: DDPMScheduler, meta: GeneratorMeta) -> None:
+        self.unet = unet
+        self.scheduler = scheduler
+        self.meta = meta
 
+    @classmethod
+    def build(cls, size: str, image_shape: tuple[int, int, int], num_classes: int, seed: int = 0,
+              data_range: tuple[float, float] | None = None, prediction: str = "epsilon") -> Generator:
+        """A fresh generator for ``image_shape`` (C, H, W) and ``num_classes`` (+1 null id), seeded init.
 
-def prediction_type(unet: UNet2DModel) -> str:
-    """What the UNet predicts: ``epsilon`` (also for generators saved before the key existed) or ``v_prediction``."""
-    return str(unet.config.get(PREDICTION_KEY) or "epsilon")
+        ``prediction`` is what the network outputs: ``epsilon`` (the noise) or ``v_prediction``
+        (``v = sqrt(a) eps - sqrt(1 - a) x0``, Salimans & Ho 2022). ``data_range`` (lo, hi) of
+        the normalised images fixes the [-1, 1] mapping up front; a federation needs it, since
+        weights travel without it.
+        """
+        if size not in GENERATOR_SIZES:
+            raise ConfigError(
+                "synthetic.generator_size", f"'{size}' is not allowed; choose one of {', '.join(GENERATOR_SIZES)}"
+            )
+        if prediction not in GENERATOR_PREDICTIONS:
+            raise ConfigError(
+                "synthetic.prediction",
+                f"'{prediction}' is not allowed; choose one of {', '.join(GENERATOR_PREDICTIONS)}"
+            )
+        channels, height, width = (int(v) for v in image_shape)
+        unet_kwargs = dict(GENERATOR_SIZES[size])
+        patch = int(unet_kwargs.pop("patch", 1))
+        multiple = patch * 2 ** (len(unet_kwargs["block_out_channels"]) - 1)
+        inner_h, inner_w = (-(-side // multiple) * multiple // patch for side in (height, width))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            unet = UNet2DModel(
+                sample_size=inner_h if inner_h == inner_w else (inner_h, inner_w),
+                in_channels=channels * patch * patch,
+                out_channels=channels * patch * patch,
+                num_class_embeds=num_classes + 1,
+                num_train_timesteps=NUM_TRAIN_TIMESTEPS,  # a UNet field read only by learned time embeddings
+                **unet_kwargs,
+            )
+        scheduler = DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, prediction_type=prediction)
+        generator = cls(unet, scheduler, GeneratorMeta((channels, height, width), patch, size=size))
+        if data_range is not None:
+            generator.set_data_range(*data_range)
+        return generator
 
+    @property
+    def num_classes(self) -> int:
+        """Real classes; the label table has one more row, the null class."""
+        return int(self.unet.config.num_class_embeds) - 1
 
-def patch_size(unet: UNet2DModel) -> int:
-    """p of the space-to-depth step (1: the UNet sees the images at full resolution)."""
-    return int(unet.config.get(PATCH_KEY) or 1)
+    @property
+    def null_class(self) -> int:
+        """The class id that means "no class" (classifier-free guidance's unconditional token)."""
+        return self.num_classes
 
+    @property
+    def prediction(self) -> str:
+        """What the UNet predicts: ``epsilon`` or ``v_prediction``."""
+        return str(self.scheduler.config.prediction_type)
 
-def image_channels(unet: UNet2DModel) -> int:
-    """Channels of the images the generator makes (the UNet has ``p²`` times as many)."""
-    shape = unet.config.get(IMAGE_SHAPE_KEY)
-    return int(shape[0]) if shape else int(unet.config.in_channels)
+    @property
+    def data_range(self) -> tuple[float, float] | None:
+        """The ``(lo, hi)`` of the training data's normalised space, or None before any training."""
+        return self.meta.data_range
 
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images the generator makes, before any internal padding."""
+        return self.meta.image_shape
 
-def image_size(unet: UNet2DModel) -> tuple[int, int]:
-    """(H, W) of the images the generator makes, before any internal padding."""
-    shape = unet.config.get(IMAGE_SHAPE_KEY)
-    if shape:
-        return int(shape[1]), int(shape[2])
-    size = unet.config.sample_size
-    return (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    @property
+    def padded_size(self) -> tuple[int, int]:
+        """(H, W) rounded up to the multiple of ``p · 2 ** (levels - 1)`` the UNet can down/upsample."""
+        multiple = self.meta.patch * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        return tuple(-(-side // multiple) * multiple for side in self.image_shape[1:])  # type: ignore[return-value]
 
+    @property
+    def device(self) -> torch.device:
+        """Where the UNet's weights are."""
+        return self.unet.device
 
-def padded_size(unet: UNet2DModel) -> tuple[int, int]:
-    """(H, W) rounded up to the multiple of ``p · 2 ** (levels - 1)`` the UNet can down/upsample."""
-    multiple = patch_size(unet) * 2 ** (len(unet.config.block_out_channels) - 1)
-    return tuple(-(-side // multiple) * multiple for side in image_size(unet))  # type: ignore[return-value]
+    @property
+    def num_parameters(self) -> int:
+        """The UNet's parameter count."""
+        return sum(p.numel() for p in self.unet.parameters())
 
+    def set_data_range(self, lo: float, hi: float) -> None:
+        """Fix the data range (saved with the generator; weights alone do not carry it)."""
+        if not hi > lo:
+            raise ValueError(f"data range must have hi > lo, got ({lo}, {hi})")
+        self.meta = replace(self.meta, data_range=(float(lo), float(hi)))
 
-def data_range(unet: UNet2DModel) -> tuple[float, float] | None:
-    """The ``(lo, hi)`` of the training data's normalised space, or None before any training."""
-    value = unet.config.get(DATA_RANGE_KEY)
-    return None if value is None else (float(value[0]), float(value[1]))
+    def to(self, device: str | torch.device) -> Generator:
+        """Move the UNet to ``device``; returns self."""
+        self.unet.to(device)
+        return self
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The UNet's weights: what a federated round sends."""
+        return self.unet.state_dict()
 
-def set_data_range(unet: UNet2DModel, lo: float, hi: float) -> None:
-    """Store the data range in ``unet.config`` (saved and loaded with the weights)."""
-    if not hi > lo:
-        raise ValueError(f"data range must have hi > lo, got ({lo}, {hi})")
-    unet.register_to_config(**{DATA_RANGE_KEY: [float(lo), float(hi)]})
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load weights from :meth:`state_dict` (the metadata stays this generator's)."""
+        self.unet.load_state_dict(state)
+
+    def sampling_scheduler(self, num_inference_steps: int) -> DDIMScheduler:
+        """A DDIM scheduler on the training schedule, set to ``num_inference_steps`` steps."""
+        # "trailing" starts at t = T-1; the default "leading" starts at T - T/steps, which leaves
+        # noise the model never saw at t = T-1 unremoved (Lin et al. 2023, "Common diffusion noise
+        # schedules and sample steps are flawed").
+        scheduler = DDIMScheduler.from_config(self.scheduler.config, timestep_spacing="trailing")
+        scheduler.set_timesteps(num_inference_steps)
+        return scheduler
+
+    def to_model_space(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised-space images (N, C, H, W) -> the UNet's padded, patched [-1, 1] space."""
+        lo, hi = self.data_range or (-1.0, 1.0)
+        x = (images.float() - lo) * (2.0 / (hi - lo)) - 1.0
+        (height, width), (ph, pw) = self.image_shape[1:], self.padded_size
+        if (ph, pw) != (height, width):
+            x = F.pad(x, (0, pw - width, 0, ph - height), mode="replicate")
+        return F.pixel_unshuffle(x, self.meta.patch) if self.meta.patch > 1 else x
+
+    def from_model_space(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_model_space`: unpatch, crop the padding, map [-1, 1] back to the data range."""
+        lo, hi = self.data_range or (-1.0, 1.0)
+        _, height, width = self.image_shape
+        if self.meta.patch > 1:
+            x = F.pixel_shuffle(x, self.meta.patch)
+        return (x[..., :height, :width] + 1.0) * ((hi - lo) / 2.0) + lo
+
+    def save_pretrained(self, path: str | os.PathLike[str]) -> Path:
+        """Save the UNet, the scheduler config and the metadata into folder ``path``.
+
+        Written to a temporary sibling folder first and then renamed, so a killed save never
+        leaves a half-written generator behind.
+        """
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+        try:
+            self.unet.save_pretrained(tmp)
+            self.scheduler.save_pretrained(tmp)
+            (tmp / METADATA_FILE).write_text(json.dumps(asdict(self.meta), indent=2) + "\n")
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Generator:
+        """Load a folder written by :meth:`save_pretrained` (or in the older layout), in eval mode."""
+        folder = Path(path)
+        # Without `accelerate` installed, the default low_cpu_mem_usage=True only logs a warning.
+        unet = UNet2DModel.from_pretrained(folder, low_cpu_mem_usage=False)
+        if (folder / METADATA_FILE).is_file():
+            meta = GeneratorMeta.from_dict(json.loads((folder / METADATA_FILE).read_text()))
+            scheduler = DDPMScheduler.from_pretrained(folder)
+        else:
+            legacy = dict(unet.config)
+            meta = GeneratorMeta.from_legacy(legacy)
+            scheduler = DDPMScheduler(num_train_timesteps=int(legacy.get("num_train_timesteps") or NUM_TRAIN_TIMESTEPS),
+                                      prediction_type=legacy.get(f"{_LEGACY_PREFIX}prediction") or "epsilon")
+            # the metadata now lives in `meta`: a copy left in the UNet's config would go stale on a re-save
+            unet._internal_dict = FrozenDict({k: v for k, v in legacy.items() if not k.startswith(_LEGACY_PREFIX)})
+        unet.to(device).eval()
+        return cls(unet, scheduler, meta)
+
+    @staticmethod
+    def is_saved(path: str | os.PathLike[str]) -> bool:
+        """Whether folder ``path`` holds a saved generator (either layout)."""
+        return (Path(path) / "config.json").is_file()

@@ -1,0 +1,278 @@
+"""The synthetic phase of a run: the generator (trained through Flower, or reused), its quality
+report, and every client's top-up, before the classifier federation starts.
+
+Federated training runs :class:`strategies.generator.GeneratorFedAvg` against the clients'
+``train.generator`` handlers. The generator and the server-sampled pools are cached under
+``synthetic.cache_dir`` keyed by everything that made them, so ``--resume``, reruns and sweeps
+over strategies reuse them; with ``synthetic.training=local`` every client trains, caches and
+scores a generator of its own and only counts and timings come back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from rich.console import Console
+
+from fedimb import protocol
+from fedimb.config import ExperimentConfig, SyntheticConfig
+from fedimb.data import DatasetSplits
+from fedimb.protocol import derive_seed
+from fedimb.synthetic.generator import Generator
+from fedimb.synthetic.quality import recognisability, sample_grid, train_reference_classifier
+from fedimb.synthetic.topup import (ClassSampler, labels_for, load_or_train, pool_record, sample_pool, topup_counts,
+                                    train_as_configured)
+from strategies.base import StrategyContext, error_reason
+from strategies.generator import GeneratorFedAvg
+
+console = Console(stderr=True)
+
+SAMPLING_KNOBS = ("guidance_scale", "guidance_rescale", "tail_guidance_scale", "tail_guidance_rescale", "ddim_steps")
+
+
+def value_range(splits: DatasetSplits) -> tuple[float, float]:
+    """The range of the normalised training images: every generator copy maps it to [−1, 1] the same way."""
+    return float(splits.train_x.min()), float(splits.train_x.max())
+
+
+def cache_key(cfg: ExperimentConfig) -> str:
+    """Hash of what determines the generator: data, long tail, partition, clients, seed, training knobs.
+
+    Sampling knobs are left out: one generator serves every sampler, and its pools are named by them.
+    """
+    syn = asdict(cfg.synthetic)
+    for knob in (*SAMPLING_KNOBS, "policy", "target_per_class", "max_ratio", "loss_weight", "quality_per_class",
+                 "cache_dir"):
+        syn.pop(knob)
+    made_of = {"seed": cfg.seed, "data": asdict(cfg.data), "imbalance": asdict(cfg.imbalance),
+               "partition": asdict(cfg.partition), "num_clients": cfg.federation.num_clients, "synthetic": syn}
+    return hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def cache_dir(cfg: ExperimentConfig, run_dir: Path) -> Path:
+    """Where this configuration's generator and pools are kept."""
+    root = Path(cfg.synthetic.cache_dir) if cfg.synthetic.cache_dir else run_dir / "synthetic"
+    return root / cache_key(cfg)
+
+
+def _fresh_generator(cfg: ExperimentConfig, splits: DatasetSplits) -> Generator:
+    syn = cfg.synthetic
+    return Generator.build(syn.generator_size, splits.input_shape, splits.num_classes, cfg.seed,
+                           data_range=value_range(splits), prediction=syn.prediction)
+
+
+def _judge(cfg: ExperimentConfig, splits: DatasetSplits) -> torch.nn.Module:
+    return train_reference_classifier(torch.from_numpy(splits.train_x), torch.from_numpy(splits.train_y),
+                                      splits.num_classes, seed=cfg.seed)
+
+
+def generator_strategy(cfg: ExperimentConfig, partition_of: dict[int, int], counts: np.ndarray) -> GeneratorFedAvg:
+    """The federated generator's strategy, bound to the clients; ``counts`` (partition id x class)
+    make the label table class-aware under ``synthetic.aggregation=class_aware``."""
+    syn = cfg.synthetic
+    # no client evaluation: the generator is judged once, on the server, after its last round
+    ctx = StrategyContext(num_clients=cfg.federation.num_clients, fraction=cfg.federation.fraction,
+                          fraction_evaluate=0.0, min_clients=cfg.federation.min_clients, seed=cfg.seed,
+                          client_eval_every=0, rounds=syn.rounds)
+    strategy = GeneratorFedAvg(**ctx.flower_kwargs(), total_rounds=syn.rounds,
+                               class_counts=counts if syn.aggregation == "class_aware" else None)
+    strategy.bind(ctx, partition_of)
+    return strategy
+
+
+def train_federated(grid: Grid, cfg: ExperimentConfig, partition_of: dict[int, int], counts: np.ndarray,
+                    splits: DatasetSplits, config_text: str,
+                    evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> Generator:
+    """``synthetic.rounds`` FedAvg rounds of the generator through ``grid``; ``evaluate_fn`` sees
+    the global weights after every round (Flower's ``Strategy.start``)."""
+    generator = _fresh_generator(cfg, splits)
+    train_config = ConfigRecord({protocol.EXPERIMENT_CONFIG: config_text,
+                                 protocol.GENERATOR_RANGE: list(value_range(splits))})
+    result = generator_strategy(cfg, partition_of, counts).start(
+        grid=grid, initial_arrays=ArrayRecord(generator.state_dict()), num_rounds=cfg.synthetic.rounds,
+        train_config=train_config, evaluate_fn=evaluate_fn)
+    generator.load_state_dict(result.arrays.to_torch_state_dict())
+    return generator
+
+
+def _train_central(cfg: ExperimentConfig, splits: DatasetSplits) -> Generator:
+    from fedimb.data import build_federated_data  # only a simulation's server can see every client's images
+
+    syn = cfg.synthetic
+    idx = np.concatenate(build_federated_data(cfg).client_indices)
+    generator = _fresh_generator(cfg, splits)
+    train_as_configured(generator, torch.from_numpy(splits.train_x[idx]), torch.from_numpy(splits.train_y[idx]), syn,
+                        steps=syn.local_steps * syn.rounds * cfg.federation.num_clients, seed=cfg.seed, progress=True)
+    return generator
+
+
+def obtain_generator(grid: Grid, cfg: ExperimentConfig, partition_of: dict[int, int], counts: np.ndarray,
+                     splits: DatasetSplits, config_text: str, cache: Path) -> tuple[Generator, float, bool]:
+    """Load the cached or pretrained generator, or train it (federated or central) and cache it.
+
+    Returns (generator, seconds its training took, whether it came from the cache).
+    """
+    syn = cfg.synthetic
+    if syn.training == "pretrained":
+        return Generator.from_pretrained(syn.generator_path), 0.0, False
+
+    def make() -> Generator:
+        if syn.training == "federated":
+            return train_federated(grid, cfg, partition_of, counts, splits, config_text)
+        return _train_central(cfg, splits)
+
+    generator, seconds, reused = load_or_train(make, cache / "generator", cache / "training.json",
+                                               training=syn.training)
+    if reused:
+        console.print(f"generator: reusing {cache / 'generator'}", highlight=False)
+    return generator, seconds, reused
+
+
+def quality_report(generator: Generator, cfg: ExperimentConfig, splits: DatasetSplits, run_dir: Path,
+                   sampler: ClassSampler) -> dict[str, Any]:
+    """Per-class recognisability of generated samples by a classifier trained on the real balanced
+    train set, sampled with the pools' ``sampler``; writes the sample grid into ``run_dir``."""
+    syn = cfg.synthetic
+    labels = labels_for(np.full(splits.num_classes, syn.quality_per_class))
+    scale, rescale = sampler.per_label(labels)
+    started = time.time()
+    images = generator.sample(labels, guidance_scale=scale, num_inference_steps=syn.ddim_steps, seed=cfg.seed,
+                              progress=True, guidance_rescale=rescale)
+    per_second = len(labels) / max(time.time() - started, 1e-9)
+    scores = recognisability(_judge(cfg, splits), images, labels, splits.num_classes)
+    sample_grid(images, labels, splits.num_classes, run_dir / "synthetic_grid.png")
+    return {"recognisability": scores, "mean_recognisability": float(np.mean(scores)),
+            "min_recognisability": float(np.min(scores)), "sampling_images_per_s": per_second, **_sampler_fields(syn)}
+
+
+def _sampler_fields(syn: SyntheticConfig) -> dict[str, Any]:
+    return {"ddim_steps": syn.ddim_steps, "guidance_scale": syn.guidance_scale, "guidance_rescale": syn.guidance_rescale,
+            "tail_guidance_scale": syn.tail_guidance_scale, "tail_guidance_rescale": syn.tail_guidance_rescale}
+
+
+def _send_topups(grid: Grid, partition_of: dict[int, int], content_of: Callable[[int], RecordDict]) -> list[Message]:
+    """One ``query.topup`` per client (``content_of(partition id)``); the replies in partition order."""
+    messages = [Message(content=content_of(pid), message_type=protocol.TOPUP, dst_node_id=node_id)
+                for node_id, pid in sorted(partition_of.items(), key=lambda item: item[1])]
+    replies = list(grid.send_and_receive(messages))
+    failed = [m for m in replies if m.has_error()]
+    if failed or len(replies) != len(messages):
+        raise RuntimeError(f"synthetic top-up failed: {error_reason(failed[0]) if failed else 'missing replies'}")
+    return sorted(replies, key=lambda m: int(m.content[protocol.METRICS][protocol.PARTITION_ID]))
+
+
+def deliver(grid: Grid, cfg: ExperimentConfig, generator: Generator, partition_of: dict[int, int], counts: np.ndarray,
+            config_text: str, cache: Path, sampler: ClassSampler) -> list[int]:
+    """Send every client its top-up (a pool or the generator); returns synthetic samples per client.
+
+    ``sampler`` samples the pools, or goes with the generator.
+    """
+    syn = cfg.synthetic
+
+    def content_of(pid: int) -> RecordDict:
+        config = {protocol.EXPERIMENT_CONFIG: config_text, protocol.GENERATOR_RANGE: list(generator.data_range)}
+        if syn.policy == "client_sample":
+            config.update(sampler.to_config())
+        content = RecordDict({protocol.CONFIG: ConfigRecord(config)})
+        if syn.policy == "server_pool":
+            content[protocol.POOL] = _server_pool(generator, counts[pid], cfg, cache, pid, sampler)
+        else:
+            content[protocol.GENERATOR] = ArrayRecord(generator.state_dict())
+        return content
+
+    return [int(m.content[protocol.METRICS][protocol.NUM_SYNTHETIC]) for m in _send_topups(grid, partition_of, content_of)]
+
+
+def local_generators(grid: Grid, cfg: ExperimentConfig, partition_of: dict[int, int], splits: DatasetSplits,
+                     config_text: str, cache: Path, sampler: ClassSampler) -> dict[str, Any]:
+    """``synthetic.training=local``: every client trains its own generator on its own data, scores it
+    with the judge the server ships, and tops up the classes it holds; returns the summary block.
+
+    Only counts and timings come back, so recognisability is pooled over the clients holding each
+    class, and there is no sample grid (the images stay on their clients).
+    """
+    judge = _judge(cfg, splits)
+
+    def content_of(pid: int) -> RecordDict:
+        config = {protocol.EXPERIMENT_CONFIG: config_text, protocol.TRAIN_LOCAL: True,
+                  protocol.LOCAL_GENERATOR_DIR: str(cache / f"local-c{pid}"), **sampler.to_config()}
+        return RecordDict({protocol.CONFIG: ConfigRecord(config), protocol.JUDGE: ArrayRecord(judge.state_dict())})
+
+    replies = [m.content[protocol.METRICS] for m in _send_topups(grid, partition_of, content_of)]
+    hits = np.sum([np.asarray(r[protocol.QUALITY_HITS]) for r in replies], axis=0)
+    scored = np.sum([np.asarray(r[protocol.QUALITY_SCORED]) for r in replies], axis=0)
+    scores = [float(h / n) if n else math.nan for h, n in zip(hits, scored)]  # NaN: a class no client holds
+    seconds = [float(r[protocol.GENERATOR_TRAINING_S]) for r in replies]
+    return {"recognisability": scores, "mean_recognisability": float(np.nanmean(scores)),
+            "min_recognisability": float(np.nanmin(scores)), "quality_scored_per_class": scored.tolist(),
+            "sampling_images_per_s": float(np.mean([float(r[protocol.SAMPLING_IMAGES_PER_S]) for r in replies])),
+            **_sampler_fields(cfg.synthetic),
+            # the longest client's own training: what a federation whose clients train in parallel waits
+            # for (a simulation on fewer cores than clients takes longer)
+            "generator_training_s": max(seconds),
+            "generator_training_s_per_client": seconds,
+            "generator_reused": all(bool(int(r[protocol.GENERATOR_REUSED])) for r in replies),
+            "generator_params": int(replies[0][protocol.GENERATOR_PARAMS]),
+            "generator_dir": str(cache / "local-c*"),
+            "synthetic_per_client": [int(r[protocol.NUM_SYNTHETIC]) for r in replies]}
+
+
+def pool_name(syn: SyntheticConfig, pid: int) -> str:
+    """The cached pool's file name: the top-up and sampler knobs that made it, and the client."""
+    # Knobs added later join the name only when set, so pools made before them keep their names.
+    rescale = f"-g{syn.guidance_rescale}" if syn.guidance_rescale else ""
+    tail = "" if syn.tail_guidance_scale is None and syn.tail_guidance_rescale is None else \
+        f"-tail{syn.tail_guidance_scale}g{syn.tail_guidance_rescale}"
+    return f"pool-t{syn.target_per_class}-r{syn.max_ratio}-w{syn.guidance_scale}-s{syn.ddim_steps}{rescale}{tail}-c{pid}.pt"
+
+
+def _server_pool(generator: Generator, client_counts: np.ndarray, cfg: ExperimentConfig, cache: Path, pid: int,
+                 sampler: ClassSampler) -> ArrayRecord:
+    syn = cfg.synthetic
+    path = cache / pool_name(syn, pid)
+    if path.is_file():
+        x, y = torch.load(path)
+    else:
+        need = topup_counts(client_counts, syn.target_per_class, syn.max_ratio)
+        x, y = sample_pool(generator, need, syn, seed=derive_seed(cfg.seed, "topup", client=pid), sampler=sampler)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save((x, y), tmp)
+        tmp.replace(path)
+    return pool_record(x, y)
+
+
+def prepare_synthetic(grid: Grid, cfg: ExperimentConfig, partition_of: dict[int, int], counts: np.ndarray,
+                      splits: DatasetSplits, config_text: str, run_dir: Path) -> dict[str, Any]:
+    """The synthetic phase: generator, quality report and delivery; returns the ``synthetic`` block of summary.json.
+
+    ``counts`` (partition id x class) come from the clients' hello replies.
+    """
+    cache = cache_dir(cfg, run_dir)
+    sampler = ClassSampler.for_classes(cfg.synthetic, counts.sum(axis=0))
+    if cfg.synthetic.training == "local":
+        report = {**local_generators(grid, cfg, partition_of, splits, config_text, cache, sampler), **sampler.summary()}
+        console.print(f"synthetic: local generators, mean recognisability {report['mean_recognisability']:.3f}, "
+                      f"per client {report['synthetic_per_client']}", highlight=False)
+        return report
+    generator, train_seconds, reused = obtain_generator(grid, cfg, partition_of, counts, splits, config_text, cache)
+    report = {**quality_report(generator, cfg, splits, run_dir, sampler), **sampler.summary()}
+    report["generator_training_s"] = train_seconds  # of the cached generator when it was reused
+    report["generator_reused"] = reused
+    report["generator_params"] = generator.num_parameters
+    report["generator_dir"] = str(cache / "generator")
+    report["synthetic_per_client"] = deliver(grid, cfg, generator, partition_of, counts, config_text, cache, sampler)
+    console.print(f"synthetic: mean recognisability {report['mean_recognisability']:.3f}, "
+                  f"per client {report['synthetic_per_client']}", highlight=False)
+    return report
