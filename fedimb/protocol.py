@@ -81,6 +81,7 @@ SAMPLING_IMAGES_PER_S = "sampling-images-per-s"
 # ---- node config (SuperNode / simulation) ----------------------------------------------------
 NODE_PARTITION_ID = "partition-id"  # Flower's simulation sets it; a deployed node names it
 NODE_DATA_ROOT = "data-root"
+NODE_DATA_PATH = "data-path"  # a deployed site's own data (fedimb/data/sites.py): used as it is, no partition
 
 
 @dataclass(frozen=True)

@@ -86,10 +86,20 @@ def _cmd_partition(args: argparse.Namespace) -> int:
     from fedimb.data import build_federated_data, format_partition_table, partition_stats, plot_partition
 
     cfg = load_config(args.config, args.overrides)
+    if args.export:
+        from fedimb.data.site_export import check_export_dir
+
+        check_export_dir(Path(args.export), cfg.federation.num_clients)  # refused before any work
     data = build_federated_data(cfg)
     stats = partition_stats(data.counts)
     print(format_partition_table(stats))
-    out = Path(args.out or f"partition-{cfg.name}.png")
+    out = Path(args.out or (Path(args.export) / "partition.png" if args.export else f"partition-{cfg.name}.png"))
+    if args.export:
+        from fedimb.data.site_export import export_sites
+
+        for site in export_sites(cfg, Path(args.export), data):
+            console.print(f"site {site.partition_id}: {site.path} ({site.train_samples} train, "
+                          f"{site.test_samples} test)", highlight=False)
     plot_partition(data.counts, out, title=f"{cfg.data.dataset}: {cfg.partition.name}")
     console.print(f"heatmap: {out}", highlight=False)
     return 0
@@ -138,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     part.add_argument("config")
     part.add_argument("overrides", nargs="*")
     part.add_argument("--out", help="heatmap PNG path")
+    part.add_argument("--export", metavar="DIR",
+                      help="write each client's data as a site folder DIR/site-<i> (site.npz: train + local test)")
     part.set_defaults(func=_cmd_partition)
     sweep = sub.add_parser("sweep", help="run a grid of experiments and tabulate them")
     sweep.add_argument("suite")

@@ -43,6 +43,8 @@ class DatasetSplits:
     test_y: np.ndarray
     num_classes: int
     name: str
+    # how raw pixels became these arrays, so other images (a site's own) can be scaled alike
+    normalisation: Normalisation | None = None
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -51,23 +53,58 @@ class DatasetSplits:
         return int(c), int(h), int(w)
 
 
+@dataclass(frozen=True)
+class Normalisation:
+    """The map from a dataset's raw pixels to model inputs, fitted on its training set.
+
+    ``standard``: per channel ``(raw - mean) / std``; ``unit``: ``raw / top``. ``top`` is the
+    train set's largest raw value (255 for 8-bit images, 16 for sklearn digits).
+    """
+
+    scaling: str
+    top: float
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def fit(cls, train_x: np.ndarray, scaling: str = "standard") -> Normalisation:
+        """The normalisation ``scaling`` fitted on ``train_x`` (N, C, H, W)."""
+        registered(SCALINGS, scaling, "data.scaling")
+        axes = (0, 2, 3)
+        mean = train_x.mean(axis=axes, dtype=np.float64)
+        std = np.maximum(train_x.std(axis=axes, dtype=np.float64), 1e-8)  # a constant channel must not divide by zero
+        top = max(float(train_x.max()), 1e-8)
+        return cls(scaling, top, tuple(float(m) for m in mean), tuple(float(s) for s in std))
+
+    def apply(self, raw: np.ndarray) -> np.ndarray:
+        """Raw pixels (N, C, H, W) as float32 model inputs."""
+        if self.scaling == "unit":
+            return raw.astype(np.float32) / np.float32(self.top)
+        shape = (1, len(self.mean), 1, 1)
+        mean32 = np.asarray(self.mean, dtype=np.float32).reshape(shape)
+        std32 = np.asarray(self.std, dtype=np.float32).reshape(shape)
+        return (raw.astype(np.float32) - mean32) / std32
+
+    def invert(self, x: np.ndarray) -> np.ndarray:
+        """Model inputs back to raw pixels (float64; exact up to float32 rounding)."""
+        if self.scaling == "unit":
+            return x.astype(np.float64) * np.float32(self.top)
+        shape = (1, len(self.mean), 1, 1)
+        mean32 = np.asarray(self.mean, dtype=np.float32).reshape(shape).astype(np.float64)
+        std32 = np.asarray(self.std, dtype=np.float32).reshape(shape).astype(np.float64)
+        return x.astype(np.float64) * std32 + mean32
+
+
 def standardise(train_x: np.ndarray, test_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Scale both sets per channel to the train set's mean 0 / std 1; return float32 copies."""
-    axes = (0, 2, 3)
-    mean = train_x.mean(axis=axes, dtype=np.float64, keepdims=True)
-    std = train_x.std(axis=axes, dtype=np.float64, keepdims=True)
-    std = np.maximum(std, 1e-8)  # a constant channel must not divide by zero
-    mean32, std32 = mean.astype(np.float32), std.astype(np.float32)
-    return (
-        (train_x.astype(np.float32) - mean32) / std32,
-        (test_x.astype(np.float32) - mean32) / std32,
-    )
+    norm = Normalisation.fit(train_x, "standard")
+    return norm.apply(train_x), norm.apply(test_x)
 
 
 def unit_scale(train_x: np.ndarray, test_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Divide both sets by the train set's largest value: pixels in [0, 1], like torchvision's ToTensor."""
-    top = np.float32(max(float(train_x.max()), 1e-8))
-    return train_x.astype(np.float32) / top, test_x.astype(np.float32) / top
+    norm = Normalisation.fit(train_x, "unit")
+    return norm.apply(train_x), norm.apply(test_x)
 
 
 SCALINGS = {"standard": standardise, "unit": unit_scale}
@@ -77,8 +114,9 @@ def _make_splits(
     train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
     num_classes: int, name: str, scaling: str = "standard",
 ) -> DatasetSplits:
-    tr, te = registered(SCALINGS, scaling, "data.scaling")(train_x, test_x)
-    return DatasetSplits(tr, train_y.astype(np.int64), te, test_y.astype(np.int64), num_classes, name)
+    norm = Normalisation.fit(train_x, scaling)
+    return DatasetSplits(norm.apply(train_x), train_y.astype(np.int64), norm.apply(test_x), test_y.astype(np.int64),
+                         num_classes, name, norm)
 
 
 # ---------------------------------------------------------------- Fashion-MNIST (IDX)
