@@ -29,6 +29,7 @@ from fedimb.config import ExperimentConfig, from_yaml
 from fedimb.protocol import derive_seed
 from fedimb.data import build_federated_data
 from fedimb.data.local_testset import local_test_indices
+from fedimb.faults import FaultPlan
 from fedimb.models import FeatureClassifier, build_model, get_weights, set_weights
 from fedimb.synthetic.topup import ClassSampler, judge_hits, sample_pool, topup_counts, train_as_configured
 
@@ -128,6 +129,11 @@ def train(message: Message, context: Context) -> Message:
     model, global_weights = _model(session, message.content[protocol.ARRAYS])
     config = message.content[protocol.CONFIG]
     server_round = int(config.get(protocol.SERVER_ROUND, 0))
+    faults = FaultPlan.for_round(cfg.faults, cfg.seed, cfg.federation.num_clients, server_round, session.partition_id)
+    faults.before_training()  # an injected crash, departure or delay (faults:, simulation only)
+    if faults.flips_labels:
+        session = dataclasses.replace(session, y=session.num_classes - 1 - session.y,
+                                      class_counts=session.class_counts.flip(0))
     stage_rounds = cfg.active_learning.rounds_per_step if cfg.active_learning.enabled else cfg.federation.rounds
     train_cfg = dataclasses.replace(cfg.train, lr=round_lr(cfg.train, server_round, stage_rounds))
     algorithm_cls = CLIENT_ALGORITHMS[str(config.get(protocol.CLIENT_ALGORITHM, "fedavg"))]
@@ -140,7 +146,7 @@ def train(message: Message, context: Context) -> Message:
     result = train_local(model, session.x, session.y, train_cfg, loss_fn, loss_params, loss_ctx, algorithm,
                          seed=derive_seed(cfg.seed, "train-batches", server_round, session.partition_id),
                          real_count=real_count, synthetic_weight=cfg.synthetic.loss_weight)
-    reply = RecordDict({protocol.ARRAYS: ArrayRecord(get_weights(model))})
+    reply = RecordDict({protocol.ARRAYS: faults.corrupt(ArrayRecord(get_weights(model)), message.content[protocol.ARRAYS])})
     metrics: dict = {
         protocol.NUM_EXAMPLES: int(len(session.y) if real_count is None else real_count),
         protocol.TRAIN_LOSS: result.mean_loss,
@@ -238,6 +244,9 @@ def evaluate(message: Message, context: Context) -> Message:
     """Accuracy of the global model on this client's local test set (its own label mix)."""
     session = _session(message, context)
     cfg = session.cfg
+    FaultPlan.for_round(cfg.faults, cfg.seed, cfg.federation.num_clients,  # a client that left answers nothing
+                        int(message.content[protocol.CONFIG].get(protocol.SERVER_ROUND, 0)),
+                        session.partition_id).before_evaluation()
     model, _ = _model(session, message.content[protocol.ARRAYS])
     data = build_federated_data(cfg)
     idx = local_test_indices(data.splits.test_y, data.counts[session.partition_id],

@@ -11,10 +11,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from fedimb.config_input import check_finite, read_config_file
+from fedimb.errors import ConfigError
+from fedimb.hostile import FaultsConfig, RobustConfig, check_faults, check_min_replies, check_robust
 
 LONG_TAIL_PROFILES = ("exp", "step")
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "inner_dirichlet", "dir_balance")
@@ -25,14 +29,6 @@ SYNTHETIC_TRAINING = ("federated", "local", "central", "pretrained")
 SYNTHETIC_POLICIES = ("server_pool", "client_sample")
 GENERATOR_AGGREGATIONS = ("class_aware", "fedavg")
 GENERATOR_PREDICTIONS = ("epsilon", "v_prediction")
-
-
-class ConfigError(ValueError):
-    """A config value that is not allowed; ``str()`` is the one line shown to the user."""
-
-    def __init__(self, field_name: str, message: str) -> None:
-        super().__init__(f"config error: {field_name}: {message}")
-        self.field_name = field_name
 
 
 @dataclass
@@ -77,6 +73,11 @@ class FederationConfig:
     fraction: float = 1.0
     fraction_evaluate: float = 1.0
     min_clients: int = 2
+    # A round finishes with the valid replies it got when there are at least this many: a count
+    # (int) or a fraction (float) of the clients sampled; fewer fail the run naming who and why.
+    min_replies: Union[int, float] = 1.0
+    round_timeout: float = 0.0  # seconds a round waits for replies (0 = Flower's default, 3600)
+    norm_factor: float = 0.0  # reject an update whose norm > k × the round's median update norm (0 = off)
 
 
 @dataclass
@@ -85,6 +86,7 @@ class StrategyConfig:
 
     name: str = "fedavg"
     params: dict[str, Any] = field(default_factory=dict)
+    robust: RobustConfig = field(default_factory=RobustConfig)
 
 
 @dataclass
@@ -218,6 +220,7 @@ class ExperimentConfig:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     active_learning: ActiveLearningConfig = field(default_factory=ActiveLearningConfig)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
 
 def _allowed_keys(node: DictConfig) -> str:
@@ -255,9 +258,7 @@ def load_config(
     merged = OmegaConf.structured(ExperimentConfig)
     try:
         if path is not None:
-            if not Path(path).is_file():
-                raise ConfigError("config", f"file not found: {path}")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            merged = OmegaConf.merge(merged, read_config_file(Path(path)))
         for text in overrides:
             key, value = _parse_override(text)
             if OmegaConf.select(merged, key, default="__missing__") == "__missing__" and not (
@@ -290,6 +291,7 @@ def _check_positive(field_name: str, value: float, strict: bool = True) -> None:
 
 def validate(cfg: ExperimentConfig) -> None:
     """Check values that the schema's types cannot; raise :class:`ConfigError` on the first."""
+    check_finite(cfg)
     if cfg.imbalance.factor < 1:
         raise ConfigError("imbalance.factor", f"must be >= 1 (1 = no long tail), got {cfg.imbalance.factor}")
     _check_choice("imbalance.profile", cfg.imbalance.profile, LONG_TAIL_PROFILES)
@@ -308,6 +310,14 @@ def validate(cfg: ExperimentConfig) -> None:
     _check_positive("federation.min_clients", cfg.federation.min_clients)
     if cfg.federation.min_clients > cfg.federation.num_clients:
         cfg.federation.min_clients = cfg.federation.num_clients
+    check_min_replies(cfg.federation.min_replies, cfg.federation.num_clients)
+    _check_positive("federation.round_timeout", cfg.federation.round_timeout, strict=False)
+    _check_positive("federation.norm_factor", cfg.federation.norm_factor, strict=False)
+    check_robust(cfg.strategy.robust)
+    check_faults(cfg.faults, cfg.federation.num_clients)
+    if cfg.faults.enabled() and cfg.active_learning.enabled:
+        raise ConfigError("faults", "fault injection needs every client at active learning's query steps; "
+                                    "switch active_learning off or leave faults empty")
     _check_positive("train.local_epochs", cfg.train.local_epochs)
     _check_positive("train.lr", cfg.train.lr)
     _check_positive("train.batch_size", cfg.train.batch_size)

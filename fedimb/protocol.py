@@ -104,6 +104,8 @@ SEED_STREAMS: dict[str, tuple[int, int]] = {
     "fal-query": (1_000_003, 10_007),  # an active-learning sampler's draws at a query step
     "generator-round": (7_919, 101),  # a federated generator round; a local generator is round 0
     "topup": (31, 0),  # the synthetic pool of one client (server- or client-sampled alike)
+    "faults": (104_729, 1_303),  # which injected faults a hostile client shows in a round
+    "fault-clients": (15_485_863, 0),  # which clients are hostile (faults.fraction)
 }
 
 

@@ -24,6 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedimb import protocol
+from strategies.validation import Signature, reply_problem, signature
 
 
 class ClientFailed(RuntimeError):
@@ -54,6 +55,7 @@ class StrategyContext:
     rounds: int
     train_metrics_aggr_fn: MetricsAggregator | None = None
     evaluate_metrics_aggr_fn: MetricsAggregator | None = None
+    guard: Any = None  # a strategies.guard.ReplyGuard; None: any failed client fails the round
 
     def flower_kwargs(self) -> dict[str, Any]:
         """Keyword arguments every Flower FedAvg-family constructor takes."""
@@ -148,6 +150,11 @@ class ReproducibleSampling:
     # Attributes that carry over from one round to the next (numpy arrays, lists or dicts of
     # them, numbers, None); everything else is rebuilt from the config or within a round.
     state_attrs: tuple[str, ...] = ()
+    # Extra reply records a coordinate-wise robust rule rewrites too (strategies/robust.py).
+    robust_records: tuple[str, ...] = ()
+    guard: Any = None  # strategies.guard.ReplyGuard, from bind(); None: a failed client fails the round
+    round_start: ArrayRecord | None = None  # the weights this round's train messages carried
+    asked: dict[str, list[int]] = {}  # phase → the nodes this round's messages went to
 
     def state_dict(self) -> dict[str, Any]:
         """The strategy's state after a round: ``state_attrs`` by name."""
@@ -166,19 +173,21 @@ class ReproducibleSampling:
         self.seed = ctx.seed
         self.client_eval_every = ctx.client_eval_every
         self.rounds = ctx.rounds
+        self.guard = ctx.guard
 
     def _order(self) -> dict[int, int]:
         return getattr(self, "partition_of", {})
 
-    def sort_replies(self, replies: Iterable[Message]) -> list[Message]:
+    def sort_replies(self, replies: Iterable[Message], fail_on_error: bool = True) -> list[Message]:
         """Replies in partition order, so aggregation sums in the same order every run.
 
-        A failed client fails the round: a research run that silently drops clients reports
-        numbers for a federation nobody configured.
+        Without a guard a failed client fails the round: a research run that silently drops
+        clients reports numbers for a federation nobody configured (``federation.min_replies``
+        says how many a round may lose).
         """
         order = self._order()
         replies = sorted(replies, key=lambda m: order.get(m.metadata.src_node_id, 1 << 62))
-        for message in replies:
+        for message in replies if fail_on_error else ():
             if message.has_error():
                 pid = order.get(message.metadata.src_node_id, "?")
                 raise ClientFailed(f"client (partition {pid}) failed: {error_reason(message)}")
@@ -188,8 +197,11 @@ class ReproducibleSampling:
                         grid: Grid) -> Iterable[Message]:
         """Flower's sampling, made reproducible."""
         with _seeded_random(self.seed, server_round, 1):
-            return super().configure_train(  # type: ignore[misc]
-                server_round, arrays, config, _OrderedGrid(grid, self._order()))
+            messages = list(super().configure_train(  # type: ignore[misc]
+                server_round, arrays, config, _OrderedGrid(grid, self._order())))
+        self.round_start = arrays
+        self.asked = {**self.asked, "train": [m.metadata.dst_node_id for m in messages]}
+        return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
@@ -198,16 +210,41 @@ class ReproducibleSampling:
         if every <= 0 or (server_round % every and server_round != self.rounds):
             return []
         with _seeded_random(self.seed, server_round, 2):
-            return super().configure_evaluate(  # type: ignore[misc]
-                server_round, arrays, config, _OrderedGrid(grid, self._order()))
+            messages = list(super().configure_evaluate(  # type: ignore[misc]
+                server_round, arrays, config, _OrderedGrid(grid, self._order())))
+        self.asked = {**self.asked, "evaluate": [m.metadata.dst_node_id for m in messages]}
+        return messages
+
+    def reply_records(self, weights: Signature | None) -> dict[str, Signature | None]:
+        """The records a train reply carries besides weights and metrics, with their signatures (None: any)."""
+        return {}
+
+    def screen_train(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """The replies that may be aggregated, in partition order: validated, counted, robust rule applied."""
+        replies = self.sort_replies(replies, fail_on_error=self.guard is None)
+        if self.guard is None:
+            return replies
+        weights = None if self.round_start is None else signature(self.round_start)
+        extras = self.reply_records(weights)
+        key = self.weighted_by_key  # type: ignore[attr-defined]
+        valid = self.guard.screen(server_round, "train", replies, self.asked.get("train", []), self._order(),
+                                  lambda m: reply_problem(m.content, weights, extras, key), self.round_start)
+        return self.guard.apply_robust(server_round, valid, self.round_start, self.robust_records)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Aggregate in partition order."""
-        return super().aggregate_train(server_round, self.sort_replies(replies))  # type: ignore[misc]
+        """Screen the replies (:meth:`screen_train`), then aggregate what passed."""
+        return self.aggregate_screened(server_round, self.screen_train(server_round, replies))
+
+    def aggregate_screened(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The strategy's own aggregation of screened replies; a strategy that aggregates more overrides it."""
+        return super().aggregate_train(server_round, replies)  # type: ignore[misc]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        """Aggregate in partition order."""
-        return super().aggregate_evaluate(server_round, self.sort_replies(replies))  # type: ignore[misc]
+        """Aggregate in partition order; failed evaluations are recorded like failed training."""
+        replies = self.sort_replies(replies, fail_on_error=self.guard is None)
+        if self.guard is not None:
+            replies = self.guard.screen(server_round, "evaluate", replies, self.asked.get("evaluate", []), self._order())
+        return super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
 
 
 class RoundOffset(Strategy):

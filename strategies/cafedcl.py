@@ -28,6 +28,7 @@ from fedimb import protocol
 from fedimb.config import ConfigError
 from strategies.base import (ReproducibleSampling, StrategyContext, StrategySpec, attach_record, reweight_replies,
                              take_records)
+from strategies.validation import Signature
 
 
 @dataclass
@@ -131,9 +132,17 @@ class PrototypeStrategy(ReproducibleSampling, FedAvg):
         """Client-side evaluation of the model as evaluated (see ``evaluation_arrays``)."""
         return super().configure_evaluate(server_round, self.evaluation_arrays(arrays), config, grid)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def reply_records(self, weights: Signature | None) -> dict[str, Signature | None]:
+        """Per-class statistics: C×D prototypes and C counts, dispersions and uncertainties (C×D: the head's)."""
+        if weights is None or "head.weight" not in weights:
+            return {protocol.PROTOTYPE_STATS: None}
+        (classes, dim), _ = weights["head.weight"]
+        per_class = ((classes,), "float32")
+        return {protocol.PROTOTYPE_STATS: {"protos": ((classes, dim), "float32"), "counts": per_class,
+                                           "dispersion": per_class, "uncertainty": per_class}}
+
+    def aggregate_screened(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate prototypes from the stats records, then the weights."""
-        replies = self.sort_replies(replies)
         stats = take_records(replies, protocol.PROTOTYPE_STATS)
         if stats:
             self._update_prototypes(stats)
@@ -141,7 +150,7 @@ class PrototypeStrategy(ReproducibleSampling, FedAvg):
             key = self.weighted_by_key
             reweight_replies(replies, [float(m.content["metrics"][key]) * float(m.content[protocol.METRICS][protocol.CONFIDENCE])
                                        for m in replies], key)
-        return super().aggregate_train(server_round, replies)
+        return super().aggregate_screened(server_round, replies)
 
     def _update_prototypes(self, stats: list[dict[str, np.ndarray]]) -> None:
         p = self.params

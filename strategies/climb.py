@@ -9,7 +9,6 @@ so clients the global model serves badly gain weight.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,9 +51,8 @@ class ClimbStrategy(ReproducibleSampling, FedAvg):
         self.num_clients = num_clients
         self.lambdas = np.zeros(num_clients)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_screened(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Re-weight by (1 + λ − mean λ), then update λ of the participants."""
-        replies = self.sort_replies(replies)
         if not replies:
             return None, None
         order = self._order()
@@ -65,7 +63,7 @@ class ClimbStrategy(ReproducibleSampling, FedAvg):
         lam = self.lambdas[pids]
         reweight_replies(replies, list(climb_weights(n, lam) * n.sum()), key)
         self.lambdas[pids] = dual_update(lam, losses, self.params, self.num_clients)
-        return super().aggregate_train(server_round, replies)
+        return super().aggregate_screened(server_round, replies)
 
 
 def build(ctx: StrategyContext, params: ClimbParams) -> ClimbStrategy:

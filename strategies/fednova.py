@@ -45,9 +45,9 @@ class FedNovaStrategy(ReproducibleSampling, FedAvg):
         self._round_start = arrays
         return super().configure_train(server_round, arrays, config, grid)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_screened(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """FedNova's update on the weights; FedAvg's weighted mean on the metrics."""
-        valid, _ = self._check_and_log_replies(self.sort_replies(replies), is_train=True)
+        valid, _ = self._check_and_log_replies(replies, is_train=True)
         if not valid or self._round_start is None:
             return None, None
         contents = [m.content for m in valid]

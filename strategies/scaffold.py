@@ -17,6 +17,9 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedimb import protocol
 from strategies.base import NoParams, ReproducibleSampling, StrategyContext, StrategySpec, attach_record, take_records
+from strategies.validation import Signature
+
+BN_STATISTICS = ("running_mean", "running_var")
 
 
 def update_control(control: dict[str, np.ndarray], deltas: list[dict[str, np.ndarray]],
@@ -35,6 +38,7 @@ class ScaffoldStrategy(ReproducibleSampling, FedAvg):
     """FedAvg of weights plus the server control variate."""
 
     state_attrs = ("control",)
+    robust_records = (protocol.CONTROL_DELTA,)  # a coordinate-wise robust rule also makes c's step robust
 
     def __init__(self, num_clients: int, **kwargs) -> None:
         super().__init__(**kwargs)
@@ -49,13 +53,18 @@ class ScaffoldStrategy(ReproducibleSampling, FedAvg):
             attach_record(messages, protocol.CONTROL, self.control)
         return messages
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def reply_records(self, weights: Signature | None) -> dict[str, Signature | None]:
+        """Δc_i: one array per trainable weight (BatchNorm's running statistics are not trained)."""
+        if weights is None:
+            return {protocol.CONTROL_DELTA: None}
+        return {protocol.CONTROL_DELTA: {k: v for k, v in weights.items() if not k.endswith(BN_STATISTICS)}}
+
+    def aggregate_screened(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Take Δc_i out of each reply, update c, then let FedAvg average the weights."""
-        replies = self.sort_replies(replies)
         deltas = take_records(replies, protocol.CONTROL_DELTA)
         if deltas:
             self.control = update_control(self.control, deltas, self.num_clients)
-        return super().aggregate_train(server_round, replies)
+        return super().aggregate_screened(server_round, replies)
 
 
 def build(ctx: StrategyContext, params: NoParams) -> ScaffoldStrategy:

@@ -38,3 +38,26 @@ def make(name: str, **params):
     strategy, spec = build_strategy(cfg, ctx)
     strategy.bind(ctx, {101: 0, 102: 1, 103: 2, 104: 3})
     return strategy, spec
+
+
+def guard(strategy, start: dict[str, list[float]] | None = None, asked: list[int] | None = None, **rules):
+    """Put a ReplyGuard (``rules``: min_replies, norm_factor, robust) on ``strategy`` as a run does;
+    ``start``: the weights the round started from; ``asked``: the nodes the round's messages went to."""
+    from fedimb.failures import FailureLog
+    from fedimb.hostile import RobustConfig
+    from strategies.guard import ReplyGuard
+
+    robust = rules.pop("robust", {})
+    strategy.guard = ReplyGuard(log=FailureLog(), robust=RobustConfig(**robust), **rules)
+    if start is not None:
+        strategy.round_start = ArrayRecord({k: Array(np.asarray(v, dtype=np.float32)) for k, v in start.items()})
+    strategy.asked = {"train": list(asked or [])}
+    return strategy.guard.log
+
+
+def error_reply(node_id: int, reason: str) -> Message:
+    """An error reply from ``node_id``, as Flower makes one from a ClientApp exception."""
+    from flwr.app import Error
+
+    return Message(Error(code=1, reason=reason), reply_to=Message(RecordDict(), dst_node_id=node_id,
+                                                                  message_type="train"))

@@ -21,6 +21,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedimb import protocol
 from fedimb.config import ExperimentConfig
+from fedimb.failures import round_timeout
 from fedimb.records import atomic_write_text, save_figure
 from strategies.base import error_reason
 
@@ -63,6 +64,7 @@ class ActiveLearningLoop:
             train_config[protocol.FAL_STEP] = step
             result = self.make_strategy().start(
                 grid=self.grid, initial_arrays=arrays, num_rounds=al.rounds_per_step,
+                timeout=round_timeout(self.cfg.federation.round_timeout),
                 train_config=train_config, evaluate_config=evaluate_config, evaluate_fn=self.evaluate_fn)
             arrays = result.arrays
             final = result.evaluate_metrics_serverapp.get(al.rounds_per_step)

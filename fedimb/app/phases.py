@@ -25,6 +25,7 @@ from fedimb.app.observer import RoundObserver
 from fedimb.checkpoint import Checkpoint, config_digest, resume_blocker, save_checkpoint
 from fedimb.config import ExperimentConfig
 from fedimb.data import DatasetSplits, partition_stats, plot_partition
+from fedimb.failures import round_timeout
 from fedimb.metrics import class_groups
 from fedimb.models import build_model, get_weights
 from strategies import build_strategy, strategy_spec
@@ -186,4 +187,5 @@ def run_rounds(grid: Grid, cfg: ExperimentConfig, run_dir: Path, strategy: Strat
             strategy.load_state_dict(checkpoint.strategy_state)
         runner = RoundOffset(strategy, done)
     runner.start(grid=grid, initial_arrays=arrays, num_rounds=cfg.federation.rounds - done,
+                 timeout=round_timeout(cfg.federation.round_timeout),
                  train_config=train_config, evaluate_config=evaluate_config, evaluate_fn=evaluate_and_checkpoint)

@@ -23,6 +23,7 @@ from fedimb.checkpoint import Checkpoint, load_checkpoint, written_for
 from fedimb.config import ExperimentConfig, from_yaml, load_config, to_yaml
 from fedimb.records import RunRecorder, package_versions
 from strategies.base import StrategyContext
+from strategies.guard import refuse_faults_when_deployed, reply_guard
 
 console = Console(stderr=True)
 APP_DIR = Path(__file__).resolve().parents[2]  # the app's root: fedimb/app/server.py → the repository (or FAB)
@@ -60,6 +61,7 @@ def open_run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool) -> 
         min_clients=cfg.federation.min_clients, seed=cfg.seed, client_eval_every=cfg.eval.client_every,
         rounds=per_stage, train_metrics_aggr_fn=observer.train_metrics,
         evaluate_metrics_aggr_fn=observer.evaluate_metrics,
+        guard=reply_guard(cfg, run_dir, observer, None if checkpoint is None else checkpoint.round),
     )
     return ServerRun(grid, cfg, config_text, run_dir, splits, observer, ctx, checkpoint)
 
@@ -111,6 +113,7 @@ def make_server_app(config_text: str | None = None, run_dir: Path | None = None,
     def main(grid: Grid, context: Context) -> None:
         if config_text is None or run_dir is None:
             cfg, out = _config_from_run_config(context)
+            refuse_faults_when_deployed(cfg)  # fedimb's simulation runner passes its config directly
         else:
             cfg, out = from_yaml(config_text), run_dir
         level = logging.NOTSET if cfg.simulation.verbose else logging.ERROR

@@ -1,0 +1,111 @@
+"""What stands between a round's replies and the aggregation: failures, validation, ``min_replies``.
+
+For every round :meth:`ReplyGuard.screen` sorts out the nodes that failed (an error reply, no
+reply before ``federation.round_timeout``, an update that fails validation or the norm rule),
+records them (``failures.csv``, the ``failures`` column of ``rounds.csv``, one printed line each),
+and lets the round go on with the valid replies when there are at least ``federation.min_replies``
+of them; with fewer the run stops with :class:`RoundFailed`, naming each failed node and why.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+from rich.console import Console
+
+from fedimb.config import ExperimentConfig
+from fedimb.failures import Failure, FailureLog, describe, pending_counter, required_replies
+from fedimb.hostile import RobustConfig
+from strategies.base import ClientFailed, error_reason
+from strategies.robust import RobustRuleFailed, apply_rule
+from strategies.validation import norm_outliers, update_norms
+
+console = Console(stderr=True)
+UNKNOWN_PARTITION = -1
+
+
+class RoundFailed(ClientFailed):
+    """Fewer valid replies than ``federation.min_replies``; the message names every failed node and why."""
+
+
+@dataclass
+class ReplyGuard:
+    """The run's rules for replies; one per run, shared by every strategy instance it builds."""
+
+    min_replies: Union[int, float] = 1.0
+    norm_factor: float = 0.0
+    robust: RobustConfig = field(default_factory=RobustConfig)
+    log: FailureLog = field(default_factory=FailureLog)
+
+    def screen(self, server_round: int, phase: str, replies: list[Message], sent: list[int],
+               partition_of: dict[int, int], problem: Callable[[Message], str | None] | None = None,
+               start: ArrayRecord | None = None) -> list[Message]:
+        """The valid replies of one phase of a round, in the order given; failures recorded.
+
+        ``sent``: the nodes asked (a node among them without a reply timed out); ``problem``: why
+        a reply must not be used (train: :func:`strategies.validation.reply_problem`); ``start``:
+        the weights the round started from, for the norm rule.
+        """
+        failures: list[Failure] = []
+
+        def fail(node: int, reason: str) -> None:
+            failures.append(Failure(server_round, node, partition_of.get(node, UNKNOWN_PARTITION), phase, reason))
+
+        replied = {m.metadata.src_node_id for m in replies}
+        for node in sent:
+            if node not in replied:
+                fail(node, "no reply before the round timeout")
+        valid = []
+        for message in replies:
+            reason = error_reason(message) if message.has_error() else (problem(message) if problem else None)
+            if reason is None:
+                valid.append(message)
+            else:
+                fail(message.metadata.src_node_id, reason if message.has_error() else f"rejected: {reason}")
+        if problem is not None and self.norm_factor > 0 and valid:
+            norms = update_norms([m.content for m in valid], start)
+            outliers = set(norm_outliers(norms, self.norm_factor))
+            median = float(np.median(norms))
+            for i in sorted(outliers):
+                fail(valid[i].metadata.src_node_id,
+                     f"rejected: update norm {norms[i]:.4g} > {self.norm_factor:g} x the round's median {median:.4g}")
+            valid = [m for i, m in enumerate(valid) if i not in outliers]
+        self.log.record(failures)
+        for failure in failures:
+            console.print(f"round {server_round:>3} {phase}: partition {failure.partition} (node {failure.node}) "
+                          f"{failure.reason}", highlight=False, soft_wrap=True)
+        asked = max(len(sent), len(replies))
+        needed = required_replies(self.min_replies, asked)
+        if len(valid) < needed:
+            raise RoundFailed(f"round {server_round} {phase}: {len(valid)} valid replies of {asked}, "
+                              f"federation.min_replies={self.min_replies} needs {needed}; {describe(failures)}")
+        return valid
+
+    def apply_robust(self, server_round: int, replies: list[Message], start: ArrayRecord | None,
+                     records: tuple[str, ...] = ()) -> list[Message]:
+        """``strategy.robust`` over the valid replies (:func:`strategies.robust.apply_rule`)."""
+        try:
+            return apply_rule(self.robust, replies, start, records)
+        except RobustRuleFailed as exc:
+            raise RoundFailed(f"round {server_round} train: {exc}") from None
+
+
+def reply_guard(cfg: ExperimentConfig, run_dir: Path, observer: object, resumed_after: int | None) -> ReplyGuard:
+    """The run's guard: its failure log in ``run_dir`` (a resumed run keeps the rows up to its checkpoint)."""
+    log = FailureLog(run_dir, pending_counter(observer))
+    if resumed_after is not None:
+        log.restore(resumed_after)
+    fed = cfg.federation
+    return ReplyGuard(fed.min_replies, fed.norm_factor, cfg.strategy.robust, log)
+
+
+def refuse_faults_when_deployed(cfg: ExperimentConfig) -> None:
+    """Fault injection is for simulations (``fedimb run``); a deployed federation must not sabotage itself."""
+    if cfg.faults.enabled():
+        raise RoundFailed("faults: fault injection runs in simulation only (fedimb run); "
+                          "this ServerApp was started by flwr run, so it refuses a config with faults")
