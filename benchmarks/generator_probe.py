@@ -1,17 +1,19 @@
-"""Probe the federated generator's knobs fast: FedAvg rounds simulated in one process.
+"""Probe the federated generator's knobs fast: its FedAvg rounds in one process, without Ray.
 
-    python benchmarks/generator_probe.py --rounds 20 --local-steps 50             # the suite's generator
-    python benchmarks/generator_probe.py --rounds 20 --local-steps 50 --snr-gamma 5 --server-ema 0.5
-    python benchmarks/generator_probe.py --seed 1 --load runs/cache/synthetic/<key>/generator \
+    python -m benchmarks.generator_probe --rounds 20 --local-steps 50             # the suite's generator
+    python -m benchmarks.generator_probe --rounds 20 --local-steps 50 --snr-gamma 5 --server-ema 0.5
+    python -m benchmarks.generator_probe --seed 1 --load runs/cache/synthetic/<key>/generator \
         --guidance 1 1.5 --ddim-steps 20 40                                        # a trained one's sampler
-    python benchmarks/generator_probe.py --seed 4 --judge-recall                   # the judge on real test images
+    python -m benchmarks.generator_probe --seed 4 --judge-recall                   # the judge on real test images
 
-The same local training (``train_generator``, one fresh AdamW per round, class-balanced
-batches), the same weighting (client sample counts) and the same class-aware label table as
-``strategies/synthetic.py``, without Flower and Ray: clients train one after another on
-all threads. A knob that wins here is then measured for real by ``benchmarks/synthetic.py``.
-Prints one line per variant (recognisability per class of 100 guided samples per class, judged
-by the LeNet trained on the real balanced training set) and appends it to ``--log``.
+The rounds are the federation's own: ``fedimb.app.synthetic.train_federated`` runs the
+generator's strategy (``strategies/generator.py``: sample-count weights, class-aware label
+table) against the ClientApp's ``train.generator`` handler, which :class:`LocalGrid` calls in
+this process, one client after another, instead of Flower's simulation on Ray. The knobs are
+``synthetic.*`` overrides of ``experiments/fmnist_lt.yaml``. A knob that wins here is then
+measured for real by ``benchmarks/synthetic.py``. Prints one line per variant (recognisability
+per class of 100 guided samples per class, judged by the LeNet trained on the real balanced
+training set) and appends it to ``--log``.
 """
 
 from __future__ import annotations
@@ -22,64 +24,99 @@ import itertools
 import json
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
+from flwr.app import ArrayRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.supercore.task_identity import TaskIdentity
+
+from clients.app import app as client_app
+from fedimb import protocol
+from fedimb.app.cli import guarded
+from fedimb.app.synthetic import train_federated
+from fedimb.config import GENERATOR_PREDICTIONS, ExperimentConfig, load_config, to_yaml
+from fedimb.data import FederatedData, build_federated_data
+from fedimb.synthetic.generator import Generator
+from fedimb.synthetic.quality import recognisability, sample_grid, train_reference_classifier
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from fedimb.app.cli import guarded  # noqa: E402
-from fedimb.config import GENERATOR_PREDICTIONS, load_config  # noqa: E402
-from fedimb.data import build_federated_data  # noqa: E402
-from fedimb.generation import (build_generator, load_generator, recognisability, sample,  # noqa: E402
-                               sample_grid, save_generator, train_generator, train_reference_classifier)
-from strategies.synthetic import EMBEDDING_KEY, class_aware_rows  # noqa: E402
-from flwr.app import ArrayRecord  # noqa: E402
-
 SETTING = ["imbalance.factor=100", "partition.name=dir_balance", "partition.alpha=0.1"]
 
 
-def federated_generator(args: argparse.Namespace, data) -> tuple[dict[str, torch.nn.Module], float]:
-    """FedAvg over the clients' generator weights, class-aware label rows.
+class LocalGrid:
+    """The part of Flower's Grid a strategy uses, handing each message to a ClientApp in this process.
+
+    Node ``pid + 1`` holds partition ``pid`` and keeps its own context (node state) across rounds.
+    """
+
+    def __init__(self, app: ClientApp, num_partitions: int) -> None:
+        self.app = app
+        self.contexts = {pid + 1: Context(run_id=0, node_id=pid + 1, node_config={protocol.NODE_PARTITION_ID: pid},
+                                          state=RecordDict(), run_config={}) for pid in range(num_partitions)}
+        # Messages carry their sender's identity: outside a running ServerApp this process gives one.
+        TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 0, 0, 0
+
+    @property
+    def partition_of(self) -> dict[int, int]:
+        """Node id -> partition id, as the hello round would report it."""
+        return {node_id: int(ctx.node_config[protocol.NODE_PARTITION_ID]) for node_id, ctx in self.contexts.items()}
+
+    def get_node_ids(self) -> list[int]:
+        """Every node, always connected."""
+        return list(self.contexts)
+
+    def send_and_receive(self, messages: Iterable[Message], timeout: float | None = None) -> list[Message]:
+        """Each message's reply from its node's ClientApp, in the order sent."""
+        return [self.app(m, self.contexts[m.metadata.dst_node_id]) for m in messages]
+
+
+class ServerEma:
+    """Exponential moving averages of the global weights over rounds, one per decay (an ``evaluate_fn``)."""
+
+    def __init__(self, decays: list[float]) -> None:
+        self.decays = decays
+        self.averages: dict[float, dict[str, torch.Tensor]] = {}
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> None:
+        """Fold in the global weights after a round (round 0, the initial weights, is not one)."""
+        if server_round == 0:
+            return
+        merged = arrays.to_torch_state_dict()
+        for decay in self.decays:
+            previous = self.averages.get(decay)
+            self.averages[decay] = ({k: v.clone() for k, v in merged.items()} if previous is None else
+                                    {k: decay * previous[k] + (1 - decay) * merged[k] for k in merged})
+
+
+def probe_config(args: argparse.Namespace) -> ExperimentConfig:
+    """The experiment the probe's generator trains in: the benchmark's setting and the knobs given."""
+    knobs = {"seed": args.seed, "synthetic.enabled": "true", "synthetic.generator_size": args.size,
+             "synthetic.rounds": args.rounds, "synthetic.local_steps": args.local_steps,
+             "synthetic.batch_size": args.batch_size, "synthetic.lr": args.lr, "synthetic.snr_gamma": args.snr_gamma,
+             "synthetic.prediction": args.prediction, "synthetic.aggregation": args.aggregation,
+             "synthetic.balanced_batches": "true", "simulation.threads_per_client": args.threads,
+             "simulation.device": args.device}
+    return load_config(ROOT / "experiments/fmnist_lt.yaml", [*SETTING, *(f"{k}={v}" for k, v in knobs.items())])
+
+
+def federated_generator(args: argparse.Namespace, cfg: ExperimentConfig,
+                        data: FederatedData) -> tuple[dict[str, Generator], float]:
+    """The federation's generator rounds through a :class:`LocalGrid`.
 
     Returns ({variant: generator}, seconds): "raw" is the last global model, "ema<d>" the
     exponential moving average of the global models over rounds with decay d (one per --server-ema).
     """
-    splits = data.splits
-    value_range = (float(splits.train_x.min()), float(splits.train_x.max()))
-    unet = build_generator(args.size, splits.input_shape, splits.num_classes, args.seed, data_range=value_range,
-                           prediction=args.prediction)
-    clients = [(torch.from_numpy(splits.train_x[idx]), torch.from_numpy(splits.train_y[idx])) for idx in data.client_indices]
-    sizes = np.array([len(y) for _, y in clients], dtype=np.float64)
-    averages: dict[float, dict[str, torch.Tensor]] = {}
+    grid = LocalGrid(client_app, cfg.federation.num_clients)
+    ema = ServerEma(args.server_ema)
     started = time.time()
-    for server_round in range(1, args.rounds + 1):
-        lr = args.lr * (0.5 * (1 + np.cos(np.pi * (server_round - 1) / args.rounds)) if args.cosine else 1.0)
-        states, tables = [], []
-        for pid, (x, y) in enumerate(clients):
-            local = copy.deepcopy(unet)
-            train_generator(local, x, y, steps=args.local_steps, batch_size=args.batch_size, lr=lr,
-                            seed=args.seed * 7_919 + server_round * 101 + pid, ema_decay=0.0,
-                            balanced=True, snr_gamma=args.snr_gamma)
-            states.append({k: v.detach().clone() for k, v in local.state_dict().items()})
-            tables.append(states[-1][EMBEDDING_KEY].numpy())
-        old = unet.state_dict()
-        merged = {k: sum(w * s[k].double() for w, s in zip(sizes / sizes.sum(), states)).to(old[k].dtype) for k in old}
-        if args.aggregation == "class_aware":
-            record = class_aware_rows(ArrayRecord({EMBEDDING_KEY: merged[EMBEDDING_KEY]}), tables, data.counts)
-            merged[EMBEDDING_KEY] = torch.from_numpy(record[EMBEDDING_KEY].numpy().copy())
-        unet.load_state_dict(merged)
-        for decay in args.server_ema:
-            previous = averages.get(decay)
-            averages[decay] = ({k: v.clone() for k, v in merged.items()} if previous is None else
-                               {k: decay * previous[k] + (1 - decay) * merged[k] for k in merged})
-        print(f"round {server_round:3d}/{args.rounds} {time.time() - started:7.1f}s", flush=True)
+    generator = train_federated(grid, cfg, grid.partition_of, data.counts, data.splits, to_yaml(cfg), evaluate_fn=ema)
     seconds = time.time() - started
-    variants = {"raw": unet.eval()}
-    for decay, state in averages.items():
-        variants[f"ema{decay:g}"] = copy.deepcopy(unet)
+    variants = {"raw": generator.to("cpu")}
+    for decay, state in ema.averages.items():
+        variants[f"ema{decay:g}"] = copy.deepcopy(generator)
         variants[f"ema{decay:g}"].load_state_dict(state)
     return variants, seconds
 
@@ -123,7 +160,6 @@ def main() -> int:
     parser.add_argument("--local-steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--cosine", action="store_true", help="cosine decay of the local lr over rounds")
     parser.add_argument("--snr-gamma", type=float, default=0.0)
     parser.add_argument("--prediction", default="epsilon", choices=GENERATOR_PREDICTIONS)
     parser.add_argument("--aggregation", default="class_aware", choices=["class_aware", "fedavg"])
@@ -134,8 +170,10 @@ def main() -> int:
     parser.add_argument("--interval", nargs="+", default=["0-1"],
                         help="guidance intervals lo-hi, fractions of T (guidance only where lo·T <= t <= hi·T)")
     parser.add_argument("--rescale", type=float, nargs="+", default=[0.0], help="guidance rescale φ values")
-    parser.add_argument("--load", default="", help="score this saved generator (its seed's judge) instead of training one")
+    parser.add_argument("--load", default="",
+                        help="score this saved generator (its seed's judge) instead of training one")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"], help="where the clients train")
     parser.add_argument("--out", default="runs/probe/generator")
     parser.add_argument("--log", default="docs/results/synthetic/generator_probe.jsonl")
     parser.add_argument("--save", action="store_true", help="also save each variant's generator under --out")
@@ -147,36 +185,38 @@ def main() -> int:
         print(probe_table(Path(args.log)))
         return 0
     torch.set_num_threads(args.threads)
-    cfg = load_config(ROOT / "experiments/fmnist_lt.yaml", [*SETTING, f"seed={args.seed}"])
+    cfg = probe_config(args)
     data = build_federated_data(cfg)
     splits = data.splits
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.judge_recall:
         judge = cached_judge(out, splits, args.seed)
-        real = recognisability(judge, torch.from_numpy(splits.test_x), torch.from_numpy(splits.test_y), splits.num_classes)
+        real = recognisability(judge, torch.from_numpy(splits.test_x), torch.from_numpy(splits.test_y),
+                               splits.num_classes)
         print(json.dumps({"seed": args.seed, "judge_real_recall": [round(v, 3) for v in real],
                           "mean": round(float(np.mean(real)), 3)}), flush=True)
         return 0
     if args.load:
-        variants, seconds = {"loaded": load_generator(args.load)}, 0.0
+        variants, seconds = {"loaded": Generator.from_pretrained(args.load)}, 0.0
     else:
-        variants, seconds = federated_generator(args, data)
+        variants, seconds = federated_generator(args, cfg, data)
     judge = cached_judge(out, splits, args.seed)
     labels = torch.arange(splits.num_classes).repeat_interleave(100)
     if args.save:
-        for variant, unet in variants.items():
-            save_generator(unet, out / f"{args.name or 'probe'}_{variant}")
+        for variant, generator in variants.items():
+            generator.save_pretrained(out / f"{args.name or 'probe'}_{variant}")
     grid_of = itertools.product(variants.items(), args.ddim_steps, args.guidance, args.interval, args.rescale)
-    for (variant, unet), steps, guidance, interval, rescale in grid_of:
+    for (variant, generator), steps, guidance, interval, rescale in grid_of:
         lo, hi = (float(v) for v in interval.split("-"))
         started = time.time()
-        images = sample(unet, labels, guidance_scale=guidance, num_inference_steps=steps, seed=args.seed,
-                        guidance_interval=(lo, hi), guidance_rescale=rescale)
+        images = generator.sample(labels, guidance_scale=guidance, num_inference_steps=steps, seed=args.seed,
+                                  guidance_interval=(lo, hi), guidance_rescale=rescale)
         per_second = len(labels) / (time.time() - started)
         scores = recognisability(judge, images, labels, splits.num_classes)
         name = f"{args.name or 'probe'}_{variant}"
-        sample_grid(images, labels, splits.num_classes, out / f"grid_{name}_w{guidance:g}_s{steps}_i{interval}_r{rescale:g}.png")
+        grid_name = f"grid_{name}_w{guidance:g}_s{steps}_i{interval}_r{rescale:g}.png"
+        sample_grid(images, labels, splits.num_classes, out / grid_name)
         knobs = {k: v for k, v in vars(args).items() if k not in ("log", "out", "name", "interval", "rescale")}
         row = {"name": name, "args": {**knobs, "ddim_steps": steps, "interval": interval, "rescale": rescale},
                "guidance": guidance, "training_s": round(seconds, 1), "images_per_s": round(per_second, 1),

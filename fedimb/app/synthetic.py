@@ -38,7 +38,8 @@ from strategies.generator import GeneratorFedAvg
 
 console = Console(stderr=True)
 
-SAMPLING_KNOBS = ("guidance_scale", "guidance_rescale", "tail_guidance_scale", "tail_guidance_rescale", "ddim_steps")
+# what chooses a generator's samples (not the generator): left out of its cache key, written into the report
+SAMPLING_KNOBS = ("ddim_steps", "guidance_scale", "guidance_rescale", "tail_guidance_scale", "tail_guidance_rescale")
 
 
 def value_range(splits: DatasetSplits) -> tuple[float, float]:
@@ -157,8 +158,7 @@ def quality_report(generator: Generator, cfg: ExperimentConfig, splits: DatasetS
 
 
 def _sampler_fields(syn: SyntheticConfig) -> dict[str, Any]:
-    return {"ddim_steps": syn.ddim_steps, "guidance_scale": syn.guidance_scale, "guidance_rescale": syn.guidance_rescale,
-            "tail_guidance_scale": syn.tail_guidance_scale, "tail_guidance_rescale": syn.tail_guidance_rescale}
+    return {knob: getattr(syn, knob) for knob in SAMPLING_KNOBS}
 
 
 def _send_topups(grid: Grid, partition_of: dict[int, int], content_of: Callable[[int], RecordDict]) -> list[Message]:
@@ -191,7 +191,8 @@ def deliver(grid: Grid, cfg: ExperimentConfig, generator: Generator, partition_o
             content[protocol.GENERATOR] = ArrayRecord(generator.state_dict())
         return content
 
-    return [int(m.content[protocol.METRICS][protocol.NUM_SYNTHETIC]) for m in _send_topups(grid, partition_of, content_of)]
+    replies = _send_topups(grid, partition_of, content_of)
+    return [int(m.content[protocol.METRICS][protocol.NUM_SYNTHETIC]) for m in replies]
 
 
 def local_generators(grid: Grid, cfg: ExperimentConfig, partition_of: dict[int, int], splits: DatasetSplits,
@@ -234,7 +235,8 @@ def pool_name(syn: SyntheticConfig, pid: int) -> str:
     rescale = f"-g{syn.guidance_rescale}" if syn.guidance_rescale else ""
     tail = "" if syn.tail_guidance_scale is None and syn.tail_guidance_rescale is None else \
         f"-tail{syn.tail_guidance_scale}g{syn.tail_guidance_rescale}"
-    return f"pool-t{syn.target_per_class}-r{syn.max_ratio}-w{syn.guidance_scale}-s{syn.ddim_steps}{rescale}{tail}-c{pid}.pt"
+    sampler = f"w{syn.guidance_scale}-s{syn.ddim_steps}{rescale}{tail}"
+    return f"pool-t{syn.target_per_class}-r{syn.max_ratio}-{sampler}-c{pid}.pt"
 
 
 def _server_pool(generator: Generator, client_counts: np.ndarray, cfg: ExperimentConfig, cache: Path, pid: int,

@@ -205,7 +205,8 @@ def sample(
         for start in chunks:
             x = noise[start : start + batch_size].to(device)
             y = labels[start : start + batch_size].to(device)
-            scale, phi = (v[start : start + batch_size].to(device).view(-1, *[1] * (x.dim() - 1)) for v in (scales, phis))
+            scale, phi = (v[start : start + batch_size].to(device).view(-1, *[1] * (x.dim() - 1))
+                          for v in (scales, phis))
             both = torch.cat([y, torch.full_like(y, generator.null_class)])
             for t in scheduler.timesteps:
                 # The output is eps or v; both are affine in x0 and eps, so guidance mixes either alike.

@@ -64,22 +64,12 @@ _CPU_UNET: dict[str, Any] = {
 GENERATOR_SIZES: dict[str, dict[str, Any]] = {
     "cpu": {**_CPU_UNET, "patch": 2},
     "cpu28": dict(_CPU_UNET),
-    "small": {
-        "block_out_channels": (32, 64, 64),
-        "layers_per_block": 1,
-        "down_block_types": ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
-        "up_block_types": ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        "attention_head_dim": 32,
-        "norm_num_groups": 8,
-    },
-    "gpu": {
-        "block_out_channels": (64, 128, 256),
-        "layers_per_block": 2,
-        "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-        "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        "attention_head_dim": 64,
-        "norm_num_groups": 32,
-    },
+    "small": {"block_out_channels": (32, 64, 64), "layers_per_block": 1, "attention_head_dim": 32,
+              "norm_num_groups": 8, "down_block_types": ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+              "up_block_types": ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D")},
+    "gpu": {"block_out_channels": (64, 128, 256), "layers_per_block": 2, "attention_head_dim": 64,
+            "norm_num_groups": 32, "down_block_types": ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+            "up_block_types": ("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")},
 }
 
 
