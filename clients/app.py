@@ -30,6 +30,7 @@ from fedimb.protocol import derive_seed
 from fedimb.data import build_federated_data
 from fedimb.data.local_testset import local_test_indices
 from fedimb.faults import FaultPlan
+from fedimb.metrics import confusion
 from fedimb.models import FeatureClassifier, build_model, get_weights, set_weights
 from fedimb.synthetic.topup import ClassSampler, judge_hits, sample_pool, topup_counts, train_as_configured
 
@@ -107,6 +108,7 @@ def hello(message: Message, context: Context) -> Message:
         protocol.PARTITION_ID: session.partition_id,
         protocol.NUM_EXAMPLES: int(session.y.shape[0]),
         protocol.CLASS_COUNTS: [int(c) for c in session.class_counts.tolist()],
+        protocol.INPUT_SHAPE: [int(s) for s in session.input_shape],
     })
     return Message(RecordDict({protocol.METRICS: metrics}), reply_to=message)
 
@@ -136,7 +138,7 @@ def train(message: Message, context: Context) -> Message:
                                       class_counts=session.class_counts.flip(0))
     stage_rounds = cfg.active_learning.rounds_per_step if cfg.active_learning.enabled else cfg.federation.rounds
     train_cfg = dataclasses.replace(cfg.train, lr=round_lr(cfg.train, server_round, stage_rounds))
-    algorithm_cls = CLIENT_ALGORITHMS[str(config.get(protocol.CLIENT_ALGORITHM, "fedavg"))]
+    algorithm_cls = CLIENT_ALGORITHMS[str(config.get(protocol.CLIENT_ALGORITHM, protocol.DEFAULT_CLIENT_ALGORITHM))]
     algorithm = algorithm_cls(ClientRound(model, global_weights, message.content, context.state,
                                           train_cfg.lr, cfg.train.momentum, session.x, session.y,
                                           session.class_counts, cfg.eval.batch_size))
@@ -253,12 +255,15 @@ def evaluate(message: Message, context: Context) -> Message:
                              cfg.federation.num_clients, cfg.seed, session.partition_id)
     x, y = to_tensors(data.splits.test_x[idx], data.splits.test_y[idx], session.device)
     logits = predict_logits(model, x, cfg.eval.batch_size)
-    correct = int((logits.argmax(1) == y).sum()) if len(idx) else 0
+    predicted = logits.argmax(1)
+    correct = int((predicted == y).sum()) if len(idx) else 0
     loss = float(torch.nn.functional.cross_entropy(logits, y)) if len(idx) else 0.0
+    matrix = confusion(y.cpu().numpy(), predicted.cpu().numpy(), session.num_classes)
     metrics = MetricRecord({
         protocol.NUM_EXAMPLES: int(len(idx)),
         protocol.ACCURACY: correct / max(len(idx), 1),
         protocol.LOSS: loss,
         protocol.PARTITION_ID: session.partition_id,
+        protocol.CONFUSION: [int(v) for v in matrix.ravel()],
     })
     return Message(RecordDict({protocol.METRICS: metrics}), reply_to=message)

@@ -24,6 +24,7 @@ LONG_TAIL_PROFILES = ("exp", "step")
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "inner_dirichlet", "dir_balance")
 LOCAL_DATASETS = ("fmnist", "digits")
 DEVICES = ("auto", "cpu", "cuda")
+SERVER_DATA = ("none", "dataset")
 EVAL_SPLITS = ("test", "validation")
 SYNTHETIC_TRAINING = ("federated", "local", "central", "pretrained")
 SYNTHETIC_POLICIES = ("server_pool", "client_sample")
@@ -128,6 +129,12 @@ class EvalConfig:
     every: int = 1  # centralised evaluation every N rounds (the last round always)
     client_every: int = 1  # client-side evaluation every N rounds; 0 switches it off
     batch_size: int = 1024
+    # Federated evaluation: the metrics of the summed confusion matrices of the clients' local
+    # test splits (columns federated_*; the main columns when the server holds no test set).
+    federated: bool = False
+    # The test set a deployed server is given (under ``flwr run``): "none", so evaluation is
+    # federated; "dataset" the config's own test split. A simulation's server always has it.
+    server_data: str = "none"
 
 
 @dataclass
@@ -334,6 +341,9 @@ def validate(cfg: ExperimentConfig) -> None:
         raise ConfigError("eval.split", "validation needs data.validation_fraction > 0 (e.g. 0.1)")
     _check_positive("eval.every", cfg.eval.every)
     _check_positive("eval.client_every", cfg.eval.client_every, strict=False)
+    _check_choice("eval.server_data", cfg.eval.server_data, SERVER_DATA)
+    if cfg.eval.federated and cfg.eval.client_every == 0:
+        raise ConfigError("eval.federated", "needs client-side evaluation; set eval.client_every >= 1")
     _check_positive("eval.batch_size", cfg.eval.batch_size)
     _check_positive("simulation.num_cpus", cfg.simulation.num_cpus)
     _check_positive("simulation.num_gpus", cfg.simulation.num_gpus, strict=False)

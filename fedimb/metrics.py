@@ -81,7 +81,18 @@ def classification_metrics(
     - ``head/mid/tail_recall``: mean recall over the group's classes present in ``y_true``
       (NaN if none is); groups come from :func:`class_groups`.
     """
-    cm = confusion(y_true, y_pred, num_classes).astype(np.float64)
+    return metrics_from_confusion(confusion(y_true, y_pred, num_classes), train_class_counts)
+
+
+def metrics_from_confusion(matrix: np.ndarray, train_class_counts: np.ndarray | None = None
+                           ) -> dict[str, float | list[float]]:
+    """:func:`classification_metrics` from a confusion matrix (rows true, columns predicted).
+
+    Confusion matrices add up, so the clients' matrices summed give the metrics of their pooled
+    test splits: federated evaluation with no test sample leaving a client.
+    """
+    cm = np.asarray(matrix, dtype=np.float64)
+    num_classes = cm.shape[0]
     tp = np.diag(cm)
     support = cm.sum(axis=1)
     predicted = cm.sum(axis=0)

@@ -171,6 +171,8 @@ def test_flwr_run_local_simulation(tmp_path: Path, flwr_env: dict[str, str]):
     summary = json.loads((run_dirs[0] / "summary.json").read_text())
     with open(run_dirs[0] / "rounds.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert [int(r["round"]) for r in rows] == [0, 1, 2]
-    assert summary["final"]["accuracy"] > float(rows[0]["accuracy"])
+    # under `flwr run` the server holds no data unless eval.server_data says so: the rows come
+    # from federated evaluation, which starts with the first round
+    assert [int(r["round"]) for r in rows] == [1, 2] and summary["evaluation"] == "federated"
+    assert summary["final"]["accuracy"] > 0.5  # 10 classes: chance is 0.1
     assert (run_dirs[0] / "partition.json").is_file() and (run_dirs[0] / "config.yaml").is_file()

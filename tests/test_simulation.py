@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from fedimb.app.process import OFFLINE_ENV
 from fedimb.config import load_config
 from fedimb.app.simulation import RunError, run_experiment
 from tests.conftest import DIGITS_SMALL
@@ -31,8 +32,10 @@ def metric_rows(run_dir: Path) -> list[dict[str, str]]:
 
 
 def process_settings() -> tuple:
-    """What a run may change process-wide: the environment, the flwr logger, the warning filters."""
-    return dict(os.environ), logging.getLogger("flwr").level, list(warnings.filters)
+    """What the runner changes process-wide for a run: its environment variables, the flwr
+    logger and a blanket "ignore" warning filter (the filters libraries add on import are theirs)."""
+    blanket = [f for f in warnings.filters if f[0] == "ignore" and f[1] is None and f[2] is Warning]
+    return {k: os.environ.get(k) for k in OFFLINE_ENV}, logging.getLogger("flwr").level, blanket
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from rich.console import Console
 from fedimb import protocol
 from fedimb.config import ExperimentConfig
 from fedimb.data import DatasetSplits, build_federated_data, load_dataset
-from fedimb.metrics import classification_metrics, client_fairness
+from fedimb.metrics import classification_metrics, client_fairness, metrics_from_confusion
 from fedimb.models import build_model, set_weights
 from fedimb.records import RunRecorder
 
@@ -23,15 +23,20 @@ console = Console(stderr=True)
 
 @dataclass
 class RoundObserver:
-    """Collects each round's client metrics and the centralised evaluation into the records."""
+    """Collects each round's client metrics and the evaluations into the records.
+
+    The central evaluation needs a test set on the server (``test_x`` / ``test_y``); federated
+    evaluation sums the clients' confusion matrices. With both, the federated metrics are the
+    ``federated_*`` columns; with federated evaluation only, they are the main columns.
+    """
 
     cfg: ExperimentConfig
     recorder: RunRecorder
-    train_counts: np.ndarray | None  # the clients' class counts, known after the hello phase
-    test_x: torch.Tensor
-    test_y: np.ndarray
-    input_shape: tuple[int, int, int]
-    num_classes: int
+    test_x: torch.Tensor | None  # None: the server holds no test set
+    test_y: np.ndarray | None
+    # what the hello phase learns from the clients
+    train_counts: np.ndarray | None = None
+    input_shape: tuple[int, int, int] | None = None
     rounds_per_stage: int = 0  # rounds of one strategy.start (all rounds unless active learning)
     round_offset: int = 0  # rounds of earlier active-learning stages
     pending: dict[str, Any] = field(default_factory=dict)
@@ -49,30 +54,52 @@ class RoundObserver:
         self.pending["train_loss"] = out["train_loss"]
         return out
 
+    @property
+    def num_classes(self) -> int:
+        """Classes of the experiment, as the clients' class counts have them."""
+        return len(self.train_counts)
+
     def evaluate_metrics(self, records: list[RecordDict], weight_key: str) -> MetricRecord:
-        """Client-side accuracies: weighted mean and the fairness figures."""
+        """Client-side accuracies (fairness figures) and, with federated evaluation, the pooled metrics."""
         accs = [float(r[protocol.METRICS][protocol.ACCURACY]) for r in records]
         fairness = client_fairness(accs)
         self.pending.update(fairness)
+        if self.federated and records:
+            matrices = [np.asarray(r[protocol.METRICS][protocol.CONFUSION], dtype=np.int64) for r in records]
+            pooled = np.sum(matrices, axis=0).reshape(self.num_classes, self.num_classes)
+            prefix = "federated_" if self.test_x is not None else ""
+            metrics = metrics_from_confusion(pooled, self.train_counts)
+            self.pending.update({prefix + k: v for k, v in metrics.items()})
         return MetricRecord({k: float(v) for k, v in fairness.items()})
 
+    @property
+    def federated(self) -> bool:
+        """Whether the round's metrics come (also) from the clients' confusion matrices."""
+        return self.cfg.eval.federated or self.test_x is None
+
     def central_evaluate(self, server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        """Global model on the balanced test set every ``eval.every`` rounds and at the end."""
+        """Record the round: the global model on the server's test set (if any) every ``eval.every``
+        rounds and at the end, with the clients' metrics of the round."""
         last = server_round == self.rounds_per_stage
         if (server_round % self.cfg.eval.every and not last) or (server_round == 0 and self.round_offset):
             return None
+        if self.test_x is None and "accuracy" not in self.pending:
+            return None  # no evaluation at all this round (before the first client evaluation)
+        metrics = {} if self.test_x is None else self._central_metrics(arrays)
+        row = {**metrics, **self.pending}
+        self.pending = {}
+        self.recorder.log_round(self.round_offset + server_round, row)
+        self._print(self.round_offset + server_round, row)
+        return MetricRecord({k: float(v) for k, v in metrics.items() if not isinstance(v, list)})
+
+    def _central_metrics(self, arrays: ArrayRecord) -> dict[str, Any]:
         model = build_model(self.cfg.model.name, self.input_shape, self.num_classes, self.cfg.seed)
         set_weights(model, arrays.to_torch_state_dict())
         model.eval()
         with torch.no_grad():
             preds = torch.cat([model(self.test_x[i:i + self.cfg.eval.batch_size]).argmax(1)
                                for i in range(0, len(self.test_x), self.cfg.eval.batch_size)])
-        metrics = classification_metrics(self.test_y, preds.numpy(), self.num_classes, self.train_counts)
-        row = {**metrics, **self.pending}
-        self.pending = {}
-        self.recorder.log_round(self.round_offset + server_round, row)
-        self._print(self.round_offset + server_round, row)
-        return MetricRecord({k: float(v) for k, v in metrics.items() if not isinstance(v, list)})
+        return classification_metrics(self.test_y, preds.numpy(), self.num_classes, self.train_counts)
 
     def _print(self, server_round: int, row: dict[str, Any]) -> None:
         parts = [f"round {server_round:>3}/{total_rounds(self.cfg)}",
@@ -85,7 +112,10 @@ class RoundObserver:
 
 
 def evaluation_set(cfg: ExperimentConfig) -> tuple[np.ndarray, np.ndarray, DatasetSplits]:
-    """The balanced test set, or (``eval.split=validation``) the held-out training samples."""
+    """The balanced test set, or (``eval.split=validation``) the held-out training samples.
+
+    Only for a server that is given the dataset (a simulation, or ``eval.server_data=dataset``).
+    """
     if cfg.eval.split == "validation":
         data = build_federated_data(cfg)
         idx = data.validation_indices

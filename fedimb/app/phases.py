@@ -38,10 +38,11 @@ class RunFailed(RuntimeError):
 
 @dataclass
 class Hello:
-    """What the hello round learnt: node id → partition id, and each partition's class counts."""
+    """What the hello round learnt: node id → partition id, each partition's class counts, the image shape."""
 
     partition_of: dict[int, int]
     counts: np.ndarray  # (num_clients, num_classes), row = partition id
+    input_shape: tuple[int, int, int]
 
 
 def say_hello(grid: Grid, cfg: ExperimentConfig, config_text: str, timeout: float = 600.0) -> Hello:
@@ -60,14 +61,18 @@ def say_hello(grid: Grid, cfg: ExperimentConfig, config_text: str, timeout: floa
         raise RunFailed(f"hello round failed on {len(failed) or len(node_ids) - len(replies)} node(s): {reason}")
     partition_of: dict[int, int] = {}
     rows: dict[int, list[int]] = {}
+    shapes: set[tuple[int, ...]] = set()
     for reply in replies:
         metrics = reply.content[protocol.METRICS]
         pid = int(metrics[protocol.PARTITION_ID])
         partition_of[reply.metadata.src_node_id] = pid
         rows[pid] = [int(c) for c in metrics[protocol.CLASS_COUNTS]]
+        shapes.add(tuple(int(s) for s in metrics[protocol.INPUT_SHAPE]))
     if sorted(rows) != list(range(cfg.federation.num_clients)):
         raise RunFailed(f"partition ids {sorted(rows)} do not cover 0..{cfg.federation.num_clients - 1}")
-    return Hello(partition_of, np.array([rows[p] for p in sorted(rows)], dtype=np.int64))
+    if len(shapes) != 1:
+        raise RunFailed(f"clients hold images of different shapes: {sorted(shapes)}")
+    return Hello(partition_of, np.array([rows[p] for p in sorted(rows)], dtype=np.int64), shapes.pop())
 
 
 @dataclass
@@ -78,7 +83,7 @@ class ServerRun:
     cfg: ExperimentConfig
     config_text: str
     run_dir: Path
-    splits: DatasetSplits
+    splits: DatasetSplits | None  # the dataset the server is given; None when it holds none
     observer: RoundObserver
     ctx: StrategyContext
     checkpoint: Checkpoint | None = None
@@ -93,9 +98,8 @@ class ServerRun:
 
     def initial_arrays(self) -> ArrayRecord:
         """The model every federation (and every reset active-learning stage) starts from."""
-        splits = self.splits
-        return ArrayRecord(get_weights(build_model(self.cfg.model.name, splits.input_shape, splits.num_classes,
-                                                   self.cfg.seed)))
+        return ArrayRecord(get_weights(build_model(self.cfg.model.name, self.hello.input_shape,
+                                                   self.observer.num_classes, self.cfg.seed)))
 
     def train_config(self) -> ConfigRecord:
         """What every train message carries: the experiment and the strategy's client algorithm."""
@@ -119,6 +123,7 @@ def hello_phase(run: ServerRun) -> None:
     """Learn each node's partition and class counts; write the partition report and heatmap."""
     run.hello = say_hello(run.grid, run.cfg, run.config_text)
     run.observer.train_counts = run.hello.counts.sum(0)
+    run.observer.input_shape = run.hello.input_shape
     run.observer.recorder.write_partition(partition_stats(run.hello.counts))
     plot_partition(run.hello.counts, run.run_dir / "partition.png",
                    title=f"{run.cfg.data.dataset}: {run.cfg.partition.name}")
@@ -128,6 +133,9 @@ def synthetic_phase(run: ServerRun) -> None:
     """Train (or reload) the federated generator and top every client up; summary block ``synthetic``."""
     from fedimb.app.synthetic import prepare_synthetic  # diffusers loads only when asked for
 
+    if run.splits is None:
+        raise RunFailed("synthetic.enabled needs the training data on the server (a simulation); "
+                        "a deployed server holds none")
     run.summary["synthetic"] = prepare_synthetic(run.grid, run.cfg, run.hello.partition_of, run.hello.counts,
                                                  run.splits, run.config_text, run.run_dir)
 
@@ -138,7 +146,7 @@ def active_learning_phase(run: ServerRun) -> None:
     counts = run.hello.counts
     loop = ActiveLearningLoop(run.cfg, run.grid, run.hello.partition_of, run.config_text, run.make_strategy,
                               run.initial_arrays, run.observer.central_evaluate, run.observer.start_stage,
-                              class_groups(run.splits.num_classes, counts.sum(0))["tail"], int(counts.sum()))
+                              class_groups(run.observer.num_classes, counts.sum(0))["tail"], int(counts.sum()))
     run.summary["active_learning"] = loop.run(run.train_config(), run.evaluate_config())
     write_fal_records(run.run_dir, loop.steps, al.initial_fraction, al.step_fraction)
 

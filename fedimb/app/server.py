@@ -40,16 +40,22 @@ def _resume_point(cfg: ExperimentConfig, run_dir: Path) -> Checkpoint | None:
     return checkpoint
 
 
-def open_run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool) -> ServerRun:
-    """The run directory's config and recorder, the evaluation set, the observer and the strategy context."""
+def open_run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool, holds_dataset: bool) -> ServerRun:
+    """The run directory's config and recorder, the evaluation set, the observer and the strategy context.
+
+    ``holds_dataset``: the server has the config's dataset (a simulation, or
+    ``eval.server_data=dataset``); otherwise it evaluates federatedly and loads no data at all.
+    """
     config_text = to_yaml(cfg)
     recorder = RunRecorder(run_dir)
     checkpoint = _resume_point(cfg, run_dir) if resume else None
     recorder.write_config(config_text)
-    eval_x, eval_y, splits = evaluation_set(cfg)
+    splits, eval_x, eval_y = None, None, None
+    if holds_dataset:
+        eval_np_x, eval_y, splits = evaluation_set(cfg)
+        eval_x = torch.from_numpy(eval_np_x)
     per_stage = cfg.active_learning.rounds_per_step if cfg.active_learning.enabled else cfg.federation.rounds
-    observer = RoundObserver(cfg, recorder, None, torch.from_numpy(eval_x), eval_y,
-                             splits.input_shape, splits.num_classes, rounds_per_stage=per_stage)
+    observer = RoundObserver(cfg, recorder, eval_x, eval_y, rounds_per_stage=per_stage)
     if checkpoint is not None:
         recorder.restore(checkpoint.rows, checkpoint.elapsed_s)
         observer.pending = dict(checkpoint.pending)
@@ -66,12 +72,14 @@ def open_run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool) -> 
     return ServerRun(grid, cfg, config_text, run_dir, splits, observer, ctx, checkpoint)
 
 
-def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool = False) -> None:
+def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool = False,
+                   holds_dataset: bool = True) -> None:
     """The whole server side of one run: its phases in order, then the summary and the curves.
 
-    ``resume``: continue from the run directory's checkpoint (``fedimb run --resume``).
+    ``resume``: continue from the run directory's checkpoint (``fedimb run --resume``);
+    ``holds_dataset``: see :func:`open_run`.
     """
-    run = open_run(grid, cfg, run_dir, resume)
+    run = open_run(grid, cfg, run_dir, resume, holds_dataset)
     for phase in phases_for(cfg):
         phase(run)
     recorder = run.observer.recorder
@@ -80,7 +88,9 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: boo
     recorder.write_summary({
         "name": cfg.name, "seed": cfg.seed, "strategy": cfg.strategy.name,
         "loss": cfg.train.loss.name, "versions": package_versions(),
-        "wall_time_per_round_s": recorder.elapsed() / total_rounds(cfg), **run.summary,
+        "wall_time_per_round_s": recorder.elapsed() / total_rounds(cfg),
+        "evaluation": ("central and federated" if cfg.eval.federated else "central") if holds_dataset else "federated",
+        **run.summary,
     })
     recorder.plot_curves()
 
@@ -103,7 +113,9 @@ def _config_from_run_config(context: Context) -> tuple[ExperimentConfig, Path]:
 
 
 def make_server_app(config_text: str | None = None, run_dir: Path | None = None, resume: bool = False) -> ServerApp:
-    """A ServerApp for one resolved config, or (no arguments) one that reads the run config.
+    """A ServerApp for one resolved config (the simulation runner's: the server holds the dataset),
+    or (no arguments) one that reads the run config (``flwr run``: the server holds only what
+    ``eval.server_data`` gives it).
 
     ``resume``: continue ``run_dir`` from its checkpoint.
     """
@@ -114,11 +126,12 @@ def make_server_app(config_text: str | None = None, run_dir: Path | None = None,
         if config_text is None or run_dir is None:
             cfg, out = _config_from_run_config(context)
             refuse_faults_when_deployed(cfg)  # fedimb's simulation runner passes its config directly
+            holds_dataset = cfg.eval.server_data == "dataset"
         else:
-            cfg, out = from_yaml(config_text), run_dir
+            cfg, out, holds_dataset = from_yaml(config_text), run_dir, True
         level = logging.NOTSET if cfg.simulation.verbose else logging.ERROR
         with flwr_log_level(level):
-            run_federation(grid, cfg, out, resume=resume and run_dir is not None)
+            run_federation(grid, cfg, out, resume=resume and run_dir is not None, holds_dataset=holds_dataset)
 
     return app
 

@@ -1,0 +1,97 @@
+"""Federated evaluation: the clients' confusion matrices summed, with no test sample on the server."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import MetricRecord, RecordDict
+
+from fedimb import protocol
+from fedimb.app.observer import RoundObserver
+from fedimb.config import load_config
+from fedimb.metrics import classification_metrics, confusion, metrics_from_confusion
+from fedimb.records import RunRecorder
+from tests.conftest import DIGITS_SMALL
+
+
+def _eval_reply(y_true: list[int], y_pred: list[int], num_classes: int) -> RecordDict:
+    correct = sum(int(t == p) for t, p in zip(y_true, y_pred))
+    return RecordDict({protocol.METRICS: MetricRecord({
+        protocol.NUM_EXAMPLES: len(y_true), protocol.ACCURACY: correct / len(y_true),
+        protocol.CONFUSION: [int(v) for v in confusion(y_true, y_pred, num_classes).ravel()]})})
+
+
+def test_summed_confusion_matrices_give_the_pooled_metrics():
+    a_true, a_pred = [0, 0, 1, 2], [0, 1, 1, 2]
+    b_true, b_pred = [2, 2, 1], [2, 0, 1]
+    pooled = metrics_from_confusion(confusion(a_true, a_pred, 3) + confusion(b_true, b_pred, 3))
+    assert pooled == classification_metrics(a_true + b_true, a_pred + b_pred, 3)
+    # by hand: recalls 1/2, 2/2, 2/3; 5 of 7 right
+    assert pooled["accuracy"] == pytest.approx(5 / 7)
+    assert pooled["balanced_accuracy"] == pytest.approx((1 / 2 + 1 + 2 / 3) / 3)
+
+
+def test_observer_without_a_test_set_records_the_federated_metrics(tmp_path):
+    cfg = load_config(None, DIGITS_SMALL)
+    observer = RoundObserver(cfg, RunRecorder(tmp_path), None, None, train_counts=np.array([5, 3, 1]),
+                             input_shape=(1, 8, 8), rounds_per_stage=3)
+    assert observer.central_evaluate(0, None) is None  # nothing evaluated before the first client round
+    observer.evaluate_metrics([_eval_reply([0, 0, 1, 2], [0, 1, 1, 2], 3), _eval_reply([2, 2, 1], [2, 0, 1], 3)],
+                              protocol.NUM_EXAMPLES)
+    observer.central_evaluate(1, None)
+    row = observer.recorder.rounds[-1]
+    assert row["round"] == 1 and row["accuracy"] == pytest.approx(5 / 7)
+    assert row["client_accuracy_mean"] == pytest.approx((3 / 4 + 2 / 3) / 2)
+
+
+@pytest.mark.slow
+def test_simulation_records_central_and_federated_metrics_side_by_side(tmp_path):
+    from fedimb.app.simulation import run_experiment
+
+    run_dir = tmp_path / "run"
+    run_experiment(load_config(None, DIGITS_SMALL + ["eval.federated=true"]), run_dir)
+    with open(run_dir / "rounds.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    last = rows[-1]
+    assert float(last["federated_accuracy"]) > 0.5 and float(last["accuracy"]) > 0.5
+    assert float(last["worst_client_accuracy"]) <= float(last["federated_accuracy"]) <= float(
+        last["best_client_accuracy"])  # pooled accuracy is a weighted mean of the clients'
+    assert rows[0]["federated_accuracy"] == ""  # round 0: the server's own evaluation only
+    assert json.loads((run_dir / "summary.json").read_text())["evaluation"] == "central and federated"
+
+
+@pytest.mark.slow
+def test_a_server_without_data_evaluates_federatedly(tmp_path):
+    from flwr.app import Context
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    from clients.app import app as client_app
+    from fedimb.app import server
+
+    cfg = load_config(None, DIGITS_SMALL + ["federation.rounds=2"])
+    run_dir = tmp_path / "run"
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        server.run_federation(grid, cfg, run_dir, holds_dataset=False)
+
+    loaded = []
+    original = server.evaluation_set
+    server.evaluation_set = lambda *a: loaded.append(a) or original(*a)
+    try:
+        run_simulation(server_app=app, client_app=client_app, num_supernodes=4,
+                       backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    finally:
+        server.evaluation_set = original
+    assert loaded == []  # the server never loaded the dataset
+    with open(run_dir / "rounds.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["round"]) for r in rows] == [1, 2] and "federated_accuracy" not in rows[0]
+    assert float(rows[-1]["balanced_accuracy"]) > 0.5
+    assert json.loads((run_dir / "summary.json").read_text())["evaluation"] == "federated"
