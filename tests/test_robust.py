@@ -1,0 +1,108 @@
+"""Robust aggregation rules against hand-computed cases, on their own and composed with strategies."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord
+
+from strategies.guard import RoundFailed
+from tests.fakes import guard, make, reply
+
+
+def weights_of(record: ArrayRecord) -> np.ndarray:
+    return record["w"].numpy()
+
+
+def aggregate(name: str, points: list[list[float]], start: list[float] | None = None, strategy: str = "fedavg",
+              **robust):
+    s, _ = make(strategy)
+    guard(s, {"w": start or [0.0] * len(points[0])}, min_replies=1, robust={"name": name, **robust})
+    out, _ = s.aggregate_train(1, [reply(101 + i, {"w": p}, 1) for i, p in enumerate(points)])
+    return weights_of(out)
+
+
+def test_median_of_three_hand_written_updates():
+    np.testing.assert_allclose(aggregate("median", [[1.0, 5.0], [2.0, 0.0], [10.0, 3.0]]), [2.0, 3.0])
+
+
+def test_trimmed_mean_cuts_each_end():
+    np.testing.assert_allclose(aggregate("trimmed_mean", [[1.0], [2.0], [3.0], [100.0]], trim=0.25), [2.5])
+
+
+# Krum with f = 1 scores each point by its n − f − 2 = 2 nearest squared distances:
+# (0,0): 1 + 2 = 3; (1,0): 1 + 1 = 2; (0,2): 2 + 4 = 6; (10,10): 162 + 164; (1,1): 1 + 2 = 3.
+KRUM_POINTS = [[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [10.0, 10.0], [1.0, 1.0]]
+
+
+def test_krum_picks_the_hand_computed_update():
+    np.testing.assert_allclose(aggregate("krum", KRUM_POINTS, byzantine=1), [1.0, 0.0])
+
+
+def test_multikrum_averages_the_best_scored():
+    # the three lowest scores: (1,0), (0,0), (1,1); equal weights
+    np.testing.assert_allclose(aggregate("multikrum", KRUM_POINTS, byzantine=1, select=3), [2 / 3, 1 / 3], rtol=1e-6)
+
+
+def test_bulyan_drops_the_outlier_and_averages_around_the_median():
+    # f = 1, n = 7: multikrum keeps θ = 5 (scores 0:30 1:15 2:10 3:15 4:18 6:54 100:huge → 0..4);
+    # then the β = 3 values closest to their median 2 (1, 2, 3) are averaged
+    points = [[0.0], [1.0], [2.0], [3.0], [4.0], [6.0], [100.0]]
+    np.testing.assert_allclose(aggregate("bulyan", points, byzantine=1), [2.0])
+
+
+def test_clip_bounds_each_update_norm():
+    # (3,4) has norm 5 → (0.6, 0.8); (0.3, 0.4) is inside the bound; mean (0.45, 0.6)
+    np.testing.assert_allclose(aggregate("clip", [[3.0, 4.0], [0.3, 0.4]], max_norm=1.0), [0.45, 0.6], rtol=1e-6)
+    # no bound given: the median update norm, here 5 of (5, 5, 50)
+    np.testing.assert_allclose(aggregate("clip", [[3.0, 4.0], [4.0, 3.0], [30.0, 40.0]]), [10 / 3, 11 / 3], rtol=1e-6)
+
+
+def test_clip_works_on_updates_not_weights():
+    np.testing.assert_allclose(aggregate("clip", [[13.0, 14.0], [10.3, 10.4]], start=[10.0, 10.0], max_norm=1.0),
+                               [10.45, 10.6], rtol=1e-6)
+
+
+def test_too_few_replies_for_the_rule_fail_the_round():
+    with pytest.raises(RoundFailed, match="bulyan with byzantine=1 needs at least 7 valid replies, got 3"):
+        aggregate("bulyan", [[0.0], [1.0], [2.0]], byzantine=1)
+
+
+def test_a_robust_rule_composes_with_server_momentum():
+    # FedAvgM over the median: start 1, median 3 → pseudo-gradient −2, lr 1 → 3 (as FedAvgM of an average of 3)
+    s, _ = make("fedavgm", server_lr=1.0, server_momentum=0.5)
+    s.current_arrays = ArrayRecord({"w": Array(np.array([1.0], dtype=np.float32))})
+    guard(s, {"w": [1.0]}, min_replies=1, robust={"name": "median"})
+    out, _ = s.aggregate_train(1, [reply(101, {"w": [3.0]}, 1), reply(102, {"w": [2.0]}, 5), reply(103, {"w": [90.0]}, 1)])
+    np.testing.assert_allclose(weights_of(out), [3.0])
+
+
+def test_median_also_makes_scaffolds_control_step_robust():
+    s, _ = make("scaffold")
+    guard(s, {"w": [0.0]}, min_replies=1, robust={"name": "median"})
+    replies = []
+    for i, (w, delta) in enumerate([(1.0, 1.0), (2.0, 2.0), (50.0, 90.0)]):
+        r = reply(101 + i, {"w": [w]}, 1)
+        r.content["control-delta"] = ArrayRecord({"w": Array(np.array([delta], dtype=np.float32))})
+        replies.append(r)
+    out, _ = s.aggregate_train(1, replies)
+    np.testing.assert_allclose(weights_of(out), [2.0])
+    np.testing.assert_allclose(s.control["w"], [3 * 2.0 / 4])  # every Δc_i is the median 2; c = Σ / N
+
+
+def test_krum_drops_a_rejected_clients_prototypes_with_its_weights():
+    s, _ = make("cafedcl", ema=0.0)
+    start = {"head.weight": [[0.0, 0.0]] * 2}
+    guard(s, start, min_replies=1, robust={"name": "krum", "byzantine": 1})
+    points = [0.0, 1.0, 2.0, 3.0, 40.0]  # Krum with f = 1 picks 1.0 or 2.0: never the 40
+    replies = []
+    for i, v in enumerate(points):
+        r = reply(101 + i, {"head.weight": [[v, v], [v, v]]}, 1, confidence=1.0)
+        protos = [[1.0, 0.0], [0.0, 1.0]] if v != 40.0 else [[-1.0, 0.0], [0.0, -1.0]]
+        r.content["proto-stats"] = ArrayRecord({
+            "protos": Array(np.array(protos, dtype=np.float32)), "counts": Array(np.ones(2, dtype=np.float32)),
+            "dispersion": Array(np.ones(2, dtype=np.float32)), "uncertainty": Array(np.zeros(2, dtype=np.float32))})
+        replies.append(r)
+    out, _ = s.aggregate_train(1, replies)
+    assert out["head.weight"].numpy()[0, 0] in (1.0, 2.0)
+    np.testing.assert_allclose(s.prototypes, [[1.0, 0.0], [0.0, 1.0]])
