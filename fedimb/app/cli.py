@@ -1,4 +1,4 @@
-"""``fedimb run [--resume RUN_DIR] | sweep | report | partition | bench``.
+"""``fedimb run [--resume RUN_DIR] | sweep | report | partition | bench | deploy init``.
 
 Bad input exits with code 2 and one line naming the field; a failed run exits with 1.
 """
@@ -172,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("name", help="niid_bench, imbalance, fal, synthetic, ...; or index, rebuild")
     bench.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own arguments")
     bench.set_defaults(func=_cmd_bench)
+    from fedimb.app.deploy import add_deploy_parser
+
+    add_deploy_parser(sub)
     return parser
 
 

@@ -1,0 +1,311 @@
+"""A loopback deployment from a ``fedimb deploy init`` folder: SuperLink, SuperNodes, ``flwr run``.
+
+Not a test: tests import :class:`LoopbackDeployment`. It starts a SuperLink with TLS,
+``--enable-supernode-auth`` and ``--database`` in a work folder with a temporary
+``FLWR_HOME``, waits for ``/health``, registers site keys, starts SuperNodes (each in its own
+process group, with its own ``--port`` and ``--node-config``), submits an app with
+``flwr run APP CONN --format json`` and polls ``flwr ls`` until the run is ``finished:*``.
+:meth:`LoopbackDeployment.stop` stops exactly the process groups it started (and any child that
+left its group), first SIGTERM, then SIGKILL.
+
+The SuperLink listens on the port the deploy folder names (pick a free one for ``deploy init
+--port``); a SuperNode gets the port given to :meth:`start_supernode`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedimb.app.deploy import FLWR_ENV, DeployPlan, register_command, superlink_command, supernode_command
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def flwr_env(home: Path) -> dict[str, str]:
+    """The environment of every flwr process: a private FLWR_HOME, offline, the venv's bin first."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "FLWR_HOME")}
+    env.update(FLWR_ENV)
+    env.update({"FLWR_HOME": str(home), "RAY_USAGE_STATS_ENABLED": "0",
+                "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"})
+    return env
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[-1][0] != "Z"
+    except OSError:
+        return False
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                ppid = int((proc / "stat").read_text().rsplit(") ", 1)[-1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            tree.setdefault(ppid, []).append(int(proc.name))
+    return tree
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (children, grandchildren, ...)."""
+    tree, found, todo = _children(), [], [pid]
+    while todo:
+        for child in tree.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def pids_with_env(entry: str) -> list[int]:
+    """Live processes whose environment holds ``entry`` exactly (``KEY=value``)."""
+    wanted, pids = entry.encode(), []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if wanted in (proc / "environ").read_bytes().split(b"\0") and _alive(int(proc.name)):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+@dataclass
+class Started:
+    """One process this harness started, in its own process group, logging to ``log``."""
+
+    name: str
+    proc: subprocess.Popen
+    log: Path
+
+    def output(self) -> str:
+        """What it has written so far."""
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+@dataclass
+class LoopbackDeployment:
+    """Runs a ``deploy init`` folder's commands on this machine; use as a context manager."""
+
+    deploy_dir: Path
+    work: Path
+    plan: DeployPlan = field(init=False)
+    env: dict[str, str] = field(init=False)
+    started: list[Started] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.deploy_dir = Path(self.deploy_dir).resolve()
+        self.work = Path(self.work).resolve()
+        self.plan = DeployPlan.read(self.deploy_dir)
+        (self.work / "logs").mkdir(parents=True, exist_ok=True)
+        home = self.work / "flwr-home"
+        home.mkdir(exist_ok=True)
+        # the generated connection entry is the only one: flwr must work from it alone
+        (home / "config.toml").write_text((self.deploy_dir / self.plan.flwr_config).read_text())
+        self.env = flwr_env(home)
+
+    def __enter__(self) -> LoopbackDeployment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---------------------------------------------------------------- processes
+
+    def spawn(self, name: str, cmd: list[str]) -> Started:
+        """Start ``cmd`` in a process group of its own, output to ``logs/<name>.log``."""
+        log = self.work / "logs" / f"{name}.log"
+        with open(log, "ab") as fh:
+            proc = subprocess.Popen(cmd, cwd=self.work, env=self.env, stdout=fh, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL, start_new_session=True)
+        started = Started(name, proc, log)
+        self.started.append(started)
+        return started
+
+    def start_superlink(self, timeout: float = 60.0) -> Started:
+        """The SuperLink as COMMANDS.md starts it (its database in the deploy folder); waits for /health."""
+        cmd = superlink_command(self.plan, self.deploy_dir)
+        cmd[cmd.index("--database") + 1] = str(self.work / "superlink.db")  # the deploy folder stays as written
+        link = self.spawn("superlink", cmd)
+        self.wait_health(link, timeout)
+        return link
+
+    def health_url(self) -> str:
+        """The SuperLink's /health endpoint, dialled at 127.0.0.1 (checks the certificate's IP SAN)."""
+        return f"{'http' if self.plan.insecure else 'https'}://127.0.0.1:{self.plan.port}/health"
+
+    def wait_health(self, link: Started, timeout: float) -> None:
+        """Until /health answers 200 over TLS with the deployment's CA; raises with the log if not."""
+        context = None if self.plan.insecure else ssl.create_default_context(
+            cafile=str(self.deploy_dir / str(self.plan.ca)))
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if link.proc.poll() is not None:
+                raise RuntimeError(f"SuperLink exited with {link.proc.returncode}:\n{link.output()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.health_url(), context=context, timeout=5) as reply:
+                    if reply.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"SuperLink /health did not answer in {timeout}s:\n{link.output()[-3000:]}")
+
+    def start_supernode(self, site: str, port: int, node_config: str | None = None, root_certificates: bool = True,
+                        extra: tuple[str, ...] = ()) -> Started:
+        """Site ``site``'s SuperNode as COMMANDS.md starts it, on ``port``; ``node_config`` replaces its own.
+
+        ``root_certificates=False`` leaves out ``--root-certificates`` (the node then trusts only
+        the system's CAs, not the deployment's).
+        """
+        plan = next(s for s in self.plan.sites if s.name == site)
+        cmd = supernode_command(self.plan, plan, self.deploy_dir)
+        cmd[cmd.index("--port") + 1] = str(port)
+        if node_config is not None:
+            cmd[cmd.index("--node-config") + 1] = node_config
+        if not root_certificates:
+            at = cmd.index("--root-certificates")
+            del cmd[at: at + 2]
+        return self.spawn(f"supernode-{site}", [*cmd, *extra])
+
+    def leftovers(self) -> list[int]:
+        """Live processes carrying this deployment's private FLWR_HOME: only ones started here do."""
+        return pids_with_env(f"FLWR_HOME={self.env['FLWR_HOME']}")
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop every process group started here, and every child that left it; SIGKILL after ``grace``.
+
+        A child started while the others shut down (a SuperExec restarting an app) is found by
+        the FLWR_HOME it inherited.
+        """
+        self._stop_once(grace)
+        if self.leftovers():
+            self._stop_once(grace)
+
+    def _stop_once(self, grace: float) -> None:
+        pids: set[int] = set(self.leftovers())
+        groups = [s.proc.pid for s in self.started if s.proc.poll() is None]
+        for s in self.started:
+            pids.update(descendants(s.proc.pid))
+            if s.proc.poll() is None:
+                pids.add(s.proc.pid)
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 3.0)):
+            for pgid in groups:
+                try:
+                    os.killpg(pgid, sig)
+                except ProcessLookupError:
+                    pass
+            for pid in pids:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.time() + wait
+            while time.time() < deadline and any(_alive(p) for p in pids):
+                for s in self.started:
+                    s.proc.poll()  # reap our own children so they do not linger as zombies
+                time.sleep(0.2)
+            if not any(_alive(p) for p in pids):
+                break
+        for s in self.started:
+            try:
+                s.proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                pass
+
+    # ---------------------------------------------------------------- the flwr CLI
+
+    def flwr(self, args: list[str], timeout: float = 120.0, cwd: Path | None = None) -> subprocess.CompletedProcess:
+        """Run ``flwr ARGS`` in its own session with this deployment's FLWR_HOME; kill its group on timeout."""
+        proc = subprocess.Popen([str(BIN / "flwr"), *args], cwd=cwd or self.work, env=self.env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            raise RuntimeError(f"flwr {' '.join(args)} timed out after {timeout}s:\n{out[-2000:]}\n{err[-2000:]}")
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+    def register(self, site: str) -> subprocess.CompletedProcess:
+        """``flwr supernode register`` of one site's public key, as COMMANDS.md does it."""
+        plan = next(s for s in self.plan.sites if s.name == site)
+        return self.flwr(register_command(self.plan, plan, self.deploy_dir)[1:])
+
+    def supernodes(self) -> list[dict]:
+        """``flwr supernode list --format json``: the registered nodes and their status."""
+        done = self.flwr(["supernode", "list", self.plan.connection, "--format", "json"])
+        if done.returncode != 0:
+            raise RuntimeError(f"flwr supernode list failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+        return list(json.loads(done.stdout).get("nodes", []))
+
+    def wait_online(self, count: int, timeout: float = 120.0) -> list[dict]:
+        """Until ``count`` registered nodes are online; returns the list."""
+        deadline = time.time() + timeout
+        while True:
+            nodes = self.supernodes()
+            online = [n for n in nodes if str(n.get("status", "")).lower() == "online"]
+            if len(online) >= count:
+                return nodes
+            if time.time() > deadline:
+                raise RuntimeError(f"{len(online)} of {count} SuperNodes online after {timeout}s: {nodes}")
+            time.sleep(2)
+
+    def submit(self, app_dir: Path, run_config: str | None = None) -> int:
+        """``flwr run APP_DIR CONN --format json [--run-config ...]``; returns the run id."""
+        args = ["run", str(app_dir), self.plan.connection, "--format", "json"]
+        if run_config is not None:
+            args += ["--run-config", run_config]
+        done = self.flwr(args, timeout=300, cwd=Path(app_dir))
+        try:
+            reply = json.loads(done.stdout)
+        except json.JSONDecodeError:
+            reply = {}
+        if done.returncode != 0 or not reply.get("success"):
+            raise RuntimeError(f"flwr run failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        return int(reply["run-id"])
+
+    def run_status(self, run_id: int) -> dict:
+        """The run's entry of ``flwr ls CONN --run-id ID --format json``."""
+        done = self.flwr(["ls", self.plan.connection, "--run-id", str(run_id), "--format", "json"])
+        if done.returncode != 0:
+            raise RuntimeError(f"flwr ls failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+        runs = json.loads(done.stdout).get("runs", [])
+        return next((r for r in runs if int(r.get("run-id", -1)) == run_id), {})
+
+    def wait_finished(self, run_id: int, timeout: float = 600.0) -> dict:
+        """Poll until the run's status starts with ``finished:``; returns its entry."""
+        deadline = time.time() + timeout
+        while True:
+            entry = self.run_status(run_id)
+            if str(entry.get("status", "")).startswith("finished:"):
+                return entry
+            if time.time() > deadline:
+                raise RuntimeError(f"run {run_id} not finished after {timeout}s: {entry}")
+            time.sleep(3)
+
+    def logs(self, run_id: int) -> str:
+        """``flwr log ID CONN --show``: the run's logs (the ServerApp's output)."""
+        done = self.flwr(["log", str(run_id), self.plan.connection, "--show"], timeout=60)
+        return done.stdout + done.stderr

@@ -1,0 +1,180 @@
+"""``fedimb deploy init`` and the deployment it describes, run on loopback (tests/deploy_harness.py)."""
+
+from __future__ import annotations
+
+import csv
+import ipaddress
+import json
+import stat
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key, load_ssh_public_key
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from tests.deploy_harness import LoopbackDeployment, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+PRIVATE_FILES = ["ca/ca.key", "superlink/server.key", "sites/a/a.key", "sites/b/b.key", "sites/c/c.key"]
+
+
+def deploy_init(*args: str) -> subprocess.CompletedProcess[str]:
+    """``fedimb deploy init ARGS`` as a user runs it."""
+    return subprocess.run([sys.executable, "-m", "fedimb.app.cli", "deploy", "init", *args], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+
+
+@pytest.mark.parametrize("host", ["10.1.2.3", "superlink.example.org"])
+def test_deploy_init_writes_keys_certificates_and_commands(tmp_path: Path, host: str) -> None:
+    out = tmp_path / "dep"
+    done = deploy_init("--sites", "a,b,c", "--host", host, "--port", "9443", "--out", str(out),
+                       "--data-root", "/srv/data")
+    assert done.returncode == 0, done.stderr
+    for rel in PRIVATE_FILES:
+        assert stat.S_IMODE((out / rel).stat().st_mode) == 0o600, rel
+        secret_lines = [line for line in (out / rel).read_text().splitlines() if len(line) > 20]
+        assert secret_lines and not any(line in done.stdout + done.stderr for line in secret_lines)
+    assert "PRIVATE KEY" not in done.stdout + done.stderr and "CERTIFICATE" not in done.stdout + done.stderr
+
+    ca = x509.load_pem_x509_certificate((out / "ca/ca.crt").read_bytes())
+    server = x509.load_pem_x509_certificate((out / "superlink/server.pem").read_bytes())
+    server.verify_directly_issued_by(ca)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    sans = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    wanted_host = ipaddress.ip_address(host) if host[0].isdigit() else host
+    assert wanted_host in sans.get_values_for_type(x509.IPAddress) + sans.get_values_for_type(x509.DNSName)
+    assert "localhost" in sans.get_values_for_type(x509.DNSName)
+    assert {ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")} <= set(sans.get_values_for_type(x509.IPAddress))
+    assert ExtendedKeyUsageOID.SERVER_AUTH in server.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    server_key = load_pem_private_key((out / "superlink/server.key").read_bytes(), None)
+    assert server_key.public_key().public_numbers() == server.public_key().public_numbers()
+    for site in "abc":
+        assert (out / f"sites/{site}/ca.crt").read_bytes() == (out / "ca/ca.crt").read_bytes()
+        private = load_ssh_private_key((out / f"sites/{site}/{site}.key").read_bytes(), None)
+        public = load_ssh_public_key((out / f"sites/{site}/{site}.key.pub").read_bytes())
+        assert isinstance(private, ec.EllipticCurvePrivateKey) and isinstance(private.curve, ec.SECP384R1)
+        assert public.public_numbers() == private.public_key().public_numbers()
+        assert tomllib.loads((out / f"sites/{site}/node-config.toml").read_text()) == {"data-path": f"/srv/data/{site}"}
+
+    conn = tomllib.loads((out / "flwr/config.toml").read_text())["superlink"]["fedimb"]
+    assert conn == {"address": f"{host}:9443", "root-certificates": str(out.resolve() / "ca/ca.crt")}
+    commands = (out / "COMMANDS.md").read_text()
+    superlink = next(line for line in commands.splitlines() if line.startswith("flower-superlink"))
+    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth", "--database",
+                 "--port 9443"):
+        assert flag in superlink
+    assert "--insecure" not in commands
+    for i, site in enumerate("abc"):
+        assert f"flwr supernode register {out.resolve()}/sites/{site}/{site}.key.pub fedimb --name {site}" in commands
+        node = next(line for line in commands.splitlines() if f"sites/{site}/{site}.key " in line)
+        assert node.startswith(f"flower-supernode --superlink {host}:9443 --root-certificates ")
+        assert f"--port {9094 + i} --node-config 'data-path=\"/srv/data/{site}\"'" in node
+    plan = json.loads((out / "deploy.json").read_text())
+    assert [s["name"] for s in plan["sites"]] == ["a", "b", "c"] and not plan["insecure"]
+
+
+@pytest.mark.parametrize(("args", "field", "words"), [
+    (["--sites", "a,b,a"], "--sites", "'a' appears twice"),
+    (["--sites", "a,b c"], "--sites", "'b c' is not a site name"),
+    (["--sites", "a", "--host", "https://x.org:9093"], "--host", "without scheme or port"),
+    (["--sites", "a", "--port", "70000"], "--port", "1..65535"),
+    (["--sites", "a", "--data-root", "data"], "--data-root", "absolute path"),
+])
+def test_deploy_init_bad_input_exits_2_with_one_line(tmp_path: Path, args: list[str], field: str, words: str) -> None:
+    base = {"--host": "127.0.0.1", "--out": str(tmp_path / "dep")}
+    given = dict(zip(args[::2], args[1::2]))
+    done = deploy_init(*args, *[x for k, v in base.items() if k not in given for x in (k, v)])
+    assert done.returncode == 2
+    assert done.stderr.strip() == done.stderr.strip().splitlines()[0]  # one line
+    assert f"config error: {field}: " in done.stderr and words in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "dep").exists() and not list(tmp_path.iterdir())
+
+
+def test_deploy_init_never_overwrites_a_folder(tmp_path: Path) -> None:
+    (tmp_path / "dep").mkdir()
+    (tmp_path / "dep" / "old.key").write_text("keep me")
+    done = deploy_init("--sites", "a", "--host", "127.0.0.1", "--out", str(tmp_path / "dep"))
+    assert done.returncode == 2 and "config error: --out: " in done.stderr
+    assert sorted(p.name for p in (tmp_path / "dep").iterdir()) == ["old.key"]
+
+
+def test_deploy_init_insecure_only_when_asked_and_with_a_warning(tmp_path: Path) -> None:
+    out = tmp_path / "dep"
+    done = deploy_init("--sites", "a,b", "--host", "127.0.0.1", "--out", str(out), "--insecure")
+    assert done.returncode == 0 and "warning: --insecure" in done.stderr
+    assert not [p for p in out.rglob("*") if p.suffix in (".key", ".crt", ".pem", ".pub")]
+    commands = (out / "COMMANDS.md").read_text()
+    assert "--enable-supernode-auth" not in commands and commands.count("--insecure") == 3  # SuperLink + 2 nodes
+    assert tomllib.loads((out / "flwr/config.toml").read_text())["superlink"]["fedimb"]["insecure"] is True
+
+
+# ---------------------------------------------------------------- real SuperLink / SuperNodes (loopback)
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackDeployment]:
+    """A SuperLink with TLS and node authentication; sites a and c registered, b not."""
+    tmp = tmp_path_factory.mktemp("secured")
+    done = deploy_init("--sites", "a,b,c", "--host", "localhost", "--port", str(free_port()), "--out",
+                       str(tmp / "dep"))
+    assert done.returncode == 0, done.stderr
+    with LoopbackDeployment(tmp / "dep", tmp / "work") as fed:
+        fed.start_superlink()
+        for site in ("a", "c"):
+            reg = fed.register(site)
+            assert reg.returncode == 0, reg.stdout + reg.stderr
+        yield fed
+    assert fed.leftovers() == []
+
+
+@pytest.mark.slow
+def test_supernode_with_an_unregistered_key_is_refused(secured: LoopbackDeployment) -> None:
+    registered = secured.start_supernode("a", free_port())
+    stranger = secured.start_supernode("b", free_port(), extra=("--max-retries", "0"))
+    assert stranger.proc.wait(timeout=180) != 0
+    assert "Exit Code: 305" in stranger.output() and "Failed to activate SuperNode" in stranger.output()
+    nodes = secured.wait_online(1)  # the registered key is let in by the same SuperLink
+    assert registered.proc.poll() is None and len(nodes) == 2  # a and c registered, b never listed
+
+
+@pytest.mark.slow
+def test_supernode_without_the_ca_cannot_connect(secured: LoopbackDeployment) -> None:
+    online_before = sum(n.get("status") == "online" for n in secured.supernodes())
+    # c's key is registered: only the missing CA can keep it out
+    node = secured.start_supernode("c", free_port(), root_certificates=False, extra=("--max-retries", "0"))
+    assert node.proc.wait(timeout=180) != 0
+    assert "CERTIFICATE_VERIFY_FAILED" in node.output() and "Exit Code: 305" in node.output()
+    assert sum(n.get("status") == "online" for n in secured.supernodes()) == online_before
+
+
+RUN_OVERRIDES = "data.dataset=digits federation.num_clients=3 federation.rounds=2 model.name=mlp partition.name=iid"
+
+
+@pytest.mark.slow
+def test_fedimb_app_runs_on_three_secured_supernodes(tmp_path: Path) -> None:
+    done = deploy_init("--sites", "a,b,c", "--host", "127.0.0.1", "--port", str(free_port()), "--out",
+                       str(tmp_path / "dep"))
+    assert done.returncode == 0, done.stderr
+    runs = tmp_path / "runs"
+    run_toml = tmp_path / "run.toml"
+    run_toml.write_text(f'config = "experiments/quickstart.yaml"\noverrides = "{RUN_OVERRIDES}"\nout = "{runs}"\n')
+    with LoopbackDeployment(tmp_path / "dep", tmp_path / "work") as fed:
+        fed.start_superlink()
+        for i, site in enumerate("abc"):
+            assert fed.register(site).returncode == 0
+            # the ClientApp still finds its data from the simulated split: partition-id per node
+            fed.start_supernode(site, free_port(), node_config=f"partition-id={i} num-partitions=3")
+        fed.wait_online(3)
+        run_id = fed.submit(ROOT, str(run_toml))
+        entry = fed.wait_finished(run_id, timeout=900)
+        assert entry["status"] == "finished:completed", f"{entry}\n{fed.logs(run_id)[-3000:]}"
+    assert fed.leftovers() == []
+    run_dir = next(runs.iterdir())
+    rounds = list(csv.DictReader((run_dir / "rounds.csv").open()))
+    assert [int(r["round"]) for r in rounds][-1] == 2 and (run_dir / "summary.json").is_file()
