@@ -15,7 +15,7 @@ from fedimb.data import build_federated_data
 from fedimb.data.datasets import Normalisation
 from fedimb.data.local_testset import local_test_indices
 from fedimb.data.site_export import export_sites
-from fedimb.data.sites import SiteDataError, SiteSpec, load_site, site_spec
+from fedimb.data.sites import SiteDataError, SiteSpec, class_counts, load_site, node_site, site_spec
 
 # 3 classes of 8x8 grey images; raw scale 0..16 (as sklearn digits), standardised around 8 ± 4
 SPEC = SiteSpec(3, (1, 8, 8), Normalisation("standard", 16.0, (8.0,), (4.0,)))
@@ -156,6 +156,19 @@ def test_site_error_exits_2_through_the_cli_guard(tmp_path: Path) -> None:
 
     np.savez(tmp_path / "a.npz", x=np.zeros((1, 8, 8)), y=np.array([9]))
     assert guarded(lambda: load_site(tmp_path / "a.npz", SPEC) and 0) == EXIT_BAD_INPUT
+
+
+def test_node_site_from_the_node_config_and_a_shipped_spec(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    np.savez(tmp_path / "a.npz", x=_grey(rng, 4), y=np.array([2, 2, 0, 1]))
+    assert node_site({"partition-id": 0}, SPEC) is None  # simulation: no data-path
+    shipped = SiteSpec.from_json(SPEC.to_json())
+    assert shipped == SPEC and SiteSpec.from_json(RGB_SPEC.to_json()) == RGB_SPEC
+    first = node_site({"data-path": str(tmp_path / "a.npz")}, SPEC)
+    assert first is not None and node_site({"data-path": str(tmp_path / "a.npz")}, shipped) is first  # read once
+    np.testing.assert_array_equal(class_counts(first.train_y, 3), [1, 1, 2])
+    digits = site_spec(load_config(None, ["data.dataset=digits"]).data)
+    assert (digits.num_classes, digits.input_shape, digits.normalisation.top) == (10, (1, 8, 8), 16.0)
 
 
 DIGITS_SPLIT = ["name=export", "data.dataset=digits", "partition.name=dirichlet", "partition.alpha=0.5",

@@ -24,6 +24,9 @@ one line naming the site and the file.
 
 from __future__ import annotations
 
+import functools
+import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +77,16 @@ class SiteSpec:
                    tuple(str(v) for v in values.get("class_names", ())))
 
 
+    def to_json(self) -> str:
+        """:meth:`as_dict` as one JSON string (a single config value on the wire)."""
+        return json.dumps(self.as_dict())
+
+    @classmethod
+    def from_json(cls, text: str) -> SiteSpec:
+        """The inverse of :meth:`to_json`."""
+        return cls.from_dict(json.loads(text))
+
+
 def site_spec(cfg: DataConfig) -> SiteSpec:
     """The spec of the dataset ``cfg`` names (loads it once per process)."""
     splits = load_dataset(cfg)
@@ -109,6 +122,22 @@ def load_site(path: str | Path, spec: SiteSpec, name: str | None = None) -> Data
         raise SiteDataError(site, path, "holds no training samples")
     norm = spec.normalisation
     return DatasetSplits(norm.apply(train[0]), train[1], norm.apply(test[0]), test[1], spec.num_classes, site, norm)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_site_cached(path: str, spec: SiteSpec) -> DatasetSplits:
+    return load_site(path, spec)
+
+
+def node_site(node_config: Mapping[str, Any], spec: SiteSpec) -> DatasetSplits | None:
+    """The data a SuperNode's ``data-path`` names (read once per process), or None when it names none.
+
+    The arrays are shared between calls: do not modify them in place.
+    """
+    path = node_config.get(NODE_DATA_PATH)
+    if path is None or str(path) == "":
+        return None
+    return _load_site_cached(str(path), spec)
 
 
 def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
