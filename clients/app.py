@@ -102,12 +102,16 @@ def _model(session: ClientSession, arrays: ArrayRecord) -> tuple[FeatureClassifi
 
 @app.query()
 def hello(message: Message, context: Context) -> Message:
-    """Tell the server which partition this node holds and its class counts."""
+    """Tell the server which partition this node holds, how many samples, their class counts and shape.
+
+    In active learning only the labelled pool's labels are known, so only its counts are sent.
+    """
     session = _session(message, context)
+    known = _labelled_view(session, context)
     metrics = MetricRecord({
         protocol.PARTITION_ID: session.partition_id,
         protocol.NUM_EXAMPLES: int(session.y.shape[0]),
-        protocol.CLASS_COUNTS: [int(c) for c in session.class_counts.tolist()],
+        protocol.CLASS_COUNTS: [int(c) for c in known.class_counts.tolist()],
         protocol.INPUT_SHAPE: [int(s) for s in session.input_shape],
     })
     return Message(RecordDict({protocol.METRICS: metrics}), reply_to=message)

@@ -64,3 +64,23 @@ def test_two_step_run_grows_pools_by_the_budget(sampler, tmp_path):
     assert (tmp_path / "run" / "fal_curve.png").stat().st_size > 1000
     rounds = json.loads((tmp_path / "run" / "summary.json").read_text())["rounds"]
     assert rounds == 6  # 3 stages × 2 rounds, numbered across stages
+
+
+def test_hello_tells_only_the_labelled_pool_s_labels():
+    from flwr.app import Context, Message
+
+    from clients.app import hello
+    from fedimb import protocol
+    from fedimb.config import to_yaml
+
+    cfg = load_config(None, DIGITS_SMALL + ["active_learning.enabled=true", "active_learning.initial_fraction=0.1"])
+    message = Message(RecordDict({protocol.CONFIG: ConfigRecord({protocol.EXPERIMENT_CONFIG: to_yaml(cfg)})}),
+                      dst_node_id=7, message_type=protocol.HELLO)
+    context = Context(run_id=1, node_id=7, node_config={"partition-id": 2, "num-partitions": 4}, state=RecordDict(),
+                      run_config={})
+    metrics = hello(message, context).content[protocol.METRICS]
+    data = build_federated_data(cfg)
+    labels = data.splits.train_y[data.client_indices[2]]
+    labelled = labelled_positions(context.state, len(labels), cfg, 2)
+    assert list(metrics[protocol.CLASS_COUNTS]) == np.bincount(labels[labelled], minlength=10).tolist()
+    assert sum(metrics[protocol.CLASS_COUNTS]) == len(labelled) < int(metrics[protocol.NUM_EXAMPLES]) == len(labels)

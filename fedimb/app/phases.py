@@ -24,7 +24,7 @@ from fedimb.app.active_learning import ActiveLearningLoop, write_fal_records
 from fedimb.app.observer import RoundObserver
 from fedimb.checkpoint import Checkpoint, config_digest, resume_blocker, save_checkpoint
 from fedimb.config import ExperimentConfig
-from fedimb.data import DatasetSplits, partition_stats, plot_partition
+from fedimb.data import DatasetSplits, build_federated_data, partition_stats, plot_partition
 from fedimb.failures import round_timeout
 from fedimb.metrics import class_groups
 from fedimb.models import build_model, get_weights
@@ -41,8 +41,9 @@ class Hello:
     """What the hello round learnt: node id → partition id, each partition's class counts, the image shape."""
 
     partition_of: dict[int, int]
-    counts: np.ndarray  # (num_clients, num_classes), row = partition id
+    counts: np.ndarray  # (num_clients, num_classes), row = partition id; labelled samples only in active learning
     input_shape: tuple[int, int, int]
+    num_examples: np.ndarray  # (num_clients,) samples each holds, labelled or not
 
 
 def say_hello(grid: Grid, cfg: ExperimentConfig, config_text: str, timeout: float = 600.0) -> Hello:
@@ -61,18 +62,21 @@ def say_hello(grid: Grid, cfg: ExperimentConfig, config_text: str, timeout: floa
         raise RunFailed(f"hello round failed on {len(failed) or len(node_ids) - len(replies)} node(s): {reason}")
     partition_of: dict[int, int] = {}
     rows: dict[int, list[int]] = {}
+    sizes: dict[int, int] = {}
     shapes: set[tuple[int, ...]] = set()
     for reply in replies:
         metrics = reply.content[protocol.METRICS]
         pid = int(metrics[protocol.PARTITION_ID])
         partition_of[reply.metadata.src_node_id] = pid
         rows[pid] = [int(c) for c in metrics[protocol.CLASS_COUNTS]]
+        sizes[pid] = int(metrics[protocol.NUM_EXAMPLES])
         shapes.add(tuple(int(s) for s in metrics[protocol.INPUT_SHAPE]))
     if sorted(rows) != list(range(cfg.federation.num_clients)):
         raise RunFailed(f"partition ids {sorted(rows)} do not cover 0..{cfg.federation.num_clients - 1}")
     if len(shapes) != 1:
         raise RunFailed(f"clients hold images of different shapes: {sorted(shapes)}")
-    return Hello(partition_of, np.array([rows[p] for p in sorted(rows)], dtype=np.int64), shapes.pop())
+    return Hello(partition_of, np.array([rows[p] for p in sorted(rows)], dtype=np.int64), shapes.pop(),
+                 np.array([sizes[p] for p in sorted(sizes)], dtype=np.int64))
 
 
 @dataclass
@@ -120,8 +124,15 @@ def cannot_resume(cfg: ExperimentConfig) -> str | None:
 
 
 def hello_phase(run: ServerRun) -> None:
-    """Learn each node's partition and class counts; write the partition report and heatmap."""
+    """Learn each node's partition and class counts; write the partition report and heatmap.
+
+    In active learning the clients report their labelled counts only; a simulation's server,
+    which made the partitions, uses the whole partitions' counts for the report and the class
+    groups instead (what the published active-learning runs used).
+    """
     run.hello = say_hello(run.grid, run.cfg, run.config_text)
+    if run.cfg.active_learning.enabled and run.splits is not None:
+        run.hello.counts = build_federated_data(run.cfg).counts
     run.observer.train_counts = run.hello.counts.sum(0)
     run.observer.input_shape = run.hello.input_shape
     run.observer.recorder.write_partition(partition_stats(run.hello.counts))
@@ -146,7 +157,7 @@ def active_learning_phase(run: ServerRun) -> None:
     counts = run.hello.counts
     loop = ActiveLearningLoop(run.cfg, run.grid, run.hello.partition_of, run.config_text, run.make_strategy,
                               run.initial_arrays, run.observer.central_evaluate, run.observer.start_stage,
-                              class_groups(run.observer.num_classes, counts.sum(0))["tail"], int(counts.sum()))
+                              class_groups(run.observer.num_classes, counts.sum(0))["tail"], int(run.hello.num_examples.sum()))
     run.summary["active_learning"] = loop.run(run.train_config(), run.evaluate_config())
     write_fal_records(run.run_dir, loop.steps, al.initial_fraction, al.step_fraction)
 
