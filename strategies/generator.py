@@ -55,10 +55,9 @@ class GeneratorFedAvg(ReproducibleSampling, FedAvg):
         self.total_rounds = total_rounds
         self.started = time.time()
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, Any]:
+    def aggregate_screened(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, Any]:
         """FedAvg, then the class-aware label table when counts were given; one progress line per round."""
-        replies = [m for m in self.sort_replies(replies) if not m.has_error()]
-        arrays, metrics = super().aggregate_train(server_round, replies)
+        arrays, metrics = super().aggregate_screened(server_round, replies)
         losses = [float(m.content[protocol.METRICS][protocol.GENERATOR_LOSS]) for m in replies
                   if protocol.METRICS in m.content and protocol.GENERATOR_LOSS in m.content[protocol.METRICS]]
         console.print(f"generator round {server_round:3d}/{self.total_rounds}  loss "
