@@ -170,12 +170,12 @@ class SyntheticConfig:
     """Synthetic minority samples from a class-conditional diffusion generator."""
 
     enabled: bool = False
-    generator_size: str = "cpu"  # fedimb.generation.GENERATOR_SIZES
+    generator_size: str = "cpu"  # fedimb.synthetic.generator.GENERATOR_SIZES
     # federated: FedAvg over the generator's weights; local: every client trains its own on its own
     # data (nothing leaves it; it can top up only the classes it holds); central: the server on
     # every client's images (simulation only); pretrained: load generator_path
     training: str = "federated"
-    generator_path: str = ""  # pretrained: a save_generator directory
+    generator_path: str = ""  # pretrained: a Generator.save_pretrained folder
     rounds: int = 5  # federated generator rounds
     # class_aware: row c of the class embedding is averaged over the clients holding class c,
     # weighted by their count of it (FedAvg would shrink its update by the share of clients that
