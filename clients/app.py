@@ -1,15 +1,17 @@
 """The fedimb ClientApp: ``query`` (hello), ``train`` and ``evaluate`` handlers.
 
 The experiment config travels in every message (``fedimb-config``), so the same ClientApp
-serves ``fedimb run`` (simulation on Ray) and ``flwr run`` on SuperLink/SuperNodes. A node
-finds its data from (dataset, partition spec, seed, ``partition-id``); a real site can point
-``data-root`` in its node config at its own files.
+serves ``fedimb run`` (simulation on Ray) and ``flwr run`` on SuperLink/SuperNodes. In
+simulation a node rebuilds its partition from (dataset, partition spec, seed, ``partition-id``);
+a deployed site names its own data with ``data-path`` in its node config (see
+:mod:`fedimb.data.sites`) and trains and evaluates on it as it is.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,9 @@ from fedimb import protocol
 from fedimb.config import ExperimentConfig, from_yaml
 from fedimb.protocol import derive_seed
 from fedimb.data import build_federated_data
+from fedimb.data.datasets import DatasetSplits
 from fedimb.data.local_testset import local_test_indices
+from fedimb.data.sites import node_site, site_spec
 from fedimb.faults import FaultPlan
 from fedimb.metrics import confusion
 from fedimb.models import FeatureClassifier, build_model, get_weights, set_weights
@@ -54,6 +58,7 @@ class ClientSession:
     class_counts: torch.Tensor
     num_classes: int
     input_shape: tuple[int, int, int]
+    site: DatasetSplits | None = None  # a deployed site's own data (``data-path``); None in simulation
 
 
 def _config_of(message: Message, context: Context) -> ExperimentConfig:
@@ -71,6 +76,8 @@ def _session(message: Message, context: Context) -> ClientSession:
     cfg = _config_of(message, context)
     torch.set_num_threads(cfg.simulation.threads_per_client)
     partition_id = int(context.node_config[protocol.NODE_PARTITION_ID])
+    if context.node_config.get(protocol.NODE_DATA_PATH):
+        return _site_session(cfg, context.node_config, partition_id)
     data = build_federated_data(cfg)
     if not 0 <= partition_id < len(data.client_indices):
         raise ValueError(f"partition-id {partition_id} outside 0..{len(data.client_indices) - 1}")
@@ -80,6 +87,26 @@ def _session(message: Message, context: Context) -> ClientSession:
     counts = torch.tensor(data.counts[partition_id], dtype=torch.float32, device=device)
     return ClientSession(cfg, partition_id, device, x, y, counts, data.splits.num_classes,
                          data.splits.input_shape)
+
+
+def _site_session(cfg: ExperimentConfig, node_config: Mapping[str, Any], partition_id: int) -> ClientSession:
+    """A deployed site trains on its own data as it is: no global long tail, no partition."""
+    site = node_site(node_config, site_spec(cfg.data))
+    device = pick_device(cfg.simulation.device)
+    x, y = to_tensors(site.train_x, site.train_y, device)
+    counts = torch.bincount(y, minlength=site.num_classes).float()
+    return ClientSession(cfg, partition_id, device, x, y, counts, site.num_classes, site.input_shape, site)
+
+
+def _local_test(session: ClientSession) -> tuple[torch.Tensor, torch.Tensor]:
+    """The client's local test split: a site's own, or in simulation test samples in its label mix."""
+    if session.site is not None:
+        return to_tensors(session.site.test_x, session.site.test_y, session.device)
+    cfg = session.cfg
+    data = build_federated_data(cfg)
+    idx = local_test_indices(data.splits.test_y, data.counts[session.partition_id],
+                             cfg.federation.num_clients, cfg.seed, session.partition_id)
+    return to_tensors(data.splits.test_x[idx], data.splits.test_y[idx], session.device)
 
 
 def _labelled_view(session: ClientSession, context: Context) -> ClientSession:
@@ -254,18 +281,15 @@ def evaluate(message: Message, context: Context) -> Message:
                         int(message.content[protocol.CONFIG].get(protocol.SERVER_ROUND, 0)),
                         session.partition_id).before_evaluation()
     model, _ = _model(session, message.content[protocol.ARRAYS])
-    data = build_federated_data(cfg)
-    idx = local_test_indices(data.splits.test_y, data.counts[session.partition_id],
-                             cfg.federation.num_clients, cfg.seed, session.partition_id)
-    x, y = to_tensors(data.splits.test_x[idx], data.splits.test_y[idx], session.device)
+    x, y = _local_test(session)
     logits = predict_logits(model, x, cfg.eval.batch_size)
     predicted = logits.argmax(1)
-    correct = int((predicted == y).sum()) if len(idx) else 0
-    loss = float(torch.nn.functional.cross_entropy(logits, y)) if len(idx) else 0.0
+    correct = int((predicted == y).sum()) if len(y) else 0
+    loss = float(torch.nn.functional.cross_entropy(logits, y)) if len(y) else 0.0
     matrix = confusion(y.cpu().numpy(), predicted.cpu().numpy(), session.num_classes)
     metrics = MetricRecord({
-        protocol.NUM_EXAMPLES: int(len(idx)),
-        protocol.ACCURACY: correct / max(len(idx), 1),
+        protocol.NUM_EXAMPLES: int(len(y)),
+        protocol.ACCURACY: correct / max(len(y), 1),
         protocol.LOSS: loss,
         protocol.PARTITION_ID: session.partition_id,
         protocol.CONFUSION: [int(v) for v in matrix.ravel()],

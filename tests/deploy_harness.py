@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedimb.app.deploy import FLWR_ENV, DeployPlan, register_command, superlink_command, supernode_command
+from fedimb.app.deploy_run import FlwrCli
 
 BIN = Path(sys.executable).parent
 
@@ -236,17 +237,14 @@ class LoopbackDeployment:
 
     # ---------------------------------------------------------------- the flwr CLI
 
+    @property
+    def cli(self) -> FlwrCli:
+        """The ``flwr`` command with this deployment's FLWR_HOME and connection."""
+        return FlwrCli(self.plan.connection, Path(self.env["FLWR_HOME"]))
+
     def flwr(self, args: list[str], timeout: float = 120.0, cwd: Path | None = None) -> subprocess.CompletedProcess:
-        """Run ``flwr ARGS`` in its own session with this deployment's FLWR_HOME; kill its group on timeout."""
-        proc = subprocess.Popen([str(BIN / "flwr"), *args], cwd=cwd or self.work, env=self.env, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            out, err = proc.communicate()
-            raise RuntimeError(f"flwr {' '.join(args)} timed out after {timeout}s:\n{out[-2000:]}\n{err[-2000:]}")
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+        """Run ``flwr ARGS`` with this deployment's FLWR_HOME (in the work folder unless ``cwd``)."""
+        return self.cli.call(args, timeout=timeout, cwd=cwd or self.work)
 
     def register(self, site: str) -> subprocess.CompletedProcess:
         """``flwr supernode register`` of one site's public key, as COMMANDS.md does it."""
@@ -274,38 +272,16 @@ class LoopbackDeployment:
 
     def submit(self, app_dir: Path, run_config: str | None = None) -> int:
         """``flwr run APP_DIR CONN --format json [--run-config ...]``; returns the run id."""
-        args = ["run", str(app_dir), self.plan.connection, "--format", "json"]
-        if run_config is not None:
-            args += ["--run-config", run_config]
-        done = self.flwr(args, timeout=300, cwd=Path(app_dir))
-        try:
-            reply = json.loads(done.stdout)
-        except json.JSONDecodeError:
-            reply = {}
-        if done.returncode != 0 or not reply.get("success"):
-            raise RuntimeError(f"flwr run failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-        return int(reply["run-id"])
+        return self.cli.submit(Path(app_dir), run_config)
 
     def run_status(self, run_id: int) -> dict:
         """The run's entry of ``flwr ls CONN --run-id ID --format json``."""
-        done = self.flwr(["ls", self.plan.connection, "--run-id", str(run_id), "--format", "json"])
-        if done.returncode != 0:
-            raise RuntimeError(f"flwr ls failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
-        runs = json.loads(done.stdout).get("runs", [])
-        return next((r for r in runs if int(r.get("run-id", -1)) == run_id), {})
+        return self.cli.run_status(run_id)
 
     def wait_finished(self, run_id: int, timeout: float = 600.0) -> dict:
         """Poll until the run's status starts with ``finished:``; returns its entry."""
-        deadline = time.time() + timeout
-        while True:
-            entry = self.run_status(run_id)
-            if str(entry.get("status", "")).startswith("finished:"):
-                return entry
-            if time.time() > deadline:
-                raise RuntimeError(f"run {run_id} not finished after {timeout}s: {entry}")
-            time.sleep(3)
+        return self.cli.wait_finished(run_id, timeout=timeout)
 
     def logs(self, run_id: int) -> str:
         """``flwr log ID CONN --show``: the run's logs (the ServerApp's output)."""
-        done = self.flwr(["log", str(run_id), self.plan.connection, "--show"], timeout=60)
-        return done.stdout + done.stderr
+        return self.cli.logs(run_id)

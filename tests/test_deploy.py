@@ -12,13 +12,15 @@ import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_ssh_private_key, load_ssh_public_key
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from tests.deploy_harness import LoopbackDeployment, free_port
+from fedimb.config import load_config
+from tests.deploy_harness import BIN, LoopbackDeployment, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PRIVATE_FILES = ["ca/ca.key", "superlink/server.key", "sites/a/a.key", "sites/b/b.key", "sites/c/c.key"]
@@ -60,7 +62,9 @@ def test_deploy_init_writes_keys_certificates_and_commands(tmp_path: Path, host:
         public = load_ssh_public_key((out / f"sites/{site}/{site}.key.pub").read_bytes())
         assert isinstance(private, ec.EllipticCurvePrivateKey) and isinstance(private.curve, ec.SECP384R1)
         assert public.public_numbers() == private.public_key().public_numbers()
-        assert tomllib.loads((out / f"sites/{site}/node-config.toml").read_text()) == {"data-path": f"/srv/data/{site}"}
+    for i, site in enumerate("abc"):
+        assert tomllib.loads((out / f"sites/{site}/node-config.toml").read_text()) == {
+            "partition-id": i, "data-path": f"/srv/data/{site}"}
 
     conn = tomllib.loads((out / "flwr/config.toml").read_text())["superlink"]["fedimb"]
     assert conn == {"address": f"{host}:9443", "root-certificates": str(out.resolve() / "ca/ca.crt")}
@@ -74,7 +78,7 @@ def test_deploy_init_writes_keys_certificates_and_commands(tmp_path: Path, host:
         assert f"flwr supernode register {out.resolve()}/sites/{site}/{site}.key.pub fedimb --name {site}" in commands
         node = next(line for line in commands.splitlines() if f"sites/{site}/{site}.key " in line)
         assert node.startswith(f"flower-supernode --superlink {host}:9443 --root-certificates ")
-        assert f"--port {9094 + i} --node-config 'data-path=\"/srv/data/{site}\"'" in node
+        assert f"--port {9094 + i} --node-config 'partition-id={i} data-path=\"/srv/data/{site}\"'" in node
     plan = json.loads((out / "deploy.json").read_text())
     assert [s["name"] for s in plan["sites"]] == ["a", "b", "c"] and not plan["insecure"]
 
@@ -153,28 +157,68 @@ def test_supernode_without_the_ca_cannot_connect(secured: LoopbackDeployment) ->
     assert sum(n.get("status") == "online" for n in secured.supernodes()) == online_before
 
 
-RUN_OVERRIDES = "data.dataset=digits federation.num_clients=3 federation.rounds=2 model.name=mlp partition.name=iid"
+EXPERIMENT = ["name=deploy-digits", "data.dataset=digits", "federation.num_clients=3", "federation.rounds=2",
+              "model.name=mlp", "partition.name=dirichlet", "partition.alpha=1.0", "strategy.name=cafedcl",
+              "train.lr=0.05"]
+
+
+def _write_sites(root: Path) -> None:
+    """The simulated split of EXPERIMENT as three sites, one per format: npz, image folder, save_to_disk."""
+    import datasets
+    from PIL import Image
+
+    from fedimb.data.site_export import export_sites
+
+    export_sites(load_config(None, EXPERIMENT), root / "export")
+    for i, name in enumerate("abc"):
+        npz = np.load(root / f"export/site-{i}/site.npz")
+        to_8bit = 255.0 / float(npz["pixel_max"])
+        images = {split: (npz[f"x{suffix}"] * to_8bit).round().astype(np.uint8)[:, 0]
+                  for split, suffix in (("train", ""), ("test", "_test"))}
+        labels = {"train": npz["y"], "test": npz["y_test"]}
+        site = root / "sites" / name
+        if name == "a":
+            site.mkdir(parents=True)
+            np.savez(site / "site.npz", x=images["train"], y=labels["train"], x_test=images["test"],
+                     y_test=labels["test"])
+        elif name == "b":
+            for split in ("train", "test"):
+                for k, (image, label) in enumerate(zip(images[split], labels[split])):
+                    folder = site / split / str(int(label))
+                    folder.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(image, mode="L").save(folder / f"{k}.png")
+        else:
+            features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)})
+            datasets.DatasetDict({split: datasets.Dataset.from_dict(
+                {"image": [Image.fromarray(im, mode="L") for im in images[split]],
+                 "label": [int(v) for v in labels[split]]}, features=features) for split in ("train", "test")}
+            ).save_to_disk(str(site))
 
 
 @pytest.mark.slow
-def test_fedimb_app_runs_on_three_secured_supernodes(tmp_path: Path) -> None:
+def test_fedimb_app_runs_on_three_secured_sites_with_their_own_data(tmp_path: Path) -> None:
+    _write_sites(tmp_path)
     done = deploy_init("--sites", "a,b,c", "--host", "127.0.0.1", "--port", str(free_port()), "--out",
-                       str(tmp_path / "dep"))
+                       str(tmp_path / "dep"), "--data-root", str(tmp_path / "sites"))
     assert done.returncode == 0, done.stderr
     runs = tmp_path / "runs"
-    run_toml = tmp_path / "run.toml"
-    run_toml.write_text(f'config = "experiments/quickstart.yaml"\noverrides = "{RUN_OVERRIDES}"\nout = "{runs}"\n')
     with LoopbackDeployment(tmp_path / "dep", tmp_path / "work") as fed:
         fed.start_superlink()
-        for i, site in enumerate("abc"):
+        for site in "abc":
             assert fed.register(site).returncode == 0
-            # the ClientApp still finds its data from the simulated split: partition-id per node
-            fed.start_supernode(site, free_port(), node_config=f"partition-id={i} num-partitions=3")
+            fed.start_supernode(site, free_port())  # deploy init's node config: partition-id and data-path
         fed.wait_online(3)
-        run_id = fed.submit(ROOT, str(run_toml))
-        entry = fed.wait_finished(run_id, timeout=900)
-        assert entry["status"] == "finished:completed", f"{entry}\n{fed.logs(run_id)[-3000:]}"
+        submitted = subprocess.run(
+            [str(BIN / "fedimb"), "deploy", "run", str(ROOT / "experiments/quickstart.yaml"), *EXPERIMENT,
+             "--connection", fed.plan.connection, "--flwr-home", fed.env["FLWR_HOME"], "--out", str(runs),
+             "--timeout", "600"], env=fed.env, capture_output=True, text=True, timeout=700)
+        assert submitted.returncode == 0, submitted.stderr[-3000:]
+        assert "finished:completed" in submitted.stderr
     assert fed.leftovers() == []
     run_dir = next(runs.iterdir())
     rounds = list(csv.DictReader((run_dir / "rounds.csv").open()))
-    assert [int(r["round"]) for r in rounds][-1] == 2 and (run_dir / "summary.json").is_file()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [int(r["round"]) for r in rounds] == [1, 2] and summary["evaluation"] == "federated"
+    assert summary["final"]["balanced_accuracy"] > 0.3  # 10 classes: chance is 0.1
+    partition = json.loads((run_dir / "partition.json").read_text())
+    assert partition["num_clients"] == 3  # the class counts the sites reported

@@ -31,7 +31,7 @@ from pathlib import Path
 from rich.console import Console
 
 from fedimb.config import ConfigError
-from fedimb.protocol import NODE_DATA_PATH
+from fedimb.protocol import NODE_DATA_PATH, NODE_PARTITION_ID
 
 console = Console(stderr=True)
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
@@ -57,6 +57,7 @@ class SitePlan:
     private_key: str | None
     public_key: str | None
     node_config: str
+    partition_id: int = 0  # the site's client id in the federation: its place in --sites
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ def make_plan(sites: tuple[str, ...], host: str, port: int, node_port: int, data
         site_plans.append(SitePlan(
             name, node_port + i, f"{data_root.rstrip('/')}/{name}",
             None if insecure else f"{folder}/ca.crt", None if insecure else f"{folder}/{name}.key",
-            None if insecure else f"{folder}/{name}.key.pub", f"{folder}/node-config.toml"))
+            None if insecure else f"{folder}/{name}.key.pub", f"{folder}/node-config.toml", partition_id=i))
     if insecure:
         return DeployPlan(host, port, connection, True, tuple(site_plans))
     return DeployPlan(host, port, connection, False, tuple(site_plans), ca="ca/ca.crt",
@@ -154,9 +155,14 @@ def _toml_string(text: str) -> str:
     return json.dumps(text)  # a JSON string is a valid TOML basic string
 
 
+def node_config_pairs(site: SitePlan) -> list[str]:
+    """A site's node config as TOML ``key=value`` pairs (the path is a quoted string)."""
+    return [f"{NODE_PARTITION_ID}={site.partition_id}", f"{NODE_DATA_PATH}={_toml_string(site.data_path)}"]
+
+
 def node_config_arg(site: SitePlan) -> str:
-    """The ``--node-config`` value of a site (TOML: the path is a quoted string)."""
-    return f"{NODE_DATA_PATH}={_toml_string(site.data_path)}"
+    """The ``--node-config`` value of a site: its pairs, space-separated."""
+    return " ".join(node_config_pairs(site))
 
 
 def flwr_connection(plan: DeployPlan, out: Path) -> str:
@@ -194,7 +200,7 @@ def write_deployment(plan: DeployPlan, out: Path) -> None:
         if not plan.insecure:
             _write_keys(plan, tmp)
         for site in plan.sites:
-            (tmp / site.node_config).write_text(node_config_arg(site) + "\n")
+            (tmp / site.node_config).write_text("\n".join(node_config_pairs(site)) + "\n")
         (tmp / plan.flwr_config).write_text(flwr_connection(plan, out))
         (tmp / "COMMANDS.md").write_text(commands_text(plan, out))
         (tmp / "deploy.json").write_text(json.dumps(asdict(plan), indent=1) + "\n")
@@ -316,7 +322,7 @@ def deploy_init(args: argparse.Namespace) -> int:
 
 
 def add_deploy_parser(sub: argparse._SubParsersAction) -> None:
-    """Register ``deploy init`` under the ``fedimb`` command's subparsers."""
+    """Register ``deploy init`` and ``deploy run`` under the ``fedimb`` command's subparsers."""
     deploy = sub.add_parser("deploy", help="prepare a SuperLink/SuperNode deployment (certificates, keys, commands)")
     actions = deploy.add_subparsers(dest="deploy_command", required=True)
     init = actions.add_parser("init", help="a CA, the SuperLink certificate, site keys, the flwr connection and "
@@ -334,3 +340,7 @@ def add_deploy_parser(sub: argparse._SubParsersAction) -> None:
     init.add_argument("--insecure", action="store_true",
                       help="no TLS and no node authentication (prints a warning; closed test networks only)")
     init.set_defaults(func=deploy_init)
+
+    from fedimb.app.deploy_run import add_run_parser  # it imports this module
+
+    add_run_parser(actions)
