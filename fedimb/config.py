@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -252,9 +253,9 @@ def _merge_error(exc: OmegaConfBaseException) -> ConfigError:
 
 
 def _parse_override(text: str) -> tuple[str, str]:
-    if "=" not in text:
-        raise ConfigError(text, "an override must look like key=value")
-    key, value = text.split("=", 1)
+    key, equals, value = text.partition("=")
+    if not equals or not key.strip():
+        raise ConfigError("override", f"{text!r} must look like key=value")
     return key.strip(), value
 
 
@@ -282,7 +283,10 @@ def load_config(
 
 def _yaml_value(text: str) -> Any:
     """Parse an override value the way YAML would (numbers, bools, lists, null)."""
-    return OmegaConf.create({"v": text} if text == "" else f"v: {text}")["v"]
+    try:
+        return OmegaConf.create({"v": text} if text == "" else f"v: {text}")["v"]
+    except yaml.YAMLError as exc:
+        raise ConfigError("override", f"value {text!r} is not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
 
 
 def _check_choice(field_name: str, value: str, allowed: tuple[str, ...] | list[str]) -> None:

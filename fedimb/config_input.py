@@ -18,7 +18,7 @@ def read_config_file(path: Path) -> DictConfig:
         raise ConfigError("config", f"file not found: {path}")
     try:
         text = path.read_text(encoding="utf-8")
-        loaded = OmegaConf.create(text)
+        loaded = yaml.safe_load(text)  # its shape first: OmegaConf asserts on a file that is one plain value
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError("config", f"{path}: cannot read it ({type(exc).__name__})") from None
     except yaml.YAMLError as exc:
@@ -26,11 +26,14 @@ def read_config_file(path: Path) -> DictConfig:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ConfigError("config", f"{path}: YAML syntax error{where}: {problem}") from None
-    if not text.strip() or (isinstance(loaded, DictConfig) and not loaded):
+    if loaded is None or loaded == {}:
         raise ConfigError("config", f"{path} is empty; give at least one key (e.g. name: my-run)")
-    if not isinstance(loaded, DictConfig):
-        raise ConfigError("config", f"{path}: the top level must be a mapping of keys, got a list or a value")
-    return loaded
+    if not isinstance(loaded, dict):
+        raise ConfigError("config", f"{path}: the top level must be a mapping of keys, got {type(loaded).__name__}")
+    try:
+        return OmegaConf.create(text)  # OmegaConf's reading of the same text (its float and key rules)
+    except yaml.YAMLError as exc:
+        raise ConfigError("config", f"{path}: YAML error: {getattr(exc, 'problem', None) or exc}") from None
 
 
 def check_finite(node: Any, name: str = "") -> None:

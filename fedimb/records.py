@@ -318,6 +318,28 @@ def load_run(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
     return {"config": config, "summary": summary, "rounds": read_rounds_csv(run / "rounds.csv")}
 
 
+# Every file a run writes into its directory (an --overwrite removes these and nothing else).
+RUN_FILES = ("config.yaml", "partition.json", "partition.png", "rounds.csv", "failures.csv", "checkpoint.pt",
+             "summary.json", "curves.png", "fal.csv", "fal_curve.png", "synthetic_grid.png")
+# Any of these means the directory already holds a run.
+RUN_MARKERS = ("config.yaml", "rounds.csv", "checkpoint.pt", "summary.json")
+
+
+def holds_run(run_dir: str | os.PathLike[str]) -> bool:
+    """Whether ``run_dir`` already holds (part of) a run."""
+    return any((Path(run_dir) / name).is_file() for name in RUN_MARKERS)
+
+
+def clear_run(run_dir: str | os.PathLike[str]) -> None:
+    """Remove a run's files from ``run_dir``, and temp files a killed writer left; other files stay."""
+    root = Path(run_dir)
+    for name in RUN_FILES:
+        (root / name).unlink(missing_ok=True)
+    for stale in root.glob(".*.tmp"):
+        if stale.name.startswith(tuple(f".{name}." for name in RUN_FILES)):
+            stale.unlink(missing_ok=True)
+
+
 # The text records that a report needs; checkpoints, plots and cached data stay behind.
 RECORD_FILES = ("config.yaml", "summary.json", "rounds.csv", "partition.json")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from rich.console import Console
 
 from fedimb.config import ConfigError, load_config
+from fedimb.records import clear_run, holds_run
 
 console = Console(stderr=True)
 EXIT_BAD_INPUT = 2
@@ -23,12 +24,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from fedimb.app.simulation import check_before_run, default_run_dir, run_experiment
 
     if args.resume:
+        if args.overwrite:
+            raise ConfigError("--overwrite", "cannot go with --resume: one continues a run, the other starts it over")
         return _resume(args)
     if args.config is None:
         raise ConfigError("config", "give a config YAML, or --resume RUN_DIR")
     cfg = load_config(args.config, args.overrides)
-    check_before_run(cfg)  # bad input stops here, before anything is printed or written
     run_dir = Path(args.out) if args.out else default_run_dir(cfg)
+    _check_out(run_dir, args.overwrite)
+    check_before_run(cfg)  # bad input stops here, before anything is printed or written
+    if args.dry_run:
+        console.print(f"config ok: {cfg.strategy.name} on {cfg.data.dataset} → {run_dir} (dry run: nothing written)",
+                      highlight=False, soft_wrap=True)
+        return 0
+    if args.overwrite:
+        clear_run(run_dir)
     console.print(f"[bold]fedimb run[/]: {cfg.strategy.name} on {cfg.data.dataset} "
                   f"({cfg.partition.name}, {cfg.federation.num_clients} clients, "
                   f"{cfg.federation.rounds} rounds) → {run_dir}", highlight=False, soft_wrap=True)
@@ -36,6 +46,15 @@ def _cmd_run(args: argparse.Namespace) -> int:
     print_summary(summary)
     console.print(f"records: {run_dir}", highlight=False)
     return 0
+
+
+def _check_out(run_dir: Path, overwrite: bool) -> None:
+    """A run directory that already holds a run is only reused when asked to (--overwrite or --resume)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError("--out", f"{run_dir} is a file, not a directory")
+    if holds_run(run_dir) and not overwrite:
+        raise ConfigError("--out", f"{run_dir} already holds a run; continue it with fedimb run --resume {run_dir}, "
+                                   "or start it over with --overwrite")
 
 
 def _resume(args: argparse.Namespace) -> int:
@@ -143,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="run directory (default runs/<name>/<strategy>-...)")
     run.add_argument("--resume", metavar="RUN_DIR",
                      help="continue an interrupted run from its last checkpoint (no config or overrides)")
+    run.add_argument("--overwrite", action="store_true",
+                     help="start over in an --out directory that already holds a run (its run files are removed)")
+    run.add_argument("--dry-run", action="store_true", help="check the config, the data and --out, then stop")
     run.set_defaults(func=_cmd_run)
     part = sub.add_parser("partition", help="show a partition's class counts and statistics")
     part.add_argument("config")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,8 +126,12 @@ def _make_splits(
 def read_idx(path: Path) -> np.ndarray:
     """Read one IDX file (gzipped or not) into a numpy array of its stored shape."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        raw = fh.read()
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (EOFError, OSError, zlib.error) as exc:  # a cut-off download, a corrupt or unreadable file
+        why = " ".join(str(exc).split()) or type(exc).__name__
+        raise ConfigError("data.root", f"{path} cannot be read: truncated or corrupt ({why})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise ConfigError("data.root", f"{path} is not an unsigned-byte IDX file")
     ndim = raw[3]
