@@ -89,6 +89,17 @@ def test_topups_match_the_policy_exactly(policy, tmp_path):
         assert again["synthetic"]["generator_reused"] and not summary["synthetic"]["generator_reused"]
         assert again["synthetic"]["generator_training_s"] == summary["synthetic"]["generator_training_s"] > 0
         assert json.loads((tmp_path / "again" / "summary.json").read_text())["synthetic"]["synthetic_per_client"] == expected
+        # the probe's in-process rounds are the federation's own: the same generator, bit for bit
+        import torch
+
+        from benchmarks.generator_probe import LocalGrid
+        from clients.app import app
+        from fedimb.app.synthetic import train_federated
+
+        grid = LocalGrid(app, cfg.federation.num_clients)
+        probed = train_federated(grid, cfg, grid.partition_of, counts, build_federated_data(cfg).splits, to_yaml(cfg))
+        cached = Generator.from_pretrained(next((tmp_path / "cache").rglob("generator")))
+        assert all(torch.equal(probed.state_dict()[k], v) for k, v in cached.state_dict().items())
 
 
 @pytest.mark.slow
