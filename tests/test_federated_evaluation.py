@@ -14,6 +14,7 @@ from fedimb import protocol
 from fedimb.app.observer import RoundObserver
 from fedimb.config import load_config
 from fedimb.metrics import classification_metrics, confusion, metrics_from_confusion
+from fedimb.models import build_model
 from fedimb.records import RunRecorder
 from tests.conftest import DIGITS_SMALL
 
@@ -61,6 +62,11 @@ def test_simulation_records_central_and_federated_metrics_side_by_side(tmp_path)
     assert float(last["worst_client_accuracy"]) <= float(last["federated_accuracy"]) <= float(
         last["best_client_accuracy"])  # pooled accuracy is a weighted mean of the clients'
     assert rows[0]["federated_accuracy"] == ""  # round 0: the server's own evaluation only
+    # every round sends the model to 4 clients and gets 4 back: at least 8 models' bytes
+    model_bytes = sum(p.numel() * 4 for p in build_model("mlp", (1, 8, 8), 10).parameters())
+    assert all(int(r["bytes_sent"]) > 4 * model_bytes and int(r["bytes_received"]) > 4 * model_bytes
+               for r in rows[1:])
+    assert rows[0]["bytes_sent"] == "0"  # the hello round's bytes are the summary's setup_bytes
     assert json.loads((run_dir / "summary.json").read_text())["evaluation"] == "central and federated"
 
 
@@ -95,3 +101,28 @@ def test_a_server_without_data_evaluates_federatedly(tmp_path):
     assert [int(r["round"]) for r in rows] == [1, 2] and "federated_accuracy" not in rows[0]
     assert float(rows[-1]["balanced_accuracy"]) > 0.5
     assert json.loads((run_dir / "summary.json").read_text())["evaluation"] == "federated"
+
+
+def test_metered_grid_counts_the_records_both_ways():
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message
+
+    from fedimb.app.metering import MeteredGrid
+
+    weights = ArrayRecord({"w": Array(np.zeros(250, dtype=np.float32))})  # 1,000 bytes of data
+
+    class EchoGrid:
+        def send_and_receive(self, messages, *, timeout=None):
+            return [Message(RecordDict({"arrays": m.content["arrays"]}), reply_to=m) for m in messages]
+
+        def get_node_ids(self):
+            return [1, 2]
+
+    grid = MeteredGrid(EchoGrid())
+    out = [Message(RecordDict({"arrays": weights, "config": ConfigRecord({"k": 1})}), dst_node_id=n,
+                   message_type="train") for n in (1, 2)]
+    grid.send_and_receive(out)
+    one = weights.count_bytes()
+    assert one >= 1000 and grid.get_node_ids() == [1, 2]
+    counts = grid.take()
+    assert counts["bytes_received"] == 2 * one and counts["bytes_sent"] > counts["bytes_received"]
+    assert grid.take() == {"bytes_sent": 0, "bytes_received": 0}

@@ -12,6 +12,7 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from rich.console import Console
 
 from fedimb import protocol
+from fedimb.app.metering import MeteredGrid
 from fedimb.config import ExperimentConfig
 from fedimb.data import DatasetSplits, build_federated_data, load_dataset
 from fedimb.metrics import classification_metrics, client_fairness, metrics_from_confusion
@@ -37,6 +38,7 @@ class RoundObserver:
     # what the hello phase learns from the clients
     train_counts: np.ndarray | None = None
     input_shape: tuple[int, int, int] | None = None
+    meter: MeteredGrid | None = None  # bytes on the wire: each row gets those since the previous row
     rounds_per_stage: int = 0  # rounds of one strategy.start (all rounds unless active learning)
     round_offset: int = 0  # rounds of earlier active-learning stages
     pending: dict[str, Any] = field(default_factory=dict)
@@ -86,6 +88,8 @@ class RoundObserver:
         if self.test_x is None and "accuracy" not in self.pending:
             return None  # no evaluation at all this round (before the first client evaluation)
         metrics = {} if self.test_x is None else self._central_metrics(arrays)
+        if self.meter is not None:
+            self.pending.update(self.meter.take())
         row = {**metrics, **self.pending}
         self.pending = {}
         self.recorder.log_round(self.round_offset + server_round, row)

@@ -151,8 +151,16 @@ def synthetic_phase(run: ServerRun) -> None:
                                                  run.splits, run.config_text, run.run_dir)
 
 
+def _end_setup(run: ServerRun) -> None:
+    """The bytes of the phases before the federation (hello, generator) go to the summary, so each
+    round's row counts its own messages only (and a resumed run's rows match an uninterrupted one's)."""
+    if run.observer.meter is not None:
+        run.summary["setup_bytes"] = run.observer.meter.take()
+
+
 def active_learning_phase(run: ServerRun) -> None:
     """FL stages on the labelled pools with query steps between them; summary block ``active_learning``."""
+    _end_setup(run)
     al = run.cfg.active_learning
     counts = run.hello.counts
     loop = ActiveLearningLoop(run.cfg, run.grid, run.hello.partition_of, run.config_text, run.make_strategy,
@@ -164,6 +172,7 @@ def active_learning_phase(run: ServerRun) -> None:
 
 def rounds_phase(run: ServerRun) -> None:
     """``federation.rounds`` rounds of the configured strategy, after the checkpoint when resuming."""
+    _end_setup(run)
     run_rounds(run.grid, run.cfg, run.run_dir, run.make_strategy(), run.initial_arrays, run.checkpoint,
                run.observer, run.train_config(), run.evaluate_config())
 

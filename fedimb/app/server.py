@@ -16,6 +16,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
+from fedimb.app.metering import MeteredGrid
 from fedimb.app.observer import RoundObserver, evaluation_set, total_rounds
 from fedimb.app.phases import RunFailed, ServerRun, cannot_resume, phases_for
 from fedimb.app.process import flwr_log_level
@@ -47,6 +48,7 @@ def open_run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool, hol
     ``eval.server_data=dataset``); otherwise it evaluates federatedly and loads no data at all.
     """
     config_text = to_yaml(cfg)
+    grid = MeteredGrid(grid)
     recorder = RunRecorder(run_dir)
     checkpoint = _resume_point(cfg, run_dir) if resume else None
     recorder.write_config(config_text)
@@ -55,7 +57,7 @@ def open_run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool, hol
         eval_np_x, eval_y, splits = evaluation_set(cfg)
         eval_x = torch.from_numpy(eval_np_x)
     per_stage = cfg.active_learning.rounds_per_step if cfg.active_learning.enabled else cfg.federation.rounds
-    observer = RoundObserver(cfg, recorder, eval_x, eval_y, rounds_per_stage=per_stage)
+    observer = RoundObserver(cfg, recorder, eval_x, eval_y, meter=grid, rounds_per_stage=per_stage)
     if checkpoint is not None:
         recorder.restore(checkpoint.rows, checkpoint.elapsed_s)
         observer.pending = dict(checkpoint.pending)
