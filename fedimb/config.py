@@ -255,7 +255,9 @@ def _merge_error(exc: OmegaConfBaseException) -> ConfigError:
 def _parse_override(text: str) -> tuple[str, str]:
     key, equals, value = text.partition("=")
     if not equals or not key.strip():
-        raise ConfigError("override", f"{text!r} must look like key=value")
+        dotted = text.strip()  # a bare key is named as the field; anything else as the override
+        named = dotted if all(part.isidentifier() for part in dotted.split(".")) else "override"
+        raise ConfigError(named, f"{text!r} must look like key=value")
     return key.strip(), value
 
 

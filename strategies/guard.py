@@ -51,6 +51,8 @@ class ReplyGuard:
         a reply must not be used (train: :func:`strategies.validation.reply_problem`); ``start``:
         the weights the round started from, for the norm rule.
         """
+        if not sent and not replies:  # a phase this round skipped (e.g. no client evaluation)
+            return []
         failures: list[Failure] = []
 
         def fail(node: int, reason: str) -> None:

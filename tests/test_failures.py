@@ -160,3 +160,11 @@ def test_failure_log_writes_and_restores_failures_csv(tmp_path):
     resumed.restore(up_to_round=2)  # a run resumed after round 2 logs round 3 again
     assert [f.round for f in resumed.failures] == [1]
     assert (tmp_path / "failures.csv").read_text().count("\n") == 2
+
+
+def test_a_phase_that_asked_nobody_is_no_failure():
+    strategy, _ = make("fedavg")
+    log = guard(strategy, START, min_replies=3)
+    strategy.asked = {"evaluate": []}  # eval.client_every=0: no client evaluation this round
+    assert strategy.aggregate_evaluate(1, []) is None
+    assert log.failures == []
