@@ -61,3 +61,14 @@ def test_too_few_replies_fail_the_run_naming_the_client(tmp_path):
         run_experiment(cfg, tmp_path / "run")
     assert rows_of(tmp_path / "run" / "failures.csv")[0]["partition"] == "2"
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_a_straggler_past_the_round_timeout_is_dropped_and_recorded(tmp_path):
+    cfg = load_config(None, DIGITS_SMALL + ["federation.rounds=2", "eval.client_every=0", "faults.clients=[3]",
+                                            "faults.straggle=1.0", "faults.straggle_s=40", "federation.round_timeout=15",
+                                            "federation.min_replies=3"])
+    run_experiment(cfg, tmp_path / "run")
+    failures = rows_of(tmp_path / "run" / "failures.csv")
+    assert [(r["round"], r["partition"], r["reason"]) for r in failures] == [
+        (str(n), "3", "no reply before the round timeout") for n in (1, 2)]
+    assert (tmp_path / "run" / "summary.json").is_file()
