@@ -282,12 +282,12 @@ def commands_text(plan: DeployPlan, out: Path) -> str:
         "`datasets` `save_to_disk` folder, or an image folder `<class>/<image>` or `train/` + `test/`; see "
         "`fedimb/data/sites.py`). `fedimb partition CONFIG --export DIR` writes a simulated split as such "
         "folders, to rehearse on exactly that split.\n",
-        f"## {4 if plan.insecure else 5}. Run and watch\n\n```bash\n"
-        f"flwr run . {plan.connection} --format json --run-config "
-        "'config=\"experiments/quickstart.yaml\" out=\"/abs/path/runs/flwr\"'   # prints the run-id\n"
-        f"flwr ls {plan.connection} --run-id RUN_ID --format json   # until status is finished:completed\n"
-        f"flwr log RUN_ID {plan.connection} --show\n```\n",
-        "`flwr run --stream` exits 0 even when the run failed: check the status with `flwr ls`.\n",
+        f"## {4 if plan.insecure else 5}. Run and watch (from the fedimb repository)\n\n```bash\n"
+        f"fedimb deploy run experiments/quickstart.yaml --connection {plan.connection} --out /abs/path/runs/deploy\n"
+        f"flwr log RUN_ID {plan.connection} --show   # the ServerApp's log, if it failed\n```\n",
+        "`fedimb deploy run` submits the experiment (key=value overrides after the YAML), follows it and exits "
+        "0 only when its status is `finished:completed` (`flwr run --stream` exits 0 on a failed run too). "
+        "The run directory is written on the SuperLink's machine under `--out`.\n",
     ]
     return "\n".join(parts)
 
