@@ -1,4 +1,4 @@
-"""``fedimb deploy init`` and the deployment it describes, run on loopback (tests/deploy_harness.py)."""
+"""``fedimb deploy init`` and the deployment it describes, run on loopback (fedimb/app/loopback.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key, l
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from fedimb.config import load_config
-from tests.deploy_harness import BIN, LoopbackDeployment, free_port
+from fedimb.app.loopback import BIN, LoopbackDeployment, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PRIVATE_FILES = ["ca/ca.key", "superlink/server.key", "sites/a/a.key", "sites/b/b.key", "sites/c/c.key"]
@@ -204,10 +204,7 @@ def test_fedimb_app_runs_on_three_secured_sites_with_their_own_data(tmp_path: Pa
     runs = tmp_path / "runs"
     with LoopbackDeployment(tmp_path / "dep", tmp_path / "work") as fed:
         fed.start_superlink()
-        for site in "abc":
-            assert fed.register(site).returncode == 0
-            fed.start_supernode(site, free_port())  # deploy init's node config: partition-id and data-path
-        fed.wait_online(3)
+        fed.start_sites()  # registered, on deploy init's node config: partition-id and data-path
         submitted = subprocess.run(
             [str(BIN / "fedimb"), "deploy", "run", str(ROOT / "experiments/quickstart.yaml"), *EXPERIMENT,
              "--connection", fed.plan.connection, "--flwr-home", fed.env["FLWR_HOME"], "--out", str(runs),

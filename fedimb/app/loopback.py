@@ -1,15 +1,16 @@
-"""A loopback deployment from a ``fedimb deploy init`` folder: SuperLink, SuperNodes, ``flwr run``.
+"""Rehearse a deployment on one machine: a ``fedimb deploy init`` folder run on loopback.
 
-Not a test: tests import :class:`LoopbackDeployment`. It starts a SuperLink with TLS,
-``--enable-supernode-auth`` and ``--database`` in a work folder with a temporary
-``FLWR_HOME``, waits for ``/health``, registers site keys, starts SuperNodes (each in its own
-process group, with its own ``--port`` and ``--node-config``), submits an app with
-``flwr run APP CONN --format json`` and polls ``flwr ls`` until the run is ``finished:*``.
-:meth:`LoopbackDeployment.stop` stops exactly the process groups it started (and any child that
-left its group), first SIGTERM, then SIGKILL.
+:class:`LoopbackDeployment` starts the SuperLink as COMMANDS.md does (TLS,
+``--enable-supernode-auth``, ``--database``) in a work folder with a private ``FLWR_HOME``,
+waits for ``/health``, registers site keys, starts SuperNodes (each in its own process group,
+with its own ``--port`` and ``--node-config``), submits an app with ``flwr run APP CONN --format
+json`` and polls ``flwr ls`` until the run is ``finished:*``. :meth:`LoopbackDeployment.stop`
+stops exactly the process groups it started (and any child that left its group), first
+SIGTERM, then SIGKILL. The loopback tests and ``benchmarks/deploy.py`` drive deployments
+through it.
 
 The SuperLink listens on the port the deploy folder names (pick a free one for ``deploy init
---port``); a SuperNode gets the port given to :meth:`start_supernode`.
+--port``); a SuperNode gets the port given to :meth:`LoopbackDeployment.start_supernode`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ from fedimb.app.deploy import FLWR_ENV, DeployPlan, register_command, superlink_
 from fedimb.app.deploy_run import FlwrCli
 
 BIN = Path(sys.executable).parent
+# On one machine the sites' ClientApp processes must not starve the SuperLink: under a full
+# load its SQLite state gives up on a lock after 5 s and a site's reply is lost. Sites on
+# machines of their own never compete with it.
+SITE_NICENESS = 10
 
 
 def free_port() -> int:
@@ -134,12 +139,13 @@ class LoopbackDeployment:
 
     # ---------------------------------------------------------------- processes
 
-    def spawn(self, name: str, cmd: list[str]) -> Started:
-        """Start ``cmd`` in a process group of its own, output to ``logs/<name>.log``."""
+    def spawn(self, name: str, cmd: list[str], niceness: int = 0) -> Started:
+        """Start ``cmd`` in a process group of its own (``niceness`` added), output to ``logs/<name>.log``."""
         log = self.work / "logs" / f"{name}.log"
         with open(log, "ab") as fh:
             proc = subprocess.Popen(cmd, cwd=self.work, env=self.env, stdout=fh, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    preexec_fn=(lambda: os.nice(niceness)) if niceness else None)
         started = Started(name, proc, log)
         self.started.append(started)
         return started
@@ -188,7 +194,20 @@ class LoopbackDeployment:
         if not root_certificates:
             at = cmd.index("--root-certificates")
             del cmd[at: at + 2]
-        return self.spawn(f"supernode-{site}", [*cmd, *extra])
+        return self.spawn(f"supernode-{site}", [*cmd, *extra], niceness=SITE_NICENESS)
+
+    def start_sites(self, timeout: float = 300.0) -> list[Started]:
+        """Register every site of the plan, start its SuperNode on a free port, wait until all are online."""
+        nodes = []
+        for site in self.plan.sites:
+            if not self.plan.insecure:
+                done = self.register(site.name)
+                if done.returncode != 0:
+                    raise RuntimeError(f"flwr supernode register {site.name} failed ({done.returncode}):\n"
+                                       f"{done.stdout}\n{done.stderr}")
+            nodes.append(self.start_supernode(site.name, free_port()))
+        self.wait_online(len(nodes), timeout)
+        return nodes
 
     def leftovers(self) -> list[int]:
         """Live processes carrying this deployment's private FLWR_HOME: only ones started here do."""
