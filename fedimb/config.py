@@ -303,7 +303,11 @@ def _check_positive(field_name: str, value: float, strict: bool = True) -> None:
 
 
 def validate(cfg: ExperimentConfig) -> None:
-    """Check values that the schema's types cannot; raise :class:`ConfigError` on the first."""
+    """Check values that the schema's types cannot; raise :class:`ConfigError` on the first.
+
+    Nothing here reads the machine: a deployed server or a site validates the same config
+    without the dataset's files (a run that loads them checks them, before any work).
+    """
     check_finite(cfg)
     if cfg.imbalance.factor < 1:
         raise ConfigError("imbalance.factor", f"must be >= 1 (1 = no long tail), got {cfg.imbalance.factor}")
@@ -387,12 +391,6 @@ def validate(cfg: ExperimentConfig) -> None:
     _check_positive("synthetic.snr_gamma", syn.snr_gamma, strict=False)
     if cfg.data.dataset in LOCAL_DATASETS or "/" not in cfg.data.dataset:
         _check_choice("data.dataset", cfg.data.dataset, list(LOCAL_DATASETS) + ["<hf-owner>/<name>"])
-    if cfg.data.dataset == "fmnist" and not Path(cfg.data.root).is_dir():
-        raise ConfigError(
-            "data.root",
-            f"directory not found: {cfg.data.root} (install Debian's dataset-fashion-mnist "
-            "or point data.root at the Fashion-MNIST IDX files)",
-        )
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:

@@ -65,7 +65,10 @@ class StrategyContext:
             "fraction_evaluate": self.fraction_evaluate,
             "min_train_nodes": min_train,
             "min_evaluate_nodes": min_train if self.fraction_evaluate > 0 else 0,
-            "min_available_nodes": self.num_clients,
+            # Flower waits without limit for this many connected nodes before sampling: all of them
+            # would stall a deployment for as long as one site is away (the hello round has already
+            # waited for every node, so a simulation samples from all of them either way)
+            "min_available_nodes": min_train,
             "train_metrics_aggr_fn": self.train_metrics_aggr_fn,
             "evaluate_metrics_aggr_fn": self.evaluate_metrics_aggr_fn,
         }
@@ -116,6 +119,22 @@ def reweight_replies(replies: list[Message], weights: list[float], key: str) -> 
         message.content["metrics"][key] = float(weight)
 
 
+def attribute_errors(replies: Iterable[Message], sent: list[Message]) -> list[Message]:
+    """Replies with the sender they stand for.
+
+    For a node it cannot reach, the SuperLink answers itself: the error reply carries the
+    SuperLink's id as sender. It is matched to the message it answers (the message id the grid
+    set on sending) and given that message's destination, so the failure names the site.
+    """
+    destination = {m.metadata.message_id: m.metadata.dst_node_id for m in sent if m.metadata.message_id}
+    replies = list(replies)
+    for reply in replies:
+        node = destination.get(reply.metadata.reply_to_message_id)
+        if node is not None and reply.metadata.src_node_id != node:
+            reply.metadata.__dict__["_src_node_id"] = node
+    return replies
+
+
 class _OrderedGrid:
     """A view of a Grid whose node ids come in partition order."""
 
@@ -154,7 +173,7 @@ class ReproducibleSampling:
     robust_records: tuple[str, ...] = ()
     guard: Any = None  # strategies.guard.ReplyGuard, from bind(); None: a failed client fails the round
     round_start: ArrayRecord | None = None  # the weights this round's train messages carried
-    asked: dict[str, list[int]] = {}  # phase → the nodes this round's messages went to
+    asked: dict[str, list[Message]] = {}  # phase → this round's messages (their ids are set once sent)
 
     def state_dict(self) -> dict[str, Any]:
         """The strategy's state after a round: ``state_attrs`` by name."""
@@ -200,7 +219,7 @@ class ReproducibleSampling:
             messages = list(super().configure_train(  # type: ignore[misc]
                 server_round, arrays, config, _OrderedGrid(grid, self._order())))
         self.round_start = arrays
-        self.asked = {**self.asked, "train": [m.metadata.dst_node_id for m in messages]}
+        self.asked = {**self.asked, "train": messages}
         return messages
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -212,8 +231,11 @@ class ReproducibleSampling:
         with _seeded_random(self.seed, server_round, 2):
             messages = list(super().configure_evaluate(  # type: ignore[misc]
                 server_round, arrays, config, _OrderedGrid(grid, self._order())))
-        self.asked = {**self.asked, "evaluate": [m.metadata.dst_node_id for m in messages]}
+        self.asked = {**self.asked, "evaluate": messages}
         return messages
+
+    def _asked_nodes(self, phase: str) -> list[int]:
+        return [m.metadata.dst_node_id for m in self.asked.get(phase, [])]
 
     def reply_records(self, weights: Signature | None) -> dict[str, Signature | None]:
         """The records a train reply carries besides weights and metrics, with their signatures (None: any)."""
@@ -221,13 +243,14 @@ class ReproducibleSampling:
 
     def screen_train(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """The replies that may be aggregated, in partition order: validated, counted, robust rule applied."""
-        replies = self.sort_replies(replies, fail_on_error=self.guard is None)
+        replies = self.sort_replies(attribute_errors(replies, self.asked.get("train", [])),
+                                    fail_on_error=self.guard is None)
         if self.guard is None:
             return replies
         weights = None if self.round_start is None else signature(self.round_start)
         extras = self.reply_records(weights)
         key = self.weighted_by_key  # type: ignore[attr-defined]
-        valid = self.guard.screen(server_round, "train", replies, self.asked.get("train", []), self._order(),
+        valid = self.guard.screen(server_round, "train", replies, self._asked_nodes("train"), self._order(),
                                   lambda m: reply_problem(m.content, weights, extras, key), self.round_start)
         return self.guard.apply_robust(server_round, valid, self.round_start, self.robust_records)
 
@@ -241,9 +264,11 @@ class ReproducibleSampling:
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Aggregate in partition order; failed evaluations are recorded like failed training."""
-        replies = self.sort_replies(replies, fail_on_error=self.guard is None)
+        replies = self.sort_replies(attribute_errors(replies, self.asked.get("evaluate", [])),
+                                    fail_on_error=self.guard is None)
         if self.guard is not None:
-            replies = self.guard.screen(server_round, "evaluate", replies, self.asked.get("evaluate", []), self._order())
+            replies = self.guard.screen(server_round, "evaluate", replies, self._asked_nodes("evaluate"),
+                                        self._order())
         return super().aggregate_evaluate(server_round, replies)  # type: ignore[misc]
 
 

@@ -51,7 +51,7 @@ def guard(strategy, start: dict[str, list[float]] | None = None, asked: list[int
     strategy.guard = ReplyGuard(log=FailureLog(), robust=RobustConfig(**robust), **rules)
     if start is not None:
         strategy.round_start = ArrayRecord({k: Array(np.asarray(v, dtype=np.float32)) for k, v in start.items()})
-    strategy.asked = {"train": list(asked or [])}
+    strategy.asked = {"train": [Message(RecordDict(), dst_node_id=n, message_type="train") for n in asked or []]}
     return strategy.guard.log
 
 

@@ -6,7 +6,7 @@ import csv
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord
+from flwr.app import Array, ArrayRecord, Message, RecordDict
 
 from fedimb.failures import FailureLog, required_replies
 from strategies.guard import RoundFailed
@@ -138,7 +138,7 @@ def test_norm_rule_rejects_an_update_far_above_the_round_median():
 def test_evaluate_failures_are_recorded_too():
     strategy, _ = make("fedavg")
     log = guard(strategy, START, min_replies=1)
-    strategy.asked = {"evaluate": [101, 102]}
+    strategy.asked = {"evaluate": [Message(RecordDict(), dst_node_id=n, message_type="evaluate") for n in (101, 102)]}
     strategy.aggregate_evaluate(1, [reply(101, {}, 5, accuracy=0.5, loss=1.0), error_reply(102, "left")])
     assert [(f.phase, f.partition, f.reason) for f in log.failures] == [("evaluate", 1, "left")]
 
@@ -168,3 +168,16 @@ def test_a_phase_that_asked_nobody_is_no_failure():
     strategy.asked = {"evaluate": []}  # eval.client_every=0: no client evaluation this round
     assert strategy.aggregate_evaluate(1, []) is None
     assert log.failures == []
+
+
+def test_an_error_the_superlink_writes_for_an_unreachable_node_names_that_node():
+    from flwr.app import Error
+
+    from strategies.base import attribute_errors
+
+    sent = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (101, 102)]
+    for i, message in enumerate(sent):
+        message.metadata.__dict__["_message_id"] = f"id-{i}"  # what the grid sets when it sends
+    error = Message(Error(code=5, reason="node unavailable"), reply_to=sent[1])
+    error.metadata.__dict__["_src_node_id"] = 0  # the SuperLink's own id, not the site's
+    assert [m.metadata.src_node_id for m in attribute_errors([error], sent)] == [102]
