@@ -190,7 +190,7 @@ def train(message: Message, context: Context) -> Message:
     return Message(reply, reply_to=message)
 
 
-@app.train("generator")
+@app.train(protocol.GENERATOR_ACTION)
 def train_generator_round(message: Message, context: Context) -> Message:
     """One federated round of the diffusion generator on this client's real data (no image leaves)."""
     session = _session(message, context)
@@ -206,7 +206,7 @@ def train_generator_round(message: Message, context: Context) -> Message:
     return Message(reply, reply_to=message)
 
 
-@app.query("topup")
+@app.query(protocol.TOPUP_ACTION)
 def topup(message: Message, context: Context) -> Message:
     """Store the synthetic pool: shipped by the server, sampled here from a shipped generator, or
     sampled from this client's own generator (``synthetic.training=local``)."""
@@ -254,7 +254,7 @@ def _local_topup(session: ClientSession, message: Message, sampler: ClassSampler
     return (*sample_pool(generator, counts, syn, seed=seed, sampler=sampler), report)
 
 
-@app.query("select")
+@app.query(protocol.SELECT_ACTION)
 def select(message: Message, context: Context) -> Message:
     """Active-learning query: pick samples with the configured sampler, reveal their labels."""
     session = _session(message, context)

@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from flwr.app import MessageType
 
 # ---- message types: Flower's type, an action after the dot ----------------------------------
+# (the ClientApp registers its handlers by action: ``@app.query(SELECT_ACTION)``)
+SELECT_ACTION, GENERATOR_ACTION, TOPUP_ACTION = "select", "generator", "topup"
 HELLO = MessageType.QUERY  # the server's first question: partition id and class counts
-SELECT = f"{MessageType.QUERY}.select"  # active learning: query labels with a budget
-GENERATOR_TRAIN = f"{MessageType.TRAIN}.generator"  # one federated round of the diffusion generator
-TOPUP = f"{MessageType.QUERY}.topup"  # store (or sample) the synthetic pool
+SELECT = f"{MessageType.QUERY}.{SELECT_ACTION}"  # active learning: query labels with a budget
+GENERATOR_TRAIN = f"{MessageType.TRAIN}.{GENERATOR_ACTION}"  # one federated round of the diffusion generator
+TOPUP = f"{MessageType.QUERY}.{TOPUP_ACTION}"  # store (or sample) the synthetic pool
 
 # ---- records of a message (RecordDict keys) --------------------------------------------------
 ARRAYS = "arrays"  # Flower's: model weights
@@ -32,6 +34,11 @@ CONTROL_DELTA = "control-delta"  # SCAFFOLD, client → server: c_i(new) − c_i
 POOL = "pool"  # server → client: a synthetic pool sampled on the server (x, y)
 GENERATOR = "generator"  # server → client: the generator's weights, for the client to sample
 JUDGE = "judge"  # server → client: the reference classifier that scores a local generator
+
+# ---- arrays inside the prototype records ----------------------------------------------------
+PROTOTYPE_MATRIX, PROTOTYPE_PRESENT = "P", "has"  # in PROTOTYPES: C×D prototypes, which classes have one
+# in PROTOTYPE_STATS, per class: prototype, count, dispersion σ², mean normalised entropy u
+STAT_PROTOTYPES, STAT_COUNTS, STAT_DISPERSION, STAT_UNCERTAINTY = "protos", "counts", "dispersion", "uncertainty"
 
 # ---- arrays inside a synthetic pool record (POOL) --------------------------------------------
 POOL_IMAGES = "x"

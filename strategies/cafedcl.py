@@ -109,8 +109,8 @@ class PrototypeStrategy(ReproducibleSampling, FedAvg):
         config[protocol.PROTO_TAU] = self.params.tau
         messages = list(super().configure_train(server_round, arrays, config, grid))
         if self.prototypes is not None:
-            attach_record(messages, protocol.PROTOTYPES, {"P": self.prototypes.astype(np.float32),
-                                                     "has": self.has.astype(np.float32)})
+            attach_record(messages, protocol.PROTOTYPES, {protocol.PROTOTYPE_MATRIX: self.prototypes.astype(np.float32),
+                                                          protocol.PROTOTYPE_PRESENT: self.has.astype(np.float32)})
         return messages
 
     def evaluation_arrays(self, arrays: ArrayRecord) -> ArrayRecord:
@@ -138,8 +138,9 @@ class PrototypeStrategy(ReproducibleSampling, FedAvg):
             return {protocol.PROTOTYPE_STATS: None}
         (classes, dim), _ = weights["head.weight"]
         per_class = ((classes,), "float32")
-        return {protocol.PROTOTYPE_STATS: {"protos": ((classes, dim), "float32"), "counts": per_class,
-                                           "dispersion": per_class, "uncertainty": per_class}}
+        return {protocol.PROTOTYPE_STATS: {protocol.STAT_PROTOTYPES: ((classes, dim), "float32"),
+                                           protocol.STAT_COUNTS: per_class, protocol.STAT_DISPERSION: per_class,
+                                           protocol.STAT_UNCERTAINTY: per_class}}
 
     def aggregate_screened(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate prototypes from the stats records, then the weights."""
@@ -155,9 +156,9 @@ class PrototypeStrategy(ReproducibleSampling, FedAvg):
     def _update_prototypes(self, stats: list[dict[str, np.ndarray]]) -> None:
         p = self.params
         weights = prototype_weights(
-            np.stack([s["counts"] for s in stats]), np.stack([s["uncertainty"] for s in stats]),
-            np.stack([s["dispersion"] for s in stats]), None, p.beta, p.eps, p.prototype_weighting)
-        new, has = aggregate_prototypes(np.stack([s["protos"] for s in stats]), weights)
+            np.stack([s[protocol.STAT_COUNTS] for s in stats]), np.stack([s[protocol.STAT_UNCERTAINTY] for s in stats]),
+            np.stack([s[protocol.STAT_DISPERSION] for s in stats]), None, p.beta, p.eps, p.prototype_weighting)
+        new, has = aggregate_prototypes(np.stack([s[protocol.STAT_PROTOTYPES] for s in stats]), weights)
         if self.prototypes is not None and p.ema > 0:
             both = has & self.has
             new[both] = _normalise(p.ema * self.prototypes[both] + (1 - p.ema) * new[both])

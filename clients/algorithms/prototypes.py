@@ -35,8 +35,8 @@ def class_statistics(features: torch.Tensor, logits: torch.Tensor, labels: torch
     protos = (one_hot.T @ z) / safe[:, None]
     dispersion = (one_hot * ((z[:, None, :] - protos[None]) ** 2).sum(2)).sum(0) / safe
     uncertainty = (one_hot * entropy[:, None]).sum(0) / safe
-    return {"protos": protos, "counts": counts, "dispersion": dispersion, "uncertainty": uncertainty,
-            "confidence": 1.0 - entropy.mean()}
+    return {protocol.STAT_PROTOTYPES: protos, protocol.STAT_COUNTS: counts, protocol.STAT_DISPERSION: dispersion,
+            protocol.STAT_UNCERTAINTY: uncertainty, protocol.CONFIDENCE: 1.0 - entropy.mean()}
 
 
 def prototype_infonce(features: torch.Tensor, targets: torch.Tensor, prototypes: torch.Tensor,
@@ -75,8 +75,8 @@ class PrototypeClient(ClientAlgorithm):
         super().__init__(rnd)
         record = rnd.content.get(protocol.PROTOTYPES)
         device = rnd.x.device
-        self.prototypes = torch.from_numpy(record["P"].numpy().copy()).to(device) if record else None
-        self.has = torch.from_numpy(record["has"].numpy().copy()).to(device).bool() if record else None
+        self.prototypes = torch.from_numpy(record[protocol.PROTOTYPE_MATRIX].numpy().copy()).to(device) if record else None
+        self.has = torch.from_numpy(record[protocol.PROTOTYPE_PRESENT].numpy().copy()).to(device).bool() if record else None
         self.lambda_proto = float(rnd.config_value(protocol.PROTO_LAMBDA, protocol.PROTOTYPE_LOSS.lambda_proto))
         self.lambda_geo = float(rnd.config_value(protocol.GEO_LAMBDA, protocol.PROTOTYPE_LOSS.lambda_geo))
         self.tau = float(rnd.config_value(protocol.PROTO_TAU, protocol.PROTOTYPE_LOSS.tau))
@@ -106,5 +106,5 @@ class PrototypeClient(ClientAlgorithm):
             feats.append(f)
             logits.append(model.head(f))
         stats = class_statistics(torch.cat(feats), torch.cat(logits), self.rnd.y, model.head.out_features)
-        metrics[protocol.CONFIDENCE] = float(stats.pop("confidence"))
+        metrics[protocol.CONFIDENCE] = float(stats.pop(protocol.CONFIDENCE))
         reply[protocol.PROTOTYPE_STATS] = ArrayRecord({k: v.float().cpu() for k, v in stats.items()})
