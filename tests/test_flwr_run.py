@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from fedimb.app.loopback import pids_with_env, stop_processes
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 NUM_CLIENTS = 2
@@ -51,42 +53,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _pids_with_env(entry: str) -> list[int]:
-    """Processes whose environment holds ``entry`` exactly (``KEY=value``)."""
-    wanted, pids = entry.encode(), []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            if wanted in (proc / "environ").read_bytes().split(b"\0"):
-                pids.append(int(proc.name))
-        except OSError:
-            continue
-    return pids
-
-
-def _stop(pids: list[int], grace: float = 10.0) -> None:
-    """SIGTERM, then SIGKILL whatever is still there after ``grace`` seconds."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
-        for pid in pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        deadline = time.time() + wait
-        while (pids := [p for p in pids if _alive(p)]) and time.time() < deadline:
-            time.sleep(0.2)
-        if not pids:
-            return
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.fixture
 def flwr_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     """Environment for the flwr CLI; afterwards, stops every process started under it."""
@@ -105,7 +71,7 @@ def flwr_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     try:
         yield env
     finally:
-        _stop(_pids_with_env(f"FLWR_HOME={home}"))
+        stop_processes(pids_with_env(f"FLWR_HOME={home}"))
 
 
 def _flwr(args: list[str], env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess[str]:

@@ -25,6 +25,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,6 +96,30 @@ def pids_with_env(entry: str) -> list[int]:
         except OSError:
             continue
     return pids
+
+
+def _signal(pid: int, sig: int, group: bool = False) -> None:
+    try:
+        (os.killpg if group else os.kill)(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def stop_processes(pids: Iterable[int], groups: Iterable[int] = (), grace: float = 10.0,
+                   reap: Callable[[], object] = lambda: None) -> None:
+    """SIGTERM the process groups and processes, then SIGKILL whatever is left after ``grace`` seconds."""
+    pids, groups = set(pids), list(groups)
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 3.0)):
+        for pgid in groups:
+            _signal(pgid, sig, group=True)
+        for pid in pids:
+            _signal(pid, sig)
+        deadline = time.time() + wait
+        while time.time() < deadline and any(_alive(p) for p in pids):
+            reap()
+            time.sleep(0.2)
+        if not any(_alive(p) for p in pids):
+            return
 
 
 @dataclass
@@ -230,24 +255,8 @@ class LoopbackDeployment:
             pids.update(descendants(s.proc.pid))
             if s.proc.poll() is None:
                 pids.add(s.proc.pid)
-        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 3.0)):
-            for pgid in groups:
-                try:
-                    os.killpg(pgid, sig)
-                except ProcessLookupError:
-                    pass
-            for pid in pids:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.time() + wait
-            while time.time() < deadline and any(_alive(p) for p in pids):
-                for s in self.started:
-                    s.proc.poll()  # reap our own children so they do not linger as zombies
-                time.sleep(0.2)
-            if not any(_alive(p) for p in pids):
-                break
+        # reaping our own children while waiting, so they do not linger as zombies
+        stop_processes(pids, groups, grace, reap=lambda: [s.proc.poll() for s in self.started])
         for s in self.started:
             try:
                 s.proc.wait(timeout=1)

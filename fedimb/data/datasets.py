@@ -184,18 +184,24 @@ def load_digits_splits(cfg: DataConfig) -> DatasetSplits:
 # ---------------------------------------------------------------- Hugging Face
 
 
+def guess_column(ds: Any, feature_type: type, fallbacks: Sequence[str]) -> str | None:
+    """A Hugging Face dataset's first column of ``feature_type`` (Image, ClassLabel), else the first
+    of ``fallbacks`` it has, else None."""
+    for name, feature in ds.features.items():
+        if isinstance(feature, feature_type):
+            return str(name)
+    return next((name for name in fallbacks if name in ds.column_names), None)
+
+
 def _pick_column(ds: Any, key: str, feature_type: type, fallbacks: Sequence[str], field: str) -> str:
     if key != "auto":
         if key not in ds.column_names:
             raise ConfigError(field, f"column '{key}' not in dataset; columns: {ds.column_names}")
         return key
-    for name, feature in ds.features.items():
-        if isinstance(feature, feature_type):
-            return str(name)
-    for name in fallbacks:
-        if name in ds.column_names:
-            return name
-    raise ConfigError(field, f"cannot guess the column; set it to one of {ds.column_names}")
+    column = guess_column(ds, feature_type, fallbacks)
+    if column is None:
+        raise ConfigError(field, f"cannot guess the column; set it to one of {ds.column_names}")
+    return column
 
 
 def _orient(arr: np.ndarray) -> np.ndarray:

@@ -35,7 +35,7 @@ import numpy as np
 
 from fedimb.config import ConfigError, DataConfig
 from fedimb.protocol import NODE_DATA_PATH
-from fedimb.data.datasets import DatasetSplits, Normalisation, load_dataset
+from fedimb.data.datasets import DatasetSplits, Normalisation, guess_column, load_dataset
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 DEFAULT_PIXEL_MAX = 255.0
@@ -299,12 +299,9 @@ def _read_image_folder(path: Path, spec: SiteSpec, site: str) -> tuple[Part, Par
 
 
 def _hf_column(ds: Any, feature_type: type, fallbacks: tuple[str, ...], what: str, site: str, where: str) -> str:
-    for name, feature in ds.features.items():
-        if isinstance(feature, feature_type):
-            return str(name)
-    for name in fallbacks:
-        if name in ds.column_names:
-            return name
+    column = guess_column(ds, feature_type, fallbacks)
+    if column is not None:
+        return column
     raise SiteDataError(site, where, f"no {what} column (a {feature_type.__name__} feature or one of "
                                      f"{', '.join(fallbacks)}); columns: {ds.column_names}")
 
