@@ -17,9 +17,9 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from fedimb.config_input import check_finite, read_config_file
+from fedimb.config_input import read_config_file
 from fedimb.errors import ConfigError
-from fedimb.hostile import FaultsConfig, RobustConfig, check_faults, check_min_replies, check_robust
+from fedimb.hostile import FaultsConfig, RobustConfig
 
 LONG_TAIL_PROFILES = ("exp", "step")
 PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "inner_dirichlet", "dir_balance")
@@ -279,6 +279,8 @@ def load_config(
     except OmegaConfBaseException as exc:
         raise _merge_error(exc) from None
     cfg: ExperimentConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    from fedimb.config_checks import validate  # it reads this module's schema and choices
+
     validate(cfg)
     return cfg
 
@@ -289,108 +291,6 @@ def _yaml_value(text: str) -> Any:
         return OmegaConf.create({"v": text} if text == "" else f"v: {text}")["v"]
     except yaml.YAMLError as exc:
         raise ConfigError("override", f"value {text!r} is not valid YAML ({getattr(exc, 'problem', None) or exc})") from None
-
-
-def _check_choice(field_name: str, value: str, allowed: tuple[str, ...] | list[str]) -> None:
-    if value not in allowed:
-        raise ConfigError(field_name, f"'{value}' is not allowed; choose one of {', '.join(allowed)}")
-
-
-def _check_positive(field_name: str, value: float, strict: bool = True) -> None:
-    if (value <= 0) if strict else (value < 0):
-        bound = "> 0" if strict else ">= 0"
-        raise ConfigError(field_name, f"must be {bound}, got {value}")
-
-
-def validate(cfg: ExperimentConfig) -> None:
-    """Check values that the schema's types cannot; raise :class:`ConfigError` on the first.
-
-    Nothing here reads the machine: a deployed server or a site validates the same config
-    without the dataset's files (a run that loads them checks them, before any work).
-    """
-    check_finite(cfg)
-    if cfg.imbalance.factor < 1:
-        raise ConfigError("imbalance.factor", f"must be >= 1 (1 = no long tail), got {cfg.imbalance.factor}")
-    _check_choice("imbalance.profile", cfg.imbalance.profile, LONG_TAIL_PROFILES)
-    if not 0 < cfg.imbalance.step_minor_fraction < 1:
-        raise ConfigError("imbalance.step_minor_fraction", "must be in (0, 1)")
-    _check_choice("partition.name", cfg.partition.name, PARTITIONS)
-    _check_positive("partition.alpha", cfg.partition.alpha)
-    _check_positive("partition.min_size", cfg.partition.min_size, strict=False)
-    _check_positive("partition.classes_per_client", cfg.partition.classes_per_client)
-    _check_positive("federation.num_clients", cfg.federation.num_clients)
-    _check_positive("federation.rounds", cfg.federation.rounds)
-    if not 0 < cfg.federation.fraction <= 1:
-        raise ConfigError("federation.fraction", f"must be in (0, 1], got {cfg.federation.fraction}")
-    if not 0 <= cfg.federation.fraction_evaluate <= 1:
-        raise ConfigError("federation.fraction_evaluate", "must be in [0, 1]")
-    _check_positive("federation.min_clients", cfg.federation.min_clients)
-    if cfg.federation.min_clients > cfg.federation.num_clients:
-        cfg.federation.min_clients = cfg.federation.num_clients
-    check_min_replies(cfg.federation.min_replies, cfg.federation.num_clients)
-    _check_positive("federation.round_timeout", cfg.federation.round_timeout, strict=False)
-    _check_positive("federation.norm_factor", cfg.federation.norm_factor, strict=False)
-    check_robust(cfg.strategy.robust)
-    check_faults(cfg.faults, cfg.federation.num_clients)
-    if cfg.faults.enabled() and cfg.active_learning.enabled:
-        raise ConfigError("faults", "fault injection needs every client at active learning's query steps; "
-                                    "switch active_learning off or leave faults empty")
-    _check_positive("train.local_epochs", cfg.train.local_epochs)
-    _check_positive("train.lr", cfg.train.lr)
-    _check_positive("train.batch_size", cfg.train.batch_size)
-    _check_positive("train.momentum", cfg.train.momentum, strict=False)
-    _check_positive("train.weight_decay", cfg.train.weight_decay, strict=False)
-    _check_positive("train.lr_decay_factor", cfg.train.lr_decay_factor)
-    if any(not 0 < at < 1 for at in cfg.train.lr_decay_at):
-        raise ConfigError("train.lr_decay_at", f"fractions of the rounds must lie in (0, 1), got {list(cfg.train.lr_decay_at)}")
-    _check_choice("data.scaling", cfg.data.scaling, ("standard", "unit"))
-    if not 0 <= cfg.data.validation_fraction < 1:
-        raise ConfigError("data.validation_fraction", f"must be in [0, 1), got {cfg.data.validation_fraction}")
-    _check_choice("eval.split", cfg.eval.split, EVAL_SPLITS)
-    if cfg.eval.split == "validation" and cfg.data.validation_fraction == 0:
-        raise ConfigError("eval.split", "validation needs data.validation_fraction > 0 (e.g. 0.1)")
-    _check_positive("eval.every", cfg.eval.every)
-    _check_positive("eval.client_every", cfg.eval.client_every, strict=False)
-    _check_choice("eval.server_data", cfg.eval.server_data, SERVER_DATA)
-    if cfg.eval.federated and cfg.eval.client_every == 0:
-        raise ConfigError("eval.federated", "needs client-side evaluation; set eval.client_every >= 1")
-    _check_positive("eval.batch_size", cfg.eval.batch_size)
-    _check_positive("simulation.num_cpus", cfg.simulation.num_cpus)
-    _check_positive("simulation.num_gpus", cfg.simulation.num_gpus, strict=False)
-    _check_positive("simulation.threads_per_client", cfg.simulation.threads_per_client)
-    _check_choice("simulation.device", cfg.simulation.device, DEVICES)
-    al = cfg.active_learning
-    for name in ("initial_fraction", "step_fraction", "local_stop_accuracy"):
-        if not 0 < getattr(al, name) <= 1:
-            raise ConfigError(f"active_learning.{name}", f"must be in (0, 1], got {getattr(al, name)}")
-    _check_positive("active_learning.steps", al.steps, strict=False)
-    _check_positive("active_learning.rounds_per_step", al.rounds_per_step)
-    _check_positive("active_learning.local_epochs", al.local_epochs)
-    syn = cfg.synthetic
-    _check_choice("synthetic.training", syn.training, SYNTHETIC_TRAINING)
-    _check_choice("synthetic.policy", syn.policy, SYNTHETIC_POLICIES)
-    _check_choice("synthetic.aggregation", syn.aggregation, GENERATOR_AGGREGATIONS)
-    _check_choice("synthetic.prediction", syn.prediction, GENERATOR_PREDICTIONS)
-    if syn.training == "local" and syn.policy != "client_sample":
-        raise ConfigError("synthetic.policy", f"training=local needs policy=client_sample (the server holds no "
-                                              f"generator to sample), got {syn.policy}")
-    if syn.enabled and syn.training == "pretrained" and not Path(syn.generator_path).is_dir():
-        raise ConfigError("synthetic.generator_path", f"directory not found: '{syn.generator_path}' (needed by training=pretrained)")
-    for name in ("rounds", "local_steps", "batch_size", "ddim_steps", "quality_per_class"):
-        _check_positive(f"synthetic.{name}", getattr(syn, name))
-    for name in ("lr", "max_ratio", "loss_weight"):
-        _check_positive(f"synthetic.{name}", getattr(syn, name))
-    _check_positive("synthetic.target_per_class", syn.target_per_class, strict=False)
-    _check_positive("synthetic.guidance_scale", syn.guidance_scale, strict=False)
-    if syn.tail_guidance_scale is not None:
-        _check_positive("synthetic.tail_guidance_scale", syn.tail_guidance_scale, strict=False)
-    for name in ("guidance_rescale", "tail_guidance_rescale"):
-        value = getattr(syn, name)
-        if value is not None and not 0.0 <= value <= 1.0:
-            raise ConfigError(f"synthetic.{name}", f"must be in [0, 1], got {value}")
-    _check_positive("synthetic.snr_gamma", syn.snr_gamma, strict=False)
-    if cfg.data.dataset in LOCAL_DATASETS or "/" not in cfg.data.dataset:
-        _check_choice("data.dataset", cfg.data.dataset, list(LOCAL_DATASETS) + ["<hf-owner>/<name>"])
 
 
 def to_yaml(cfg: ExperimentConfig) -> str:
