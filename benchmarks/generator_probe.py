@@ -36,7 +36,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from clients.app import app as client_app
 from fedimb import protocol
 from fedimb.app.cli import guarded
-from fedimb.app.synthetic import train_federated
+from fedimb.app.synthetic import DataFacts, train_federated
 from fedimb.config import GENERATOR_PREDICTIONS, ExperimentConfig, load_config, to_yaml
 from fedimb.data import FederatedData, build_federated_data
 from fedimb.synthetic.generator import Generator
@@ -112,7 +112,8 @@ def federated_generator(args: argparse.Namespace, cfg: ExperimentConfig,
     grid = LocalGrid(client_app, cfg.federation.num_clients)
     ema = ServerEma(args.server_ema)
     started = time.time()
-    generator = train_federated(grid, cfg, grid.partition_of, data.counts, data.splits, to_yaml(cfg), evaluate_fn=ema)
+    generator = train_federated(grid, cfg, grid.partition_of, data.counts, DataFacts.of_splits(data.splits), to_yaml(cfg),
+                                evaluate_fn=ema)
     seconds = time.time() - started
     variants = {"raw": generator.to("cpu")}
     for decay, state in ema.averages.items():

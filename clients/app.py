@@ -140,6 +140,7 @@ def hello(message: Message, context: Context) -> Message:
         protocol.NUM_EXAMPLES: int(session.y.shape[0]),
         protocol.CLASS_COUNTS: [int(c) for c in known.class_counts.tolist()],
         protocol.INPUT_SHAPE: [int(s) for s in session.input_shape],
+        protocol.VALUE_RANGE: [float(session.x.min()), float(session.x.max())] if len(session.x) else [0.0, 0.0],
     })
     return Message(RecordDict({protocol.METRICS: metrics}), reply_to=message)
 

@@ -67,6 +67,7 @@ NUM_EXAMPLES = "num-examples"  # Flower's weighting key: the client's real train
 PARTITION_ID = "partition-id"
 CLASS_COUNTS = "class-counts"
 INPUT_SHAPE = "input-shape"  # [C, H, W] of the client's images: the server builds the model from it
+VALUE_RANGE = "value-range"  # [lo, hi] of the client's normalised images: the generator's range
 TRAIN_LOSS = "train_loss"
 LOCAL_STEPS = "local-steps"
 ACCURACY = "accuracy"

@@ -94,10 +94,11 @@ def test_topups_match_the_policy_exactly(policy, tmp_path):
 
         from benchmarks.generator_probe import LocalGrid
         from clients.app import app
-        from fedimb.app.synthetic import train_federated
+        from fedimb.app.synthetic import DataFacts, train_federated
 
         grid = LocalGrid(app, cfg.federation.num_clients)
-        probed = train_federated(grid, cfg, grid.partition_of, counts, build_federated_data(cfg).splits, to_yaml(cfg))
+        facts = DataFacts.of_splits(build_federated_data(cfg).splits)
+        probed = train_federated(grid, cfg, grid.partition_of, counts, facts, to_yaml(cfg))
         cached = Generator.from_pretrained(next((tmp_path / "cache").rglob("generator")))
         assert all(torch.equal(probed.state_dict()[k], v) for k, v in cached.state_dict().items())
 
@@ -242,3 +243,35 @@ def test_min_snr_weighting_for_v_prediction_hand_case():
     expected = (weights[0] * 1.0 + weights[1] * 4.0) / 2
     assert weights[1] < 1e-3  # pure noise: v = -x0, nearly nothing to learn about the noise
     assert float(_denoising_loss(predicted, target, t, scheduler, 5.0)) == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_a_server_without_data_trains_the_generator_and_tops_up(tmp_path):
+    """Deployed, the server holds no data: the image shape and value range come from the hello
+    replies, the generator trains through the clients, the top-up arrives; no judge, so no score."""
+    from flwr.app import Context
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.simulation import run_simulation
+
+    from clients.app import app as client_app
+    from fedimb.app import server
+
+    cfg = load_config(None, DIGITS_SMALL + SYN + [f"synthetic.cache_dir={tmp_path / 'cache'}", "eval.client_every=1"])
+    run_dir = tmp_path / "run"
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        server.run_federation(grid, cfg, run_dir, holds_dataset=False)
+
+    run_simulation(server_app=app, client_app=client_app, num_supernodes=cfg.federation.num_clients,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    synthetic = json.loads((run_dir / "summary.json").read_text())["synthetic"]
+    assert synthetic["judge_data"].startswith("none")
+    assert all(score is None for score in synthetic["recognisability"])  # NaN: not scored, null in JSON
+    assert sum(synthetic["synthetic_per_client"]) > 0 and (run_dir / "synthetic_grid.png").is_file()
+    data = build_federated_data(cfg)
+    generator = Generator.from_pretrained(next((tmp_path / "cache").rglob("generator")))
+    # the range the clients reported is the range of their images
+    train = data.splits.train_x[np.concatenate(data.client_indices)]
+    assert generator.data_range == pytest.approx((float(train.min()), float(train.max())))

@@ -44,6 +44,7 @@ class Hello:
     counts: np.ndarray  # (num_clients, num_classes), row = partition id; labelled samples only in active learning
     input_shape: tuple[int, int, int]
     num_examples: np.ndarray  # (num_clients,) samples each holds, labelled or not
+    value_range: tuple[float, float]  # of the normalised images over all clients
 
 
 def say_hello(grid: Grid, cfg: ExperimentConfig, config_text: str, timeout: float = 600.0) -> Hello:
@@ -63,6 +64,7 @@ def say_hello(grid: Grid, cfg: ExperimentConfig, config_text: str, timeout: floa
     partition_of: dict[int, int] = {}
     rows: dict[int, list[int]] = {}
     sizes: dict[int, int] = {}
+    ranges: list[tuple[float, float]] = []
     shapes: set[tuple[int, ...]] = set()
     for reply in replies:
         metrics = reply.content[protocol.METRICS]
@@ -70,13 +72,16 @@ def say_hello(grid: Grid, cfg: ExperimentConfig, config_text: str, timeout: floa
         partition_of[reply.metadata.src_node_id] = pid
         rows[pid] = [int(c) for c in metrics[protocol.CLASS_COUNTS]]
         sizes[pid] = int(metrics[protocol.NUM_EXAMPLES])
+        lo, hi = (float(v) for v in metrics[protocol.VALUE_RANGE])
+        ranges.append((lo, hi))
         shapes.add(tuple(int(s) for s in metrics[protocol.INPUT_SHAPE]))
     if sorted(rows) != list(range(cfg.federation.num_clients)):
         raise RunFailed(f"partition ids {sorted(rows)} do not cover 0..{cfg.federation.num_clients - 1}")
     if len(shapes) != 1:
         raise RunFailed(f"clients hold images of different shapes: {sorted(shapes)}")
     return Hello(partition_of, np.array([rows[p] for p in sorted(rows)], dtype=np.int64), shapes.pop(),
-                 np.array([sizes[p] for p in sorted(sizes)], dtype=np.int64))
+                 np.array([sizes[p] for p in sorted(sizes)], dtype=np.int64),
+                 (min(lo for lo, _ in ranges), max(hi for _, hi in ranges)))
 
 
 @dataclass
@@ -142,13 +147,12 @@ def hello_phase(run: ServerRun) -> None:
 
 def synthetic_phase(run: ServerRun) -> None:
     """Train (or reload) the federated generator and top every client up; summary block ``synthetic``."""
-    from fedimb.app.synthetic import prepare_synthetic  # diffusers loads only when asked for
+    from fedimb.app.synthetic import DataFacts, prepare_synthetic  # diffusers loads only when asked for
 
-    if run.splits is None:
-        raise RunFailed("synthetic.enabled needs the training data on the server (a simulation); "
-                        "a deployed server holds none")
+    facts = DataFacts.of_splits(run.splits) if run.splits is not None else DataFacts(
+        run.hello.input_shape, run.observer.num_classes, run.hello.value_range)
     run.summary["synthetic"] = prepare_synthetic(run.grid, run.cfg, run.hello.partition_of, run.hello.counts,
-                                                 run.splits, run.config_text, run.run_dir)
+                                                 facts, run.config_text, run.run_dir)
 
 
 def _end_setup(run: ServerRun) -> None:

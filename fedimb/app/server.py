@@ -47,6 +47,9 @@ def open_run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool, hol
     ``holds_dataset``: the server has the config's dataset (a simulation, or
     ``eval.server_data=dataset``); otherwise it evaluates federatedly and loads no data at all.
     """
+    if not holds_dataset and cfg.eval.client_every == 0:
+        raise RunFailed("the server holds no test set, so the clients evaluate: set eval.client_every >= 1 "
+                        "(or give it one with eval.server_data=dataset)")
     config_text = to_yaml(cfg)
     grid = MeteredGrid(grid)
     recorder = RunRecorder(run_dir)

@@ -15,7 +15,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +42,26 @@ console = Console(stderr=True)
 SAMPLING_KNOBS = ("ddim_steps", "guidance_scale", "guidance_rescale", "tail_guidance_scale", "tail_guidance_rescale")
 
 
-def value_range(splits: DatasetSplits) -> tuple[float, float]:
-    """The range of the normalised training images: every generator copy maps it to [−1, 1] the same way."""
-    return float(splits.train_x.min()), float(splits.train_x.max())
+@dataclass(frozen=True)
+class DataFacts:
+    """What the server knows of the data: the image shape, the classes, the range of the normalised
+    images (every generator copy maps it to [−1, 1] the same way) and the data it is given, if any,
+    to train the recognisability judge on.
+
+    A simulation's server is given the dataset; a deployed one learns the rest from the hello
+    replies and has no judge, so its generator's samples are not scored.
+    """
+
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    value_range: tuple[float, float]
+    judge_data: tuple[np.ndarray, np.ndarray] | None = None
+
+    @classmethod
+    def of_splits(cls, splits: DatasetSplits) -> DataFacts:
+        """The facts of a dataset the server holds (its training split is the judge's data)."""
+        return cls(splits.input_shape, splits.num_classes, (float(splits.train_x.min()), float(splits.train_x.max())),
+                   (splits.train_x, splits.train_y))
 
 
 def cache_key(cfg: ExperimentConfig) -> str:
@@ -67,15 +84,17 @@ def cache_dir(cfg: ExperimentConfig, run_dir: Path) -> Path:
     return root / cache_key(cfg)
 
 
-def _fresh_generator(cfg: ExperimentConfig, splits: DatasetSplits) -> Generator:
+def _fresh_generator(cfg: ExperimentConfig, facts: DataFacts) -> Generator:
     syn = cfg.synthetic
-    return Generator.build(syn.generator_size, splits.input_shape, splits.num_classes, cfg.seed,
-                           data_range=value_range(splits), prediction=syn.prediction)
+    return Generator.build(syn.generator_size, facts.input_shape, facts.num_classes, cfg.seed,
+                           data_range=facts.value_range, prediction=syn.prediction)
 
 
-def _judge(cfg: ExperimentConfig, splits: DatasetSplits) -> torch.nn.Module:
-    return train_reference_classifier(torch.from_numpy(splits.train_x), torch.from_numpy(splits.train_y),
-                                      splits.num_classes, seed=cfg.seed)
+def _judge(cfg: ExperimentConfig, facts: DataFacts) -> torch.nn.Module | None:
+    if facts.judge_data is None:
+        return None
+    x, y = facts.judge_data
+    return train_reference_classifier(torch.from_numpy(x), torch.from_numpy(y), facts.num_classes, seed=cfg.seed)
 
 
 def generator_strategy(cfg: ExperimentConfig, partition_of: dict[int, int], counts: np.ndarray) -> GeneratorFedAvg:
@@ -93,13 +112,13 @@ def generator_strategy(cfg: ExperimentConfig, partition_of: dict[int, int], coun
 
 
 def train_federated(grid: Grid, cfg: ExperimentConfig, partition_of: dict[int, int], counts: np.ndarray,
-                    splits: DatasetSplits, config_text: str,
+                    facts: DataFacts, config_text: str,
                     evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None) -> Generator:
     """``synthetic.rounds`` FedAvg rounds of the generator through ``grid``; ``evaluate_fn`` sees
     the global weights after every round (Flower's ``Strategy.start``)."""
-    generator = _fresh_generator(cfg, splits)
+    generator = _fresh_generator(cfg, facts)
     train_config = ConfigRecord({protocol.EXPERIMENT_CONFIG: config_text,
-                                 protocol.GENERATOR_RANGE: list(value_range(splits))})
+                                 protocol.GENERATOR_RANGE: list(facts.value_range)})
     result = generator_strategy(cfg, partition_of, counts).start(
         grid=grid, initial_arrays=ArrayRecord(generator.state_dict()), num_rounds=cfg.synthetic.rounds,
         train_config=train_config, evaluate_fn=evaluate_fn)
@@ -107,19 +126,21 @@ def train_federated(grid: Grid, cfg: ExperimentConfig, partition_of: dict[int, i
     return generator
 
 
-def _train_central(cfg: ExperimentConfig, splits: DatasetSplits) -> Generator:
+def _train_central(cfg: ExperimentConfig, facts: DataFacts) -> Generator:
     from fedimb.data import build_federated_data  # only a simulation's server can see every client's images
 
     syn = cfg.synthetic
-    idx = np.concatenate(build_federated_data(cfg).client_indices)
-    generator = _fresh_generator(cfg, splits)
+    data = build_federated_data(cfg)
+    splits = data.splits
+    idx = np.concatenate(data.client_indices)
+    generator = _fresh_generator(cfg, facts)
     train_as_configured(generator, torch.from_numpy(splits.train_x[idx]), torch.from_numpy(splits.train_y[idx]), syn,
                         steps=syn.local_steps * syn.rounds * cfg.federation.num_clients, seed=cfg.seed, progress=True)
     return generator
 
 
 def obtain_generator(grid: Grid, cfg: ExperimentConfig, partition_of: dict[int, int], counts: np.ndarray,
-                     splits: DatasetSplits, config_text: str, cache: Path) -> tuple[Generator, float, bool]:
+                     facts: DataFacts, config_text: str, cache: Path) -> tuple[Generator, float, bool]:
     """Load the cached or pretrained generator, or train it (federated or central) and cache it.
 
     Returns (generator, seconds its training took, whether it came from the cache).
@@ -130,8 +151,10 @@ def obtain_generator(grid: Grid, cfg: ExperimentConfig, partition_of: dict[int, 
 
     def make() -> Generator:
         if syn.training == "federated":
-            return train_federated(grid, cfg, partition_of, counts, splits, config_text)
-        return _train_central(cfg, splits)
+            return train_federated(grid, cfg, partition_of, counts, facts, config_text)
+        if facts.judge_data is None:
+            raise ValueError("synthetic.training=central needs the training data on the server (a simulation)")
+        return _train_central(cfg, facts)
 
     generator, seconds, reused = load_or_train(make, cache / "generator", cache / "training.json",
                                                training=syn.training)
@@ -140,21 +163,31 @@ def obtain_generator(grid: Grid, cfg: ExperimentConfig, partition_of: dict[int, 
     return generator, seconds, reused
 
 
-def quality_report(generator: Generator, cfg: ExperimentConfig, splits: DatasetSplits, run_dir: Path,
+def quality_report(generator: Generator, cfg: ExperimentConfig, facts: DataFacts, run_dir: Path,
                    sampler: ClassSampler) -> dict[str, Any]:
     """Per-class recognisability of generated samples by a classifier trained on the real balanced
-    train set, sampled with the pools' ``sampler``; writes the sample grid into ``run_dir``."""
+    train set the server is given (none: not scored), sampled with the pools' ``sampler``; writes
+    the sample grid into ``run_dir``."""
     syn = cfg.synthetic
-    labels = labels_for(np.full(splits.num_classes, syn.quality_per_class))
+    labels = labels_for(np.full(facts.num_classes, syn.quality_per_class))
     scale, rescale = sampler.per_label(labels)
     started = time.time()
     images = generator.sample(labels, guidance_scale=scale, num_inference_steps=syn.ddim_steps, seed=cfg.seed,
                               progress=True, guidance_rescale=rescale)
     per_second = len(labels) / max(time.time() - started, 1e-9)
-    scores = recognisability(_judge(cfg, splits), images, labels, splits.num_classes)
-    sample_grid(images, labels, splits.num_classes, run_dir / "synthetic_grid.png")
+    sample_grid(images, labels, facts.num_classes, run_dir / "synthetic_grid.png")
+    judge = _judge(cfg, facts)
+    scores = [math.nan] * facts.num_classes if judge is None else recognisability(judge, images, labels,
+                                                                                    facts.num_classes)
     return {"recognisability": scores, "mean_recognisability": float(np.mean(scores)),
-            "min_recognisability": float(np.min(scores)), "sampling_images_per_s": per_second, **_sampler_fields(syn)}
+            "min_recognisability": float(np.min(scores)), "sampling_images_per_s": per_second,
+            **_judge_field(facts), **_sampler_fields(syn)}
+
+
+def _judge_field(facts: DataFacts) -> dict[str, str]:
+    """Which data the recognisability judge was trained on: the results pages say so."""
+    return {"judge_data": "none: the server holds no data, samples not scored" if facts.judge_data is None
+            else "the server's dataset: its whole training split"}
 
 
 def _sampler_fields(syn: SyntheticConfig) -> dict[str, Any]:
@@ -195,7 +228,7 @@ def deliver(grid: Grid, cfg: ExperimentConfig, generator: Generator, partition_o
     return [int(m.content[protocol.METRICS][protocol.NUM_SYNTHETIC]) for m in replies]
 
 
-def local_generators(grid: Grid, cfg: ExperimentConfig, partition_of: dict[int, int], splits: DatasetSplits,
+def local_generators(grid: Grid, cfg: ExperimentConfig, partition_of: dict[int, int], facts: DataFacts,
                      config_text: str, cache: Path, sampler: ClassSampler) -> dict[str, Any]:
     """``synthetic.training=local``: every client trains its own generator on its own data, scores it
     with the judge the server ships, and tops up the classes it holds; returns the summary block.
@@ -203,22 +236,27 @@ def local_generators(grid: Grid, cfg: ExperimentConfig, partition_of: dict[int, 
     Only counts and timings come back, so recognisability is pooled over the clients holding each
     class, and there is no sample grid (the images stay on their clients).
     """
-    judge = _judge(cfg, splits)
+    judge = _judge(cfg, facts)
 
     def content_of(pid: int) -> RecordDict:
         config = {protocol.EXPERIMENT_CONFIG: config_text, protocol.TRAIN_LOCAL: True,
                   protocol.LOCAL_GENERATOR_DIR: str(cache / f"local-c{pid}"), **sampler.to_config()}
-        return RecordDict({protocol.CONFIG: ConfigRecord(config), protocol.JUDGE: ArrayRecord(judge.state_dict())})
+        content = RecordDict({protocol.CONFIG: ConfigRecord(config)})
+        if judge is not None:
+            content[protocol.JUDGE] = ArrayRecord(judge.state_dict())
+        return content
 
     replies = [m.content[protocol.METRICS] for m in _send_topups(grid, partition_of, content_of)]
-    hits = np.sum([np.asarray(r[protocol.QUALITY_HITS]) for r in replies], axis=0)
-    scored = np.sum([np.asarray(r[protocol.QUALITY_SCORED]) for r in replies], axis=0)
+    unscored = [0] * facts.num_classes  # without a judge no client scores its generator
+    hits = np.sum([np.asarray(r.get(protocol.QUALITY_HITS, unscored)) for r in replies], axis=0)
+    scored = np.sum([np.asarray(r.get(protocol.QUALITY_SCORED, unscored)) for r in replies], axis=0)
     scores = [float(h / n) if n else math.nan for h, n in zip(hits, scored)]  # NaN: a class no client holds
     seconds = [float(r[protocol.GENERATOR_TRAINING_S]) for r in replies]
     return {"recognisability": scores, "mean_recognisability": float(np.nanmean(scores)),
             "min_recognisability": float(np.nanmin(scores)), "quality_scored_per_class": scored.tolist(),
-            "sampling_images_per_s": float(np.mean([float(r[protocol.SAMPLING_IMAGES_PER_S]) for r in replies])),
-            **_sampler_fields(cfg.synthetic),
+            "sampling_images_per_s": float(np.mean([float(r.get(protocol.SAMPLING_IMAGES_PER_S, math.nan))
+                                                    for r in replies])),
+            **_judge_field(facts), **_sampler_fields(cfg.synthetic),
             # the longest client's own training: what a federation whose clients train in parallel waits
             # for (a simulation on fewer cores than clients takes longer)
             "generator_training_s": max(seconds),
@@ -256,7 +294,7 @@ def _server_pool(generator: Generator, client_counts: np.ndarray, cfg: Experimen
 
 
 def prepare_synthetic(grid: Grid, cfg: ExperimentConfig, partition_of: dict[int, int], counts: np.ndarray,
-                      splits: DatasetSplits, config_text: str, run_dir: Path) -> dict[str, Any]:
+                      facts: DataFacts, config_text: str, run_dir: Path) -> dict[str, Any]:
     """The synthetic phase: generator, quality report and delivery; returns the ``synthetic`` block of summary.json.
 
     ``counts`` (partition id x class) come from the clients' hello replies.
@@ -264,12 +302,12 @@ def prepare_synthetic(grid: Grid, cfg: ExperimentConfig, partition_of: dict[int,
     cache = cache_dir(cfg, run_dir)
     sampler = ClassSampler.for_classes(cfg.synthetic, counts.sum(axis=0))
     if cfg.synthetic.training == "local":
-        report = {**local_generators(grid, cfg, partition_of, splits, config_text, cache, sampler), **sampler.summary()}
+        report = {**local_generators(grid, cfg, partition_of, facts, config_text, cache, sampler), **sampler.summary()}
         console.print(f"synthetic: local generators, mean recognisability {report['mean_recognisability']:.3f}, "
                       f"per client {report['synthetic_per_client']}", highlight=False)
         return report
-    generator, train_seconds, reused = obtain_generator(grid, cfg, partition_of, counts, splits, config_text, cache)
-    report = {**quality_report(generator, cfg, splits, run_dir, sampler), **sampler.summary()}
+    generator, train_seconds, reused = obtain_generator(grid, cfg, partition_of, counts, facts, config_text, cache)
+    report = {**quality_report(generator, cfg, facts, run_dir, sampler), **sampler.summary()}
     report["generator_training_s"] = train_seconds  # of the cached generator when it was reused
     report["generator_reused"] = reused
     report["generator_params"] = generator.num_parameters
