@@ -1,0 +1,66 @@
+"""Every registered strategy and loss, and active learning, with a server that holds no data.
+
+Deployed, the ServerApp learns what it needs from the clients' replies and evaluates through
+them; here the same ServerApp runs on Flower's simulation engine with ``holds_dataset=False``
+(the clients' side is the same in simulation and deployment but for where a client's data
+comes from, which tests/test_deploy.py runs on real SuperNodes).
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.simulation import run_simulation
+
+from clients.app import app as client_app
+from clients.losses import LOSSES
+from fedimb.app import server
+from fedimb.config import load_config
+from strategies import STRATEGIES
+from tests.conftest import DIGITS_SMALL
+
+pytestmark = pytest.mark.slow
+
+# every strategy once, every loss at least once beside one of them
+PAIRS = list(zip(STRATEGIES, itertools.cycle(LOSSES)))
+TINY = ["federation.num_clients=3", "federation.rounds=1", "partition.name=iid"]
+
+
+def _run_without_data(overrides: list[str], run_dir: Path) -> list[dict[str, str]]:
+    cfg = load_config(None, DIGITS_SMALL + TINY + overrides)
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        server.run_federation(grid, cfg, run_dir, holds_dataset=False)
+
+    run_simulation(server_app=app, client_app=client_app, num_supernodes=cfg.federation.num_clients,
+                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    with open(run_dir / "rounds.csv", newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_pairs_cover_every_strategy_and_loss():
+    assert {s for s, _ in PAIRS} == set(STRATEGIES) and {loss for _, loss in PAIRS} == set(LOSSES)
+
+
+@pytest.mark.parametrize("strategy, loss", PAIRS, ids=[f"{s}-{loss}" for s, loss in PAIRS])
+def test_strategy_and_loss_run_with_a_server_that_holds_no_data(strategy, loss, tmp_path):
+    rows = _run_without_data([f"strategy.name={strategy}", f"train.loss.name={loss}"], tmp_path / "run")
+    assert [int(r["round"]) for r in rows] == [1] and 0.0 <= float(rows[0]["balanced_accuracy"]) <= 1.0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["evaluation"] == "federated"
+
+
+def test_active_learning_with_a_server_that_holds_no_data(tmp_path):
+    rows = _run_without_data(["active_learning.enabled=true", "active_learning.steps=1",
+                              "active_learning.rounds_per_step=1"], tmp_path / "run")
+    assert [int(r["round"]) for r in rows] == [1, 2]
+    with open(tmp_path / "run" / "fal.csv", newline="") as fh:
+        steps = list(csv.DictReader(fh))
+    assert int(steps[0]["labelled_after"]) > 0  # the sites' own labels answered the query
