@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.active import labelled_positions, query_step, store_positions
@@ -32,13 +31,14 @@ from fedimb.protocol import derive_seed
 from fedimb.data import build_federated_data
 from fedimb.data.datasets import DatasetSplits
 from fedimb.data.local_testset import local_test_indices
-from fedimb.data.sites import node_site, site_spec
+from fedimb.data.sites import SiteSpec, node_site, site_spec
 from fedimb.faults import FaultPlan
 from fedimb.metrics import confusion
 from fedimb.models import FeatureClassifier, build_model, get_weights, set_weights
 from fedimb.synthetic.topup import ClassSampler, judge_hits, sample_pool, topup_counts, train_as_configured
 
 app = ClientApp()
+SPEC_KEY = "site-spec"  # node state, not the wire: the spec a site's data must fit
 
 
 @functools.lru_cache(maxsize=4)
@@ -77,7 +77,7 @@ def _session(message: Message, context: Context) -> ClientSession:
     torch.set_num_threads(cfg.simulation.threads_per_client)
     partition_id = int(context.node_config[protocol.NODE_PARTITION_ID])
     if context.node_config.get(protocol.NODE_DATA_PATH):
-        return _site_session(cfg, context.node_config, partition_id)
+        return _site_session(cfg, context, partition_id)
     data = build_federated_data(cfg)
     if not 0 <= partition_id < len(data.client_indices):
         raise ValueError(f"partition-id {partition_id} outside 0..{len(data.client_indices) - 1}")
@@ -89,9 +89,22 @@ def _session(message: Message, context: Context) -> ClientSession:
                          data.splits.input_shape)
 
 
-def _site_session(cfg: ExperimentConfig, node_config: Mapping[str, Any], partition_id: int) -> ClientSession:
+def _site_spec(cfg: ExperimentConfig, state: RecordDict) -> SiteSpec:
+    """The experiment dataset's classes, shape and normalisation, kept in the node state.
+
+    A SuperNode starts a ClientApp process for every message, and computing the spec reads
+    the whole dataset: the site's first message of a run does it, the others read it back.
+    """
+    if SPEC_KEY in state:
+        return SiteSpec.from_json(str(state[SPEC_KEY]["json"]))
+    spec = site_spec(cfg.data)
+    state[SPEC_KEY] = ConfigRecord({"json": spec.to_json()})
+    return spec
+
+
+def _site_session(cfg: ExperimentConfig, context: Context, partition_id: int) -> ClientSession:
     """A deployed site trains on its own data as it is: no global long tail, no partition."""
-    site = node_site(node_config, site_spec(cfg.data))
+    site = node_site(context.node_config, _site_spec(cfg, context.state))
     device = pick_device(cfg.simulation.device)
     x, y = to_tensors(site.train_x, site.train_y, device)
     counts = torch.bincount(y, minlength=site.num_classes).float()

@@ -202,3 +202,18 @@ def test_partition_export_cli(tmp_path: Path) -> None:
     assert (tmp_path / "sites" / "site-1" / "site.npz").is_file() and (tmp_path / "sites" / "site-1" / "site.json").is_file()
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)  # never overwrites a site
     assert again.returncode == 2 and "site-0 already exists" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_a_site_reads_the_dataset_for_its_spec_once_per_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SuperNode starts a process per message: the spec comes back from the node state."""
+    from flwr.app import RecordDict
+
+    import clients.app as client
+
+    computed = []
+    monkeypatch.setattr(client, "site_spec", lambda data: computed.append(data) or site_spec(data))
+    cfg = load_config(None, ["data.dataset=digits"])
+    state = RecordDict()
+    first = client._site_spec(cfg, state)
+    again = client._site_spec(cfg, RecordDict(dict(state.items())))  # the next message's process
+    assert computed == [cfg.data] and again == first == site_spec(cfg.data)

@@ -175,10 +175,17 @@ class LoopbackDeployment:
         self.started.append(started)
         return started
 
-    def start_superlink(self, timeout: float = 60.0) -> Started:
-        """The SuperLink as COMMANDS.md starts it (its database in the deploy folder); waits for /health."""
+    def start_superlink(self, timeout: float = 60.0, database: bool = True) -> Started:
+        """The SuperLink as COMMANDS.md starts it (its database in the work folder); waits for /health.
+
+        ``database=False`` keeps its state in memory instead.
+        """
         cmd = superlink_command(self.plan, self.deploy_dir)
-        cmd[cmd.index("--database") + 1] = str(self.work / "superlink.db")  # the deploy folder stays as written
+        at = cmd.index("--database")
+        if database:
+            cmd[at + 1] = str(self.work / "superlink.db")  # the deploy folder stays as written
+        else:
+            del cmd[at: at + 2]
         link = self.spawn("superlink", cmd)
         self.wait_health(link, timeout)
         return link

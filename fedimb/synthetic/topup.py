@@ -22,8 +22,6 @@ from flwr.app import ArrayRecord
 
 from fedimb import protocol
 from fedimb.config import SyntheticConfig
-from fedimb.records import atomic_write_text
-from fedimb.synthetic.quality import recognisability
 
 if TYPE_CHECKING:
     from fedimb.synthetic.generator import Generator
@@ -140,6 +138,8 @@ def judge_hits(generator: Generator, judge: torch.nn.Module, held: np.ndarray, s
     """Quality of a generator without moving an image: per class, how many of
     ``quality_per_class`` samples the judge calls that class (0 of 0 for classes not held);
     also the sampling rate in images/s."""
+    from fedimb.synthetic.quality import recognisability  # matplotlib: not in every ClientApp process
+
     counts = np.where(np.asarray(held) > 0, syn.quality_per_class, 0)
     started = time.time()
     images, labels = sample_pool(generator, counts, syn, seed=seed, sampler=sampler)
@@ -178,5 +178,7 @@ def load_or_train(make: Callable[[], Generator], folder: Path | None, record: Pa
     if folder is not None:
         generator.save_pretrained(folder)
     if record is not None:
+        from fedimb.records import atomic_write_text  # matplotlib: not in every ClientApp process
+
         atomic_write_text(record, json.dumps({"seconds": seconds, **made_of}))
     return generator, seconds, False
