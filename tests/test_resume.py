@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message
 
 import fedimb.app.phases
 from fedimb.checkpoint import (CHECKPOINT_FILE, Checkpoint, config_digest, load_checkpoint, resume_blocker,
@@ -94,6 +94,9 @@ def _same(a, b) -> bool:
     if isinstance(a, ArrayRecord):
         return isinstance(b, ArrayRecord) and _same({k: v.numpy() for k, v in a.items()},
                                                     {k: v.numpy() for k, v in b.items()})
+    if isinstance(a, Message):  # the round's outgoing messages: the same when sent to the same node alike
+        return isinstance(b, Message) and (a.metadata.dst_node_id, a.metadata.message_type) == (
+            b.metadata.dst_node_id, b.metadata.message_type) and _same(dict(a.content), dict(b.content))
     if isinstance(a, dict):
         return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)):
