@@ -24,6 +24,14 @@ def signature(record: ArrayRecord) -> Signature:
     return {key: (tuple(int(d) for d in array.shape), str(array.dtype)) for key, array in record.items()}
 
 
+def _same_kind(got: str, expected: str) -> bool:
+    """The same dtype, or floats of another width: a server optimiser (FedAdam) keeps float64
+    weights that every client trains as float32, and neither is a malformed update."""
+    if got == expected:
+        return True
+    return np.issubdtype(np.dtype(got), np.floating) and np.issubdtype(np.dtype(expected), np.floating)
+
+
 def _first(keys: set[str] | list[str]) -> str:
     shown = sorted(keys)
     return ", ".join(shown[:3]) + (f" (+{len(shown) - 3})" if len(shown) > 3 else "")
@@ -40,7 +48,7 @@ def record_problem(name: str, record: ArrayRecord, expected: Signature | None) -
         for key, (shape, dtype) in expected.items():
             if got[key][0] != shape:
                 return f"{name}: {key} has shape {got[key][0]}, expected {shape}"
-            if got[key][1] != dtype:
+            if not _same_kind(got[key][1], dtype):
                 return f"{name}: {key} has dtype {got[key][1]}, expected {dtype}"
     for key, array in record.items():
         values = array.numpy()

@@ -91,9 +91,18 @@ def test_wrong_dtype_is_rejected():
     strategy, _ = make("fedavg")
     log = guard(strategy, START, min_replies=1)
     bad = reply(102, {"w": [1.0, 2.0]}, 5)
-    bad.content["arrays"] = ArrayRecord({"w": Array(np.array([1.0, 2.0], dtype=np.float64))})
+    bad.content["arrays"] = ArrayRecord({"w": Array(np.array([1, 2], dtype=np.int64))})
     strategy.aggregate_train(1, [reply(101, {"w": [1.0, 2.0]}, 5), bad])
-    assert log.failures[0].reason == "rejected: weights: w has dtype float64, expected float32"
+    assert log.failures[0].reason == "rejected: weights: w has dtype int64, expected float32"
+
+
+def test_float_weights_of_another_width_are_accepted():
+    # FedAdam keeps float64 global weights (the round starts from them); the clients reply float32
+    strategy, _ = make("fedavg")
+    log = guard(strategy, {"w": [1.0, 2.0]}, min_replies=2)
+    strategy.round_start = ArrayRecord({"w": Array(np.array([1.0, 2.0], dtype=np.float64))})
+    strategy.aggregate_train(1, [reply(101, {"w": [1.0, 2.0]}, 5), reply(102, {"w": [2.0, 3.0]}, 5)])
+    assert log.failures == []
 
 
 def test_scaffold_control_variate_is_validated():
