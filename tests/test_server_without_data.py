@@ -21,7 +21,7 @@ from flwr.simulation import run_simulation
 from clients.app import app as client_app
 from clients.losses import LOSSES
 from fedimb.app import server
-from fedimb.config import load_config
+from fedimb.config import ExperimentConfig, load_config
 from strategies import STRATEGIES
 from tests.conftest import DIGITS_SMALL
 
@@ -35,8 +35,8 @@ KNOBS = {"fedprox": ["strategy.params.proximal_mu=0.01"], "fedavgm": ["strategy.
          "fedadam": ["strategy.params.eta=0.01"]}
 
 
-def _run_without_data(overrides: list[str], run_dir: Path) -> list[dict[str, str]]:
-    cfg = load_config(None, DIGITS_SMALL + TINY + overrides)
+def run_without_data(cfg: ExperimentConfig, run_dir: Path) -> None:
+    """Our ServerApp with ``holds_dataset=False`` on Flower's simulation engine, with our ClientApp."""
     app = ServerApp()
 
     @app.main()
@@ -45,6 +45,10 @@ def _run_without_data(overrides: list[str], run_dir: Path) -> list[dict[str, str
 
     run_simulation(server_app=app, client_app=client_app, num_supernodes=cfg.federation.num_clients,
                    backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+
+
+def _run_without_data(overrides: list[str], run_dir: Path) -> list[dict[str, str]]:
+    run_without_data(load_config(None, DIGITS_SMALL + TINY + overrides), run_dir)
     with open(run_dir / "rounds.csv", newline="") as fh:
         return list(csv.DictReader(fh))
 

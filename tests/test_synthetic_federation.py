@@ -249,23 +249,11 @@ def test_min_snr_weighting_for_v_prediction_hand_case():
 def test_a_server_without_data_trains_the_generator_and_tops_up(tmp_path):
     """Deployed, the server holds no data: the image shape and value range come from the hello
     replies, the generator trains through the clients, the top-up arrives; no judge, so no score."""
-    from flwr.app import Context
-    from flwr.serverapp import Grid, ServerApp
-    from flwr.simulation import run_simulation
-
-    from clients.app import app as client_app
-    from fedimb.app import server
+    from tests.test_server_without_data import run_without_data
 
     cfg = load_config(None, DIGITS_SMALL + SYN + [f"synthetic.cache_dir={tmp_path / 'cache'}", "eval.client_every=1"])
     run_dir = tmp_path / "run"
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        server.run_federation(grid, cfg, run_dir, holds_dataset=False)
-
-    run_simulation(server_app=app, client_app=client_app, num_supernodes=cfg.federation.num_clients,
-                   backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+    run_without_data(cfg, run_dir)
     synthetic = json.loads((run_dir / "summary.json").read_text())["synthetic"]
     assert synthetic["judge_data"].startswith("none")
     assert all(score is None for score in synthetic["recognisability"])  # NaN: not scored, null in JSON
