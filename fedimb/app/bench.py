@@ -65,6 +65,9 @@ PAGES = (
            made_by="`python benchmarks/generator_probe.py …`, one call per row group; the page quotes each call",
            files=("synthetic/generator_probe.jsonl", "synthetic/sampler_probe.jsonl",
                   "synthetic/sampler_bench_generators.jsonl", "synthetic/grid_probe_class_aware_s0.png")),
+    Listed("faults.md", "Failing and hostile clients on the quick-start federation (fedavg and cafedcl, 20 rounds): "
+                        "crashes, a NaN, a x100 and sign-flipping clients, with and without a robust rule (trimmed "
+                        "mean, Multi-Krum); paired per-seed differences to clean and the floors", benchmark="faults"),
     Listed("quickstart/", "The quick-start federation the README shows: its config, rounds, summary, curves and "
                           "partition heatmap", made_by="`make demo` (`fedimb run experiments/quickstart.yaml --out "
                                                        "runs/quickstart`), files copied from runs/quickstart",
