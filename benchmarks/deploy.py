@@ -52,7 +52,7 @@ def log(text: str) -> None:
 
 def method_overrides(method: str, rounds: int, extra: list[str]) -> list[str]:
     """The overrides both sides of one method run with."""
-    # a lost reply fails the run within minutes instead of Flower's hour
+    # no round waits Flower's default hour for a reply that never comes
     return [f"name=deploy_{method}", f"federation.rounds={rounds}", f"strategy.name={method}",
             "eval.federated=true", "federation.round_timeout=900", *extra]
 
@@ -61,6 +61,9 @@ def method_overrides(method: str, rounds: int, extra: list[str]) -> list[str]:
 GROUPS = (("ClientApps", ("flwr-clientapp", "ClientAppActor")), ("ServerApp", ("flwr-serverapp",)),
           ("SuperLink", ("flower-superlink",)), ("SuperNodes", ("flower-supernode",)),
           ("SuperExecs", ("flower-superexec",)), ("commands", ("bin/fedimb", "bin/flwr")), ("Ray", ("ray",)))
+
+
+Process = tuple[int, int]  # pid, start time in clock ticks
 
 
 def group_of(cmdline: bytes) -> str:
@@ -79,10 +82,10 @@ class CpuWatch:
     def __init__(self, marker: str, every: float = 0.25) -> None:
         self.marker, self.every = marker.encode(), every
         self.tick = os.sysconf("SC_CLK_TCK")
-        self.chosen: dict[int, bool] = {}
-        self.group: dict[int, str] = {}
-        self.first: dict[int, float] = {}
-        self.last: dict[int, float] = {}
+        self.chosen: dict[Process, bool] = {}
+        self.group: dict[Process, str] = {}
+        self.first: dict[Process, float] = {}
+        self.last: dict[Process, float] = {}
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -100,38 +103,40 @@ class CpuWatch:
         while not self.done.wait(self.every):
             self.sample()
 
-    def _carries_marker(self, proc: Path) -> bool:
-        pid = int(proc.name)
-        if pid not in self.chosen:
+    def _carries_marker(self, proc: Path, key: Process) -> bool:
+        if key not in self.chosen:
             try:
-                self.chosen[pid] = self.marker in (proc / "environ").read_bytes().split(b"\0")
+                self.chosen[key] = self.marker in (proc / "environ").read_bytes().split(b"\0")
             except OSError:
                 return False
-        return self.chosen[pid]
+        return self.chosen[key]
 
     def sample(self, initial: bool = False) -> None:
         """Read the CPU time of every chosen process now."""
         for proc in Path("/proc").iterdir():
-            if not proc.name.isdigit() or int(proc.name) == os.getpid() or not self._carries_marker(proc):
+            if not proc.name.isdigit() or int(proc.name) == os.getpid():
                 continue
             try:
                 fields = (proc / "stat").read_text().rsplit(") ", 1)[-1].split()
+                key = (int(proc.name), int(fields[19]))  # pid and start time: pids wrap around in a long run
+                if not self._carries_marker(proc, key):
+                    continue
                 cmdline = (proc / "cmdline").read_bytes()  # read again: a new process may not have exec'd yet
             except OSError:
                 continue
-            pid, seconds = int(proc.name), (int(fields[11]) + int(fields[12])) / self.tick  # utime + stime
-            self.first.setdefault(pid, seconds if initial else 0.0)
-            self.last[pid] = seconds
+            seconds = (int(fields[11]) + int(fields[12])) / self.tick  # utime + stime
+            self.first.setdefault(key, seconds if initial else 0.0)
+            self.last[key] = seconds
             if cmdline:  # a zombie's is empty: keep what it was
-                self.group[pid] = group_of(cmdline)
+                self.group[key] = group_of(cmdline)
 
     def by_group(self) -> dict[str, dict[str, float]]:
         """Per group: its processes (``count``) and their CPU seconds since the start (``cpu_s``)."""
         out: dict[str, dict[str, float]] = {}
-        for pid, last in self.last.items():
-            entry = out.setdefault(self.group.get(pid, "other"), {"count": 0, "cpu_s": 0.0})
+        for key, last in self.last.items():
+            entry = out.setdefault(self.group.get(key, "other"), {"count": 0, "cpu_s": 0.0})
             entry["count"] += 1
-            entry["cpu_s"] = round(entry["cpu_s"] + last - self.first[pid], 2)
+            entry["cpu_s"] = round(entry["cpu_s"] + last - self.first[key], 2)
         return dict(sorted(out.items()))
 
 
@@ -232,14 +237,23 @@ def figures(record: dict[str, Any], where: Path) -> dict[str, Any]:
         "command_s": record["command_s"],
         "load_before": record["load_before"],
         "cpu": record["cpu"],
+        "messages": messages(run["config"], int(last["round"])),
     }
+
+
+def messages(config: dict[str, Any], rounds: int) -> int:
+    """Messages the server sends a run's clients: the hello, then a train and an evaluate message
+    per round to every client (all sampled, client-side evaluation every round, as here)."""
+    fed, every = config["federation"], config["eval"]["client_every"]
+    assert fed["fraction"] == fed["fraction_evaluate"] == 1.0 and every == 1, "a run that samples fewer clients"
+    return fed["num_clients"] * (1 + 2 * rounds)
 
 
 def rows_of(method: str, side: str, f: dict[str, Any], groups: list[str]) -> tuple[list[str], ...]:
     """One run's row in the metrics, the time-and-bytes and the CPU tables."""
     central = "n/a (no data on the server)" if f["central"] is None else f"{f['central']:.2f}"
     cpu, rounds = f["cpu"], f["rounds"]
-    apps = cpu.get("ClientApps", {"count": 0, "cpu_s": 0.0})
+    apps = cpu.get("ClientApps", {"count": 0, "cpu_s": 0.0})["cpu_s"]
     total = sum(g["cpu_s"] for g in cpu.values())
     return ([method, side, *(f"{f[k]:.2f}" for k in ("balanced_accuracy", "accuracy", "macro_f1", "tail_recall")),
              central, f"{f['client_std']:.2f}"],
@@ -247,8 +261,7 @@ def rows_of(method: str, side: str, f: dict[str, Any], groups: list[str]) -> tup
              f"{f['sent']:,.0f}", f"{f['received']:,.0f}", f"{f['setup']:,}"],
             [method, side, f"{total / rounds:.1f}",
              *(f"{cpu[g]['cpu_s'] / rounds:.1f}" if g in cpu else "" for g in groups),
-             f"{apps['count']}", f"{apps['cpu_s'] / apps['count']:.2f}" if apps["count"] else "",
-             f"{f['load_before']:.2f}"])
+             f"{f['messages']}", f"{apps / f['messages']:.2f}", f"{f['load_before']:.2f}"])
 
 
 INTRO = (
@@ -260,8 +273,8 @@ INTRO = (
     "init` for site-0 … site-9 at 127.0.0.1, a SuperLink with TLS and node authentication ({state}), the "
     "ten keys registered and ten SuperNodes started (online after {up:.1f} s, once for both methods), then "
     "`fedimb deploy run CONFIG ...`. The server holds no data: its metrics are the federated ones.\n\n"
-    "Both sides run with `eval.federated=true federation.round_timeout=900` (a lost reply fails the run "
-    "instead of stalling it for Flower's hour) and evaluate the same way: federated metrics are those of the "
+    "Both sides run with `eval.federated=true federation.round_timeout=900` (no round waits Flower's "
+    "default hour) and evaluate the same way: federated metrics are those of the "
     "summed confusion matrices of the sites' local test splits, in percent.\n\n"
 )
 
@@ -270,8 +283,8 @@ def build_page(records: list[dict[str, Any]], where: Path, header: dict[str, Any
     """The page's text and its floors table (printed)."""
     methods = list(dict.fromkeys(r["method"] for r in records))
     got = {(r["method"], r["side"]): figures(r, where) for r in records}
-    groups = [g for g, _ in GROUPS if any(g in f["cpu"] for f in got.values())]
-    groups += sorted({g for f in got.values() for g in f["cpu"]} - set(groups))
+    used = {g for f in got.values() for g, entry in f["cpu"].items() if entry["cpu_s"] > 0}
+    groups = [g for g, _ in GROUPS if g in used] + sorted(used - {g for g, _ in GROUPS})
     metrics, costs, cpu, checks = [], [], [], []
     for method in methods:
         for side in SIDES:
@@ -312,9 +325,10 @@ def build_page(records: list[dict[str, Any]], where: Path, header: dict[str, Any
         "its Ray processes, the clients being Ray actors that live through the run; deployed, every process of "
         "the deployment during the command: the SuperLink, the SuperNodes, the SuperExecs that start apps, "
         "the ServerApp, one ClientApp process per message a site receives, and the `fedimb deploy run` / `flwr` "
-        "commands. Load before: the machine's one-minute load average as the run started (it lags: the run "
+        "commands. Messages to clients: the hello, then a train and an evaluate message per round to each of "
+        "the 10 clients. Load before: the machine's one-minute load average as the run started (it lags: the run "
         "before it still counts for a minute or so).\n\n"
-        + table(["method", "run", "all", *groups, "ClientApp processes", "CPU s / ClientApp process",
+        + table(["method", "run", "all", *groups, "messages to clients", "ClientApp CPU s / message",
                  "load before"], cpu)
         + f"\n\n{floors_section(floor_text, ok)}"
         + (notes if notes else "")

@@ -69,8 +69,8 @@ PAGES = (
                         "crashes, a NaN, a x100 and sign-flipping clients, with and without a robust rule (trimmed "
                         "mean, Multi-Krum); paired per-seed differences to clean and the floors", benchmark="faults"),
     Listed("deploy.md", "The quick-start experiment (fedavg and cafedcl, 20 rounds) simulated and deployed on 10 "
-                        "loopback SuperNodes with TLS and node authentication: final metrics, seconds and bytes per "
-                        "round side by side", benchmark="deploy"),
+                        "loopback SuperNodes with TLS and node authentication: final metrics, seconds, CPU and bytes "
+                        "per round side by side, and why a deployed round costs more", benchmark="deploy"),
     Listed("quickstart/", "The quick-start federation the README shows: its config, rounds, summary, curves and "
                           "partition heatmap", made_by="`make demo` (`fedimb run experiments/quickstart.yaml --out "
                                                        "runs/quickstart`), files copied from runs/quickstart",

@@ -91,7 +91,7 @@ class FlwrCli:
 
         The wait between polls doubles from ``poll_s`` up to ``max_poll_s``: each poll starts a
         ``flwr`` process (about a CPU second) and a TLS session with the SuperLink, which every
-        few seconds took a fifth of a two-core machine that also ran the sites.
+        3 s took a third of a core from a machine that also ran the sites.
         """
         deadline = time.time() + timeout
         while True:

@@ -33,9 +33,10 @@ from fedimb.app.deploy import FLWR_ENV, DeployPlan, register_command, superlink_
 from fedimb.app.deploy_run import FlwrCli
 
 BIN = Path(sys.executable).parent
-# On one machine the sites' ClientApp processes must not starve the SuperLink: under a full
-# load its SQLite state gives up on a lock after 5 s and a site's reply is lost. Sites on
-# machines of their own never compete with it.
+# On one machine the SuperLink and the ServerApp are served before the sites' ClientApp
+# processes (ten at once on two cores here); sites on machines of their own never compete
+# with them. It does not save the SuperLink's SQLite state (--database) from giving up on a
+# lock under that load and losing a site's reply: start_superlink(database=False) does.
 SITE_NICENESS = 10
 
 
