@@ -30,6 +30,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from fedimb.app.process import OFFLINE_ENV
 from fedimb.config import ConfigError
 from fedimb.protocol import NODE_DATA_PATH, NODE_PARTITION_ID
 
@@ -40,8 +41,9 @@ DEFAULT_PORT = 9093
 DEFAULT_NODE_PORT = 9094  # flower-supernode's own default; site i gets this + i
 DEFAULT_DATA_ROOT = "/data/fedimb"
 DEFAULT_CONNECTION = "fedimb"
-FLWR_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+# every flwr process: offline, and no `uv sync` of the app's dependencies at a site
+FLWR_ENV = {key: OFFLINE_ENV[key] for key in ("FLWR_TELEMETRY_ENABLED", "FLWR_DISABLE_UPDATE_CHECK")} | {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 INSECURE_WARNING = ("warning: --insecure: no TLS and no node authentication. Anyone who can reach the "
                     "SuperLink can join the federation and read the model; use it on a closed test network only")
 
