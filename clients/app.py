@@ -34,7 +34,7 @@ from fedimb.data.local_testset import local_test_indices
 from fedimb.data.sites import SiteSpec, node_site, site_spec
 from fedimb.faults import FaultPlan
 from fedimb.metrics import confusion
-from fedimb.models import FeatureClassifier, build_model, get_weights, set_weights
+from fedimb.models import FeatureClassifier, build_configured_model, build_model, get_weights, set_weights
 from fedimb.synthetic.topup import ClassSampler, judge_hits, sample_pool, topup_counts, train_as_configured
 
 app = ClientApp()
@@ -134,7 +134,7 @@ def _labelled_view(session: ClientSession, context: Context) -> ClientSession:
 
 
 def _model(session: ClientSession, arrays: ArrayRecord) -> tuple[FeatureClassifier, dict[str, torch.Tensor]]:
-    model = build_model(session.cfg.model.name, session.input_shape, session.num_classes, session.cfg.seed)
+    model = build_configured_model(session.cfg, session.input_shape, session.num_classes, session.cfg.seed)
     global_weights = arrays.to_torch_state_dict()
     set_weights(model, global_weights)
     return model.to(session.device), global_weights
@@ -189,7 +189,9 @@ def train(message: Message, context: Context) -> Message:
                                           session.class_counts, cfg.eval.batch_size))
     loss_fn, loss_params = build_loss(cfg.train.loss.name, cfg.train.loss.params)
     torch.manual_seed(derive_seed(cfg.seed, "train-init", server_round, session.partition_id))
-    loss_ctx = LossContext(session.class_counts, progress=server_round / stage_rounds)
+    global_counts = config.get(protocol.GLOBAL_CLASS_COUNTS)
+    loss_ctx = LossContext(session.class_counts, progress=server_round / stage_rounds,
+                           global_counts=None if global_counts is None else torch.tensor(global_counts, dtype=torch.float32))
     result = train_local(model, session.x, session.y, train_cfg, loss_fn, loss_params, loss_ctx, algorithm,
                          seed=derive_seed(cfg.seed, "train-batches", server_round, session.partition_id),
                          real_count=real_count, synthetic_weight=cfg.synthetic.loss_weight)

@@ -71,8 +71,8 @@ def train_local(
             total = loss if extra is None else loss + extra
             optimiser.zero_grad(set_to_none=True)
             total.backward()
-            algorithm.after_backward()
             optimiser.step()
+            algorithm.after_step(cfg.lr)
             steps += 1
             loss_sum += float(loss.detach())
     return TrainResult(num_examples=n, steps=steps, mean_loss=loss_sum / max(steps, 1))

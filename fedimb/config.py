@@ -27,6 +27,9 @@ LOCAL_DATASETS = ("fmnist", "digits")
 DEVICES = ("auto", "cpu", "cuda")
 SERVER_DATA = ("none", "dataset")
 EVAL_SPLITS = ("test", "validation")
+HEADS = ("auto", "linear", "cosine")
+# the losses that score s·cos(feature, class weight) (LDAM, Cao et al. 2019): model.head=auto takes the cosine head
+COSINE_HEAD_LOSSES = ("ldam_drw",)
 SYNTHETIC_TRAINING = ("federated", "local", "central", "pretrained")
 SYNTHETIC_POLICIES = ("server_pool", "client_sample")
 GENERATOR_AGGREGATIONS = ("class_aware", "fedavg")
@@ -93,9 +96,11 @@ class StrategyConfig:
 
 @dataclass
 class ModelConfig:
-    """Model by registry name."""
+    """Model by registry name; ``head``: linear | cosine | auto (cosine for the losses that
+    score cosines, LDAM's; linear otherwise)."""
 
     name: str = "lenet"
+    head: str = "auto"
 
 
 @dataclass

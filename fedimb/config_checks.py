@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedimb.config import (DEVICES, EVAL_SPLITS, GENERATOR_AGGREGATIONS, GENERATOR_PREDICTIONS, LOCAL_DATASETS,
+from fedimb.config import (DEVICES, EVAL_SPLITS, GENERATOR_AGGREGATIONS, GENERATOR_PREDICTIONS, HEADS,
+                           LOCAL_DATASETS,
                            LONG_TAIL_PROFILES, PARTITIONS, SERVER_DATA, SYNTHETIC_POLICIES, SYNTHETIC_TRAINING,
                            ExperimentConfig)
 from fedimb.config_input import check_finite
@@ -65,6 +66,7 @@ def validate(cfg: ExperimentConfig) -> None:
     if any(not 0 < at < 1 for at in cfg.train.lr_decay_at):
         raise ConfigError("train.lr_decay_at", f"fractions of the rounds must lie in (0, 1), got {list(cfg.train.lr_decay_at)}")
     _check_choice("data.scaling", cfg.data.scaling, ("standard", "unit"))
+    _check_choice("model.head", cfg.model.head, HEADS)
     if not 0 <= cfg.data.validation_fraction < 1:
         raise ConfigError("data.validation_fraction", f"must be in [0, 1), got {cfg.data.validation_fraction}")
     _check_choice("eval.split", cfg.eval.split, EVAL_SPLITS)

@@ -1,7 +1,7 @@
 """Small classifiers built by name; each exposes its penultimate features.
 
-Every model is ``features(x) -> (B, D)`` followed by a linear ``head``; ``forward`` returns
-logits. Prototype methods (CAFedCL-style, FedProto) and active-learning samplers read
+Every model is ``features(x) -> (B, D)`` followed by a ``head``, linear or cosine; ``forward``
+returns logits. Prototype methods (CAFedCL-style, FedProto) and active-learning samplers read
 ``features``; everything else only needs ``forward``.
 """
 
@@ -13,16 +13,29 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedimb.config import registered
+from fedimb.config import COSINE_HEAD_LOSSES, ExperimentConfig, registered
+
+
+class CosineHead(nn.Module):
+    """Logits cos(f, w_j) of the normalised features and class weights (LDAM's NormedLinear), in [−1, 1]."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features).uniform_(-1.0, 1.0))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """cos(f, w_j), shape (B, out_features)."""
+        return nn.functional.normalize(features, dim=1) @ nn.functional.normalize(self.weight, dim=1).T
 
 
 class FeatureClassifier(nn.Module):
-    """A feature extractor followed by a linear head."""
+    """A feature extractor followed by a linear or cosine head."""
 
     def __init__(self, body: nn.Module, feature_dim: int, num_classes: int) -> None:
         super().__init__()
         self.body = body
-        self.head = nn.Linear(feature_dim, num_classes)
+        self.head: nn.Module = nn.Linear(feature_dim, num_classes)
         self.feature_dim = feature_dim
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,12 +124,29 @@ MODELS: dict[str, Callable[[tuple[int, int, int], int], FeatureClassifier]] = {
 }
 
 
-def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int, seed: int = 0) -> FeatureClassifier:
-    """Build model ``name`` with weights initialised deterministically from ``seed``."""
+def build_model(name: str, input_shape: tuple[int, int, int], num_classes: int, seed: int = 0,
+                head: str = "linear") -> FeatureClassifier:
+    """Build model ``name`` with a ``head`` (linear | cosine), initialised deterministically from ``seed``."""
     factory = registered(MODELS, name, "model.name")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return factory(input_shape, num_classes)
+        model = factory(input_shape, num_classes)
+        if head == "cosine":
+            model.head = CosineHead(model.feature_dim, num_classes)
+        return model
+
+
+def head_of(cfg: ExperimentConfig) -> str:
+    """The head ``cfg`` asks for, ``auto`` resolved by the loss."""
+    if cfg.model.head != "auto":
+        return cfg.model.head
+    return "cosine" if cfg.train.loss.name in COSINE_HEAD_LOSSES else "linear"
+
+
+def build_configured_model(cfg: ExperimentConfig, input_shape: tuple[int, int, int], num_classes: int,
+                           seed: int = 0) -> FeatureClassifier:
+    """The model of ``cfg`` (``model.name`` with its head), as server and clients build it."""
+    return build_model(cfg.model.name, input_shape, num_classes, seed, head_of(cfg))
 
 
 def is_exchanged(key: str) -> bool:

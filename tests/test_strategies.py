@@ -10,7 +10,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from clients.algorithms.fednova import normalising_factor
 from clients.algorithms.fedprox import FedProxClient
 from clients.algorithms.scaffold import ScaffoldClient
-from fedimb.config import ConfigError, load_config
+from clients.losses import build_loss
+from clients.losses.base import LossContext
+from clients.trainer import train_local
+from fedimb.config import ConfigError, TrainConfig, load_config
+from fedimb.models import FeatureClassifier
 from strategies import STRATEGIES, build_strategy
 from strategies.base import ClientFailed, StrategyContext
 from strategies.fednova import fednova_update
@@ -81,7 +85,7 @@ def test_scaffold_control_update_by_hand():
     np.testing.assert_allclose(update_control(control, deltas, num_clients=4)["w"], [1.5, 2.0])
 
 
-def test_scaffold_client_correction_and_delta():
+def test_scaffold_client_delta_by_hand():
     model = torch.nn.Linear(2, 1, bias=False)
     with torch.no_grad():
         model.weight.copy_(torch.tensor([[0.0, 0.0]]))
@@ -89,14 +93,46 @@ def test_scaffold_client_correction_and_delta():
     content = RecordDict({"control": ArrayRecord({"weight": Array(np.array([[0.5, 0.5]], dtype=np.float32))})})
     state = RecordDict()
     client = ScaffoldClient(round_of(model, start, content, state))
-    model.weight.grad = torch.zeros(1, 2)
-    client.after_backward()  # c - c_i = 0.5 - 0
-    np.testing.assert_allclose(model.weight.grad.numpy(), [[0.5, 0.5]])
+    client.after_step(lr=0.1)  # w - lr (c - c_i) = 0 - 0.1 * 0.5
+    np.testing.assert_allclose(model.weight.detach().numpy(), [[-0.05, -0.05]])
     reply_rd = RecordDict()
+    with torch.no_grad():
+        model.weight.zero_()
     client.finish(steps=5, reply=reply_rd, metrics={})
     # c_i+ = 0 - 0.5 + (1 - 0) / (5 * 0.1) = 1.5 ; delta = 1.5
     np.testing.assert_allclose(reply_rd["control-delta"]["weight"].numpy(), [[1.5, 1.5]])
     np.testing.assert_allclose(state["scaffold-control"]["weight"].numpy(), [[1.5, 1.5]])
+
+
+def test_scaffold_correction_sits_outside_the_momentum_buffer():
+    """k momentum-SGD steps, then w <- w - lr (c - c_i) after each (NIID-Bench's SCAFFOLD), by hand."""
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.5]])
+    y = torch.tensor([0, 1, 1, 0])
+    init = torch.tensor([[0.2, -0.1], [0.0, 0.3]])
+    correction = torch.tensor([[0.5, -0.25], [-0.5, 0.25]])  # c - c_i, with c_i = 0
+    lr, momentum, steps = 0.1, 0.9, 3
+
+    model = FeatureClassifier(torch.nn.Identity(), feature_dim=2, num_classes=2)
+    with torch.no_grad():
+        model.head.weight.copy_(init)
+        model.head.bias.zero_()
+    start = {k: v.detach().clone() for k, v in model.named_parameters()}
+    content = RecordDict({"control": ArrayRecord({"head.weight": Array(correction.numpy()),
+                                                  "head.bias": Array(np.zeros(2, dtype=np.float32))})})
+    client = ScaffoldClient(round_of(model, start, content, RecordDict()))
+    cfg = TrainConfig(local_epochs=steps, lr=lr, batch_size=4, momentum=momentum, weight_decay=0.0)
+    loss_fn, params = build_loss("ce", {})
+    train_local(model, x, y, cfg, loss_fn, params, LossContext(torch.ones(2)), client, seed=0)
+
+    w, b = init.clone(), torch.zeros(2)
+    buf_w, buf_b = torch.zeros_like(w), torch.zeros_like(b)
+    for _ in range(steps):
+        p = torch.softmax(x @ w.T + b, dim=1) - torch.nn.functional.one_hot(y, 2).float()
+        grad_w, grad_b = p.T @ x / len(y), p.mean(0)  # the gradient of mean cross-entropy
+        buf_w, buf_b = momentum * buf_w + grad_w, momentum * buf_b + grad_b
+        w, b = w - lr * buf_w - lr * correction, b - lr * buf_b
+    np.testing.assert_allclose(model.head.weight.detach().numpy(), w.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.head.bias.detach().numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_scaffold_strategy_strips_and_applies_deltas():

@@ -49,8 +49,8 @@ class ClientAlgorithm:
         """A term added to the batch loss (FedProx's proximal term, prototype losses)."""
         return None
 
-    def after_backward(self) -> None:
-        """Change gradients before the optimiser step (SCAFFOLD's correction)."""
+    def after_step(self, lr: float) -> None:
+        """Change weights after the optimiser step of learning rate ``lr`` (SCAFFOLD's correction)."""
 
     def finish(self, steps: int, reply: RecordDict, metrics: dict[str, Any]) -> None:
         """Add records or metrics to the reply after local training."""

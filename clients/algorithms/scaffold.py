@@ -1,6 +1,8 @@
 """SCAFFOLD client (Karimireddy et al., ICML 2020), option II of the paper.
 
-Each step the gradient is corrected by c − c_i. After τ steps,
+After each optimiser step the weights move by −lr·(c − c_i), outside the momentum buffer, as
+NIID-Bench's and Flower Baselines' SCAFFOLD do: added to the gradient before a momentum-0.9 step,
+the correction would act about 1/(1 − 0.9) = 10 times over. After τ steps,
 c_i⁺ = c_i − c + (x − y)/(τ·lr); the client keeps c_i⁺ in its node state and sends
 Δc_i = c_i⁺ − c_i under the ``control-delta`` record.
 """
@@ -39,11 +41,11 @@ class ScaffoldClient(ClientAlgorithm):
             return torch.zeros_like(like, device="cpu")
         return torch.from_numpy(record[key].numpy().copy())
 
-    def after_backward(self) -> None:
-        """g ← g + c − c_i."""
+    @torch.no_grad()
+    def after_step(self, lr: float) -> None:
+        """w ← w − lr·(c − c_i)."""
         for name, param in self.rnd.model.named_parameters():
-            if param.grad is not None:
-                param.grad.add_(self.correction[name])
+            param.sub_(self.correction[name], alpha=lr)
 
     def finish(self, steps: int, reply: RecordDict, metrics: dict[str, Any]) -> None:
         """Update c_i, store it, send Δc_i."""

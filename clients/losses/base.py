@@ -19,17 +19,13 @@ class LossContext:
     """What a loss may know besides the batch.
 
     ``class_counts``: the client's own training counts per class (float, length C);
-    ``progress``: how far the federation is, round / rounds, in [0, 1] (for schedules like DRW).
+    ``progress``: how far the federation is, round / rounds, in [0, 1] (for schedules like DRW);
+    ``global_counts``: the federation's counts per class, when the server sent them.
     """
 
     class_counts: torch.Tensor
     progress: float = 0.0
-
-    @property
-    def prior(self) -> torch.Tensor:
-        """Class prior π_j = n_j / Σ n, with absent classes counted as one sample (never log 0)."""
-        counts = self.class_counts.clamp(min=1.0)
-        return counts / counts.sum()
+    global_counts: torch.Tensor | None = None
 
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, LossContext, Any], torch.Tensor]

@@ -1,8 +1,11 @@
 """LDAM with deferred re-weighting (Cao et al., NeurIPS 2019).
 
-Margins m_j ∝ n_j^(−1/4), scaled so the largest is ``max_margin``; loss CE(s·(z − m_y e_y)).
-From ``drw_start`` (share of the federation's rounds) on, classes are weighted by
-(1 − β)/(1 − β^{n_j}), normalised to sum to C.
+The model scores cosines z_j = cos(f, w_j) (``model.head=auto`` gives LDAM's normalised head);
+margins m_j ∝ n_j^(−1/4) over the classes the client holds, scaled so the largest is
+``max_margin``; loss CE(s·(z − m_y e_y)). From ``drw_start`` (share of the federation's rounds)
+on, the held classes are weighted by (1 − β)/(1 − β^{n_j}), normalised to sum to their number.
+A class the client does not hold is never a target: it gets no margin and no weight, and does not
+set the scale of the others'.
 """
 
 from dataclasses import dataclass
@@ -24,15 +27,18 @@ class LdamDrwParams:
 
 
 def ldam_margins(counts: torch.Tensor, max_margin: float) -> torch.Tensor:
-    """m_j = max_margin · (n_j^(−1/4) / max_k n_k^(−1/4)), absent classes as one sample."""
-    raw = counts.clamp(min=1.0).pow(-0.25)
-    return raw * (max_margin / raw.max())
+    """m_j = max_margin · n_j^(−1/4) / max_{k held} n_k^(−1/4) for held classes (n_j > 0), 0 otherwise."""
+    held = counts > 0
+    raw = torch.where(held, counts.clamp(min=1.0).pow(-0.25), torch.zeros_like(counts))
+    return raw * (max_margin / raw.max()) if bool(held.any()) else raw
 
 
 def drw_weights(counts: torch.Tensor, beta: float) -> torch.Tensor:
-    """Class-balanced weights (1 − β)/(1 − β^{n_j}), normalised to sum to C."""
-    weights = (1.0 - beta) / (1.0 - torch.pow(torch.tensor(beta), counts.clamp(min=1.0)))
-    return weights * (len(counts) / weights.sum())
+    """(1 − β)/(1 − β^{n_j}) for held classes, normalised to sum to their number; 0 for the others."""
+    held = counts > 0
+    raw = (1.0 - beta) / (1.0 - torch.pow(torch.tensor(beta), counts.clamp(min=1.0)))
+    weights = torch.where(held, raw, torch.zeros_like(raw))
+    return weights * (int(held.sum()) / weights.sum()) if bool(held.any()) else weights
 
 
 def ldam_drw(logits: torch.Tensor, targets: torch.Tensor, ctx: LossContext, params: LdamDrwParams) -> torch.Tensor:

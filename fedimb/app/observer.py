@@ -16,7 +16,7 @@ from fedimb.app.metering import MeteredGrid
 from fedimb.config import ExperimentConfig
 from fedimb.data import DatasetSplits, build_federated_data, load_dataset
 from fedimb.metrics import classification_metrics, client_fairness, metrics_from_confusion
-from fedimb.models import build_model, set_weights
+from fedimb.models import build_configured_model, set_weights
 from fedimb.records import RunRecorder
 
 console = Console(stderr=True)
@@ -97,7 +97,7 @@ class RoundObserver:
         return MetricRecord({k: float(v) for k, v in metrics.items() if not isinstance(v, list)})
 
     def _central_metrics(self, arrays: ArrayRecord) -> dict[str, Any]:
-        model = build_model(self.cfg.model.name, self.input_shape, self.num_classes, self.cfg.seed)
+        model = build_configured_model(self.cfg, self.input_shape, self.num_classes, self.cfg.seed)
         set_weights(model, arrays.to_torch_state_dict())
         model.eval()
         with torch.no_grad():

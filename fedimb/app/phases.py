@@ -27,7 +27,7 @@ from fedimb.config import ExperimentConfig
 from fedimb.data import DatasetSplits, build_federated_data, partition_stats, plot_partition
 from fedimb.failures import round_timeout
 from fedimb.metrics import class_groups
-from fedimb.models import build_model, get_weights
+from fedimb.models import build_configured_model, get_weights
 from strategies import build_strategy, strategy_spec
 from strategies.base import RoundOffset, StrategyContext, error_reason
 
@@ -107,13 +107,14 @@ class ServerRun:
 
     def initial_arrays(self) -> ArrayRecord:
         """The model every federation (and every reset active-learning stage) starts from."""
-        return ArrayRecord(get_weights(build_model(self.cfg.model.name, self.hello.input_shape,
-                                                   self.observer.num_classes, self.cfg.seed)))
+        return ArrayRecord(get_weights(build_configured_model(self.cfg, self.hello.input_shape,
+                                                              self.observer.num_classes, self.cfg.seed)))
 
     def train_config(self) -> ConfigRecord:
         """What every train message carries: the experiment and the strategy's client algorithm."""
         return ConfigRecord({protocol.EXPERIMENT_CONFIG: self.config_text,
-                             protocol.CLIENT_ALGORITHM: strategy_spec(self.cfg.strategy.name).client_algorithm})
+                             protocol.CLIENT_ALGORITHM: strategy_spec(self.cfg.strategy.name).client_algorithm,
+                             protocol.GLOBAL_CLASS_COUNTS: [int(c) for c in self.hello.counts.sum(0)]})
 
     def evaluate_config(self) -> ConfigRecord:
         """What every evaluate message carries."""

@@ -36,13 +36,13 @@ def check_before_run(cfg: ExperimentConfig) -> None:
     """Everything that can be checked without Ray: names, params, data, partition feasibility."""
     from clients.losses import build_loss
     from fedimb.data import build_federated_data
-    from fedimb.models import build_model
+    from fedimb.models import build_configured_model
     from strategies import check_strategy_config
 
     check_strategy_config(cfg)
     build_loss(cfg.train.loss.name, cfg.train.loss.params)
     data = build_federated_data(cfg)
-    build_model(cfg.model.name, data.splits.input_shape, data.splits.num_classes)
+    build_configured_model(cfg, data.splits.input_shape, data.splits.num_classes)
     if cfg.simulation.num_gpus > 0 and cfg.simulation.device == "cpu":
         raise ConfigError("simulation.num_gpus", "> 0 but simulation.device=cpu; set device to auto or cuda")
 
