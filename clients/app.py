@@ -186,7 +186,7 @@ def train(message: Message, context: Context) -> Message:
     algorithm_cls = CLIENT_ALGORITHMS[str(config.get(protocol.CLIENT_ALGORITHM, protocol.DEFAULT_CLIENT_ALGORITHM))]
     algorithm = algorithm_cls(ClientRound(model, global_weights, message.content, context.state,
                                           train_cfg.lr, cfg.train.momentum, session.x, session.y,
-                                          session.class_counts, cfg.eval.batch_size))
+                                          session.class_counts, cfg.eval.batch_size, real_count))
     loss_fn, loss_params = build_loss(cfg.train.loss.name, cfg.train.loss.params)
     torch.manual_seed(derive_seed(cfg.seed, "train-init", server_round, session.partition_id))
     global_counts = config.get(protocol.GLOBAL_CLASS_COUNTS)

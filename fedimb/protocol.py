@@ -37,8 +37,10 @@ JUDGE = "judge"  # server → client: the reference classifier that scores a loc
 
 # ---- arrays inside the prototype records ----------------------------------------------------
 PROTOTYPE_MATRIX, PROTOTYPE_PRESENT = "P", "has"  # in PROTOTYPES: C×D prototypes, which classes have one
-# in PROTOTYPE_STATS, per class: prototype, count, dispersion σ², mean normalised entropy u
+# in PROTOTYPE_STATS, per class: prototype, real count, dispersion σ², mean normalised entropy u, synthetic
+# count, quality q = (n_real + r·n_syn) / (n_real + n_syn) with r the global model's recognition of the synthetic
 STAT_PROTOTYPES, STAT_COUNTS, STAT_DISPERSION, STAT_UNCERTAINTY = "protos", "counts", "dispersion", "uncertainty"
+STAT_SYNTHETIC, STAT_QUALITY = "synthetic", "quality"
 
 # ---- arrays inside a synthetic pool record (POOL) --------------------------------------------
 POOL_IMAGES = "x"

@@ -1,14 +1,16 @@
 """CAFedCL-style confidence-aware prototype aggregation, and FedProto as its ablation.
 
 Our design after Wu et al., "Breaking the Prototype Bias Loop" (arXiv 2603.03007; only the
-abstract is public), built on FedProto (Tan et al., AAAI 2022). Clients send, per class c they hold: prototype p_k,c, count n_k,c, dispersion
-σ²_k,c and mean normalised entropy u_k,c (``clients/algorithms/prototypes.py``). Per class:
+abstract is public), built on FedProto (Tan et al., AAAI 2022). Clients send, per class c they
+hold: prototype p_k,c, real and synthetic counts, dispersion σ²_k,c, mean normalised entropy
+u_k,c and the quality q_k,c of the synthetic samples behind the prototype
+(``clients/algorithms/prototypes.py``); n_k,c counts real and synthetic samples. Per class:
 
     w̃_k,c = n_k,c · exp(−β·u_k,c) · q_k,c / (σ²_k,c + ε),   w_k,c = w̃_k,c / Σ_j w̃_j,c
     P_c = normalise(Σ_k w_k,c p_k,c),   then P_c ← normalise(m·P_c(old) + (1 − m)·P_c)
 
-(q = 1 until synthetic samples report a quality). ``fedproto`` is the same loop with
-w̃ = n_k,c and no smoothing: what the confidence weighting adds is the difference.
+so n·q = n_real + r·n_syn: a synthetic sample counts as much as the global model recognises it
+(q = 1 without synthetic samples). ``fedproto`` is the same loop with w̃ = n_k,c and no smoothing: what the confidence weighting adds is the difference.
 Model weights: FedAvg, or ``model_weighting=confidence`` (FedAvg's weights × the client's
 mean confidence 1 − u on its own data, normalised).
 """
@@ -133,14 +135,16 @@ class PrototypeStrategy(ReproducibleSampling, FedAvg):
         return super().configure_evaluate(server_round, self.evaluation_arrays(arrays), config, grid)
 
     def reply_records(self, weights: Signature | None) -> dict[str, Signature | None]:
-        """Per-class statistics: C×D prototypes and C counts, dispersions and uncertainties (C×D: the head's)."""
+        """Per-class statistics: C×D prototypes and C counts, dispersions, uncertainties, synthetic counts
+        and qualities (C×D: the head's)."""
         if weights is None or "head.weight" not in weights:
             return {protocol.PROTOTYPE_STATS: None}
         (classes, dim), _ = weights["head.weight"]
         per_class = ((classes,), "float32")
         return {protocol.PROTOTYPE_STATS: {protocol.STAT_PROTOTYPES: ((classes, dim), "float32"),
                                            protocol.STAT_COUNTS: per_class, protocol.STAT_DISPERSION: per_class,
-                                           protocol.STAT_UNCERTAINTY: per_class}}
+                                           protocol.STAT_UNCERTAINTY: per_class, protocol.STAT_SYNTHETIC: per_class,
+                                           protocol.STAT_QUALITY: per_class}}
 
     def aggregate_screened(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Aggregate prototypes from the stats records, then the weights."""
@@ -155,9 +159,11 @@ class PrototypeStrategy(ReproducibleSampling, FedAvg):
 
     def _update_prototypes(self, stats: list[dict[str, np.ndarray]]) -> None:
         p = self.params
+        counts = np.stack([s[protocol.STAT_COUNTS] + s[protocol.STAT_SYNTHETIC] for s in stats])
         weights = prototype_weights(
-            np.stack([s[protocol.STAT_COUNTS] for s in stats]), np.stack([s[protocol.STAT_UNCERTAINTY] for s in stats]),
-            np.stack([s[protocol.STAT_DISPERSION] for s in stats]), None, p.beta, p.eps, p.prototype_weighting)
+            counts, np.stack([s[protocol.STAT_UNCERTAINTY] for s in stats]),
+            np.stack([s[protocol.STAT_DISPERSION] for s in stats]), np.stack([s[protocol.STAT_QUALITY] for s in stats]),
+            p.beta, p.eps, p.prototype_weighting)
         new, has = aggregate_prototypes(np.stack([s[protocol.STAT_PROTOTYPES] for s in stats]), weights)
         if self.prototypes is not None and p.ema > 0:
             both = has & self.has

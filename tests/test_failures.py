@@ -125,7 +125,7 @@ def test_prototype_statistics_are_validated_against_the_head():
     def proto_reply(node: int, protos) -> object:
         r = reply(node, start, 5, confidence=0.5)
         return with_record(r, "proto-stats", {"protos": protos, "counts": [1, 1, 1], "dispersion": [0.1] * 3,
-                                              "uncertainty": [0.2] * 3})
+                                              "uncertainty": [0.2] * 3, "synthetic": [0] * 3, "quality": [1] * 3})
 
     strategy.aggregate_train(1, [proto_reply(101, np.eye(3, 2).tolist()), proto_reply(102, np.ones((2, 2)).tolist()),
                                  proto_reply(103, [[np.nan, 0.0]] * 3)])

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from clients.algorithms.prototypes import class_statistics, geometric_consistency, prototype_infonce
 from fedimb.config import ConfigError
@@ -76,9 +76,12 @@ def test_geometric_consistency_zero_when_structure_matches():
     assert float(geometric_consistency(feats, torch.tensor([0, 1]), protos, has)) == pytest.approx(0.5)
 
 
-def stats_record(protos, counts, unc, disp) -> ArrayRecord:
+def stats_record(protos, counts, unc, disp, synthetic=None, quality=None) -> ArrayRecord:
+    classes = len(counts)
     return ArrayRecord({"protos": torch.tensor(protos), "counts": torch.tensor(counts),
-                        "uncertainty": torch.tensor(unc), "dispersion": torch.tensor(disp)})
+                        "uncertainty": torch.tensor(unc), "dispersion": torch.tensor(disp),
+                        "synthetic": torch.tensor(synthetic or [0.0] * classes),
+                        "quality": torch.tensor(quality or [1.0] * classes)})
 
 
 def test_cafedcl_strategy_sends_prototypes_and_smooths():
@@ -153,3 +156,47 @@ def test_climb_strategy_moves_weight_to_the_worse_client():
     out, _ = strategy.aggregate_train(2, [reply(101, {"w": [0.0]}, 1, **{"climb-loss": 1.0}),
                                           reply(102, {"w": [1.0]}, 1, **{"climb-loss": 1.0})])
     assert out["w"].numpy()[0] > 0.5
+
+
+def test_synthetic_quality_and_recognition_by_hand():
+    from clients.algorithms.prototypes import recognition, synthetic_quality
+
+    # n = (4, 0, 0), s = (4, 2, 0), r = (0.5, 0.25, -): q = ((4 + 2) / 8, 0.25, 1)
+    q = synthetic_quality(torch.tensor([4.0, 0.0, 0.0]), torch.tensor([4.0, 2.0, 0.0]), torch.tensor([0.5, 0.25, 0.0]))
+    assert torch.allclose(q, torch.tensor([0.75, 0.25, 1.0]))
+    model = torch.nn.Identity()  # the logits are the inputs
+    x = torch.tensor([[0.0, 0.0, 0.0], [math.log(3.0), 0.0, 0.0], [0.0, 0.0, 0.0]])
+    # softmax rows (1/3, 1/3, 1/3), (3/5, 1/5, 1/5), (1/3, 1/3, 1/3); labels 0, 0, 1; nothing of class 2
+    r = recognition(model, x, torch.tensor([0, 0, 1]), 3, batch_size=2)
+    assert torch.allclose(r, torch.tensor([(1 / 3 + 3 / 5) / 2, 1 / 3, 0.0]))
+
+
+def test_a_synthetic_only_class_weighs_less_than_the_same_class_held_for_real():
+    from clients.algorithms.base import ClientRound
+    from clients.algorithms.prototypes import PrototypeClient
+    from fedimb.models import FeatureClassifier, get_weights
+
+    torch.manual_seed(0)
+    model = FeatureClassifier(torch.nn.Linear(4, 3), feature_dim=3, num_classes=2)
+    x = torch.randn(6, 4)
+    y = torch.tensor([0, 0, 0, 1, 1, 1])
+
+    def stats(real_count: int) -> dict[str, np.ndarray]:
+        rnd = ClientRound(model, get_weights(model), RecordDict(), RecordDict(), 0.1, 0.0, x, y,
+                          torch.bincount(y[:real_count], minlength=2).float(), real_count=real_count)
+        out = RecordDict()
+        PrototypeClient(rnd).finish(steps=1, reply=out, metrics={})
+        return {k: v.numpy() for k, v in out["proto-stats"].items()}
+
+    held, topped = stats(real_count=6), stats(real_count=3)  # class 1 real on one client, synthetic on the other
+    assert held["quality"].tolist() == [1.0, 1.0] and topped["quality"][0] == 1.0
+    assert topped["counts"].tolist() == [3.0, 0.0] and topped["synthetic"].tolist() == [0.0, 3.0]
+    assert 0 < topped["quality"][1] < 1
+    np.testing.assert_allclose(held["protos"], topped["protos"])  # the same samples make the same prototype
+    weights = prototype_weights(np.stack([h["counts"] + h["synthetic"] for h in (held, topped)]),
+                                np.stack([held["uncertainty"], topped["uncertainty"]]),
+                                np.stack([held["dispersion"], topped["dispersion"]]),
+                                np.stack([held["quality"], topped["quality"]]), beta=2.0, eps=0.05, mode="confidence")
+    assert weights[1, 1] < weights[0, 1]
+    assert weights[1, 1] / weights[0, 1] == pytest.approx(float(topped["quality"][1]), rel=1e-5)
+    assert weights[0, 0] == pytest.approx(weights[1, 0])

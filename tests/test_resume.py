@@ -53,7 +53,9 @@ def _replies(name: str, server_round: int, arrays: ArrayRecord) -> list:
                 "protos": torch.from_numpy(rng.normal(size=(3, 2)).astype(np.float32)),
                 "counts": torch.tensor([5.0, float(pid), 0.0 if pid % 2 else 2.0]),
                 "uncertainty": torch.from_numpy(rng.uniform(0, 1, 3).astype(np.float32)),
-                "dispersion": torch.from_numpy(rng.uniform(0, 1, 3).astype(np.float32))})
+                "dispersion": torch.from_numpy(rng.uniform(0, 1, 3).astype(np.float32)),
+                "synthetic": torch.tensor([0.0, 1.0, 3.0]),
+                "quality": torch.from_numpy(rng.uniform(0.5, 1, 3).astype(np.float32))})
         if algorithm == "scaffold":
             msg.content["control-delta"] = ArrayRecord(
                 {k: torch.from_numpy(rng.normal(size=v.numpy().shape).astype(np.float32)) for k, v in arrays.items()})

@@ -101,7 +101,8 @@ def test_krum_drops_a_rejected_clients_prototypes_with_its_weights():
         protos = [[1.0, 0.0], [0.0, 1.0]] if v != 40.0 else [[-1.0, 0.0], [0.0, -1.0]]
         r.content["proto-stats"] = ArrayRecord({
             "protos": Array(np.array(protos, dtype=np.float32)), "counts": Array(np.ones(2, dtype=np.float32)),
-            "dispersion": Array(np.ones(2, dtype=np.float32)), "uncertainty": Array(np.zeros(2, dtype=np.float32))})
+            "dispersion": Array(np.ones(2, dtype=np.float32)), "uncertainty": Array(np.zeros(2, dtype=np.float32)),
+            "synthetic": Array(np.zeros(2, dtype=np.float32)), "quality": Array(np.ones(2, dtype=np.float32))})
         replies.append(r)
     out, _ = s.aggregate_train(1, replies)
     assert out["head.weight"].numpy()[0, 0] in (1.0, 2.0)

@@ -17,7 +17,8 @@ class ClientRound:
     """Everything a client algorithm may read in one round.
 
     ``content`` is the server's message, ``state`` the node's persistent ``context.state``,
-    ``global_weights`` the weights the round started from, (x, y) the local training data.
+    ``global_weights`` the weights the round started from, (x, y) the local training data, of
+    which the samples from position ``real_count`` on are synthetic (None: all real).
     """
 
     model: FeatureClassifier
@@ -30,6 +31,7 @@ class ClientRound:
     y: torch.Tensor
     class_counts: torch.Tensor
     eval_batch_size: int = 1024
+    real_count: int | None = None
 
     def config_value(self, key: str, default: Any) -> Any:
         """A value of the server's train ConfigRecord."""

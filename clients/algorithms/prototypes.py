@@ -5,15 +5,19 @@ Loss: L = CE + λ_p·L_proto + λ_g·L_geo, where
 - L_geo = mean over class pairs of (S(p) − S(P))², S the cosine-similarity matrix of class
   prototypes, p the batch's own class prototypes (so the term is differentiable), P the global.
 After training the client sends per-class statistics under ``proto-stats``: prototype p_c
-(mean of L2-normalised features), count n_c, dispersion σ²_c = mean ||z − p_c||², mean
-normalised entropy u_c = H(softmax)/log C; and its mean confidence 1 − u as a metric.
+(mean of L2-normalised features), dispersion σ²_c = mean ||z − p_c||², mean normalised entropy
+u_c = H(softmax)/log C, all over its real and synthetic samples; the real count n_c and the
+synthetic count s_c apart; and the quality q_c = (n_c + r_c·s_c) / (n_c + s_c), where r_c is the
+mean probability the round's global model gives class c on the class-c synthetic samples (the
+local model has just been fitted to them): a prototype made of synthetic samples the federation
+does not recognise weighs less than one of real samples. Its mean confidence 1 − u is a metric.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
+import copy
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +70,26 @@ def geometric_consistency(features: torch.Tensor, targets: torch.Tensor, prototy
     return ((local @ local.T - glob @ glob.T) ** 2).mean()
 
 
+def synthetic_quality(real_counts: torch.Tensor, synthetic_counts: torch.Tensor,
+                      recognition: torch.Tensor) -> torch.Tensor:
+    """q_c = (n_c + r_c·s_c) / (n_c + s_c); 1 for a class with no samples."""
+    total = real_counts + synthetic_counts
+    quality = (real_counts + recognition * synthetic_counts) / total.clamp(min=1.0)
+    return torch.where(total > 0, quality, torch.ones_like(quality))
+
+
+@torch.no_grad()
+def recognition(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int,
+                batch_size: int) -> torch.Tensor:
+    """r_c: the mean probability ``model`` gives class c on the (non-empty) samples labelled c (0 where none)."""
+    model.eval()
+    probs = torch.cat([model(x[i:i + batch_size]).softmax(1) for i in range(0, len(x), batch_size)])
+    own = probs.gather(1, y[:, None]).squeeze(1)
+    sums = torch.zeros(num_classes, device=x.device).index_add_(0, y, own)
+    counts = torch.bincount(y, minlength=num_classes).to(sums.dtype)
+    return sums / counts.clamp(min=1.0)
+
+
 class PrototypeClient(ClientAlgorithm):
     """Prototype-regularised local training; reports per-class statistics."""
 
@@ -95,6 +119,12 @@ class PrototypeClient(ClientAlgorithm):
                 total = self.lambda_geo * geo if total is None else total + self.lambda_geo * geo
         return total
 
+    def _global_model(self) -> torch.nn.Module:
+        """A copy of the model with the weights the round started from."""
+        model = copy.deepcopy(self.rnd.model)
+        model.load_state_dict(self.rnd.global_weights, strict=False)
+        return model
+
     @torch.no_grad()
     def finish(self, steps: int, reply: RecordDict, metrics: dict[str, Any]) -> None:
         """Per-class statistics of the trained model on the local data."""
@@ -105,6 +135,17 @@ class PrototypeClient(ClientAlgorithm):
             f = model.features(x[i:i + self.rnd.eval_batch_size])
             feats.append(f)
             logits.append(model.head(f))
-        stats = class_statistics(torch.cat(feats), torch.cat(logits), self.rnd.y, model.head.out_features)
+        num_classes = model.head.out_features
+        stats = class_statistics(torch.cat(feats), torch.cat(logits), self.rnd.y, num_classes)
+        real = len(self.rnd.y) if self.rnd.real_count is None else self.rnd.real_count
+        real_counts = torch.bincount(self.rnd.y[:real], minlength=num_classes).to(stats[protocol.STAT_COUNTS].dtype)
+        synthetic_counts = stats[protocol.STAT_COUNTS] - real_counts
+        recognised = torch.ones(num_classes, device=real_counts.device)
+        if real < len(self.rnd.y):
+            recognised = recognition(self._global_model(), x[real:], self.rnd.y[real:], num_classes,
+                                     self.rnd.eval_batch_size)
+        stats[protocol.STAT_COUNTS] = real_counts
+        stats[protocol.STAT_SYNTHETIC] = synthetic_counts
+        stats[protocol.STAT_QUALITY] = synthetic_quality(real_counts, synthetic_counts, recognised)
         metrics[protocol.CONFIDENCE] = float(stats.pop(protocol.CONFIDENCE))
         reply[protocol.PROTOTYPE_STATS] = ArrayRecord({k: v.float().cpu() for k, v in stats.items()})
