@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, RecordDict
 
 from clients.algorithms.base import ClientAlgorithm, ClientRound
 from clients.losses import LossContext, build_loss
@@ -20,9 +20,33 @@ from clients.samplers.base import QueryContext
 from clients.trainer import predict_logits, train_local
 from fedimb import protocol
 from fedimb.config import ExperimentConfig, TrainConfig
-from fedimb.models import FeatureClassifier, build_model
+from fedimb.models import FeatureClassifier, build_configured_model, build_model, get_weights
 
 POOL_KEY = "fal-pool"
+LAST_LOCAL_MODEL_KEY = "fal-last-local-model"  # the client's weights after its last local training
+
+
+def keeps_last_local_model(cfg: ExperimentConfig) -> bool:
+    """Whether the configured sampler queries with the client's last-round model (KAFAL)."""
+    if not cfg.active_learning.enabled:
+        return False
+    spec, _ = build_sampler(cfg.active_learning.sampler, cfg.active_learning.sampler_params)
+    return spec.needs_local_model and spec.local_model == "last_round"
+
+
+def store_last_local_model(state: RecordDict, model: FeatureClassifier) -> None:
+    """Keep the weights local training just left, for the next query step."""
+    state[LAST_LOCAL_MODEL_KEY] = ArrayRecord(get_weights(model))
+
+
+def last_local_model(state: RecordDict, cfg: ExperimentConfig, input_shape: tuple[int, int, int], num_classes: int,
+                     device: torch.device) -> FeatureClassifier | None:
+    """The client's model after its last local training, or None before it first trained."""
+    if LAST_LOCAL_MODEL_KEY not in state:
+        return None
+    model = build_configured_model(cfg, input_shape, num_classes, cfg.seed)
+    model.load_state_dict(state[LAST_LOCAL_MODEL_KEY].to_torch_state_dict(), strict=False)
+    return model.to(device)
 
 
 def labelled_positions(state: RecordDict, num_samples: int, cfg: ExperimentConfig, partition_id: int) -> np.ndarray:
@@ -72,8 +96,14 @@ def train_local_only(cfg: ExperimentConfig, x: torch.Tensor, y: torch.Tensor, in
 
 def query_step(cfg: ExperimentConfig, global_model: FeatureClassifier, x: torch.Tensor, y: torch.Tensor,
                labelled: np.ndarray, budget: int, gamma_bar: float | None, seed: int,
-               input_shape: tuple[int, int, int], num_classes: int) -> tuple[np.ndarray, dict[str, Any]]:
-    """Run the configured sampler once; return the grown pool and what to report."""
+               input_shape: tuple[int, int, int], num_classes: int,
+               last_local: FeatureClassifier | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Run the configured sampler once; return the grown pool and what to report.
+
+    ``last_local``: the client's model after its last local training, for a ``last_round`` sampler;
+    a client that has not trained yet falls back to a model trained on its labelled set (reported
+    under ``LOCAL_MODEL_FROM_SCRATCH``).
+    """
     spec, params = build_sampler(cfg.active_learning.sampler, cfg.active_learning.sampler_params)
     unlabelled = np.setdiff1d(np.arange(len(x)), labelled)
     if len(unlabelled) == 0:
@@ -84,13 +114,17 @@ def query_step(cfg: ExperimentConfig, global_model: FeatureClassifier, x: torch.
     gp_l, gf_l = outputs(global_model, x[lab_t], bs)
     ctx = QueryContext(num_classes=num_classes, global_probs_u=gp_u, global_feats_u=gf_u, global_probs_l=gp_l,
                        global_feats_l=gf_l, labels_l=y[lab_t].cpu(), gamma_bar=gamma_bar, seed=seed)
+    from_scratch = 0
     if spec.needs_local_model:
-        local = train_local_only(cfg, x[lab_t], y[lab_t], input_shape, num_classes, seed)
+        local = last_local if spec.local_model == "last_round" else None
+        if local is None:
+            local, from_scratch = train_local_only(cfg, x[lab_t], y[lab_t], input_shape, num_classes, seed), 1
         ctx.local_probs_u, ctx.local_feats_u = outputs(local, x[unl_t], bs)
         ctx.local_probs_l, ctx.local_feats_l = outputs(local, x[lab_t], bs)
     result = spec.fn(ctx, min(budget, len(unlabelled)), params)
     picked = unlabelled[np.asarray(result.indices, dtype=np.int64)]
     revealed = y[torch.from_numpy(picked).to(x.device)].cpu().numpy()  # the oracle answers
     histogram = np.bincount(revealed, minlength=num_classes)
-    report = {"queried": int(len(picked)), protocol.LABEL_HISTOGRAM: [int(h) for h in histogram], **result.report}
+    report = {"queried": int(len(picked)), protocol.LABEL_HISTOGRAM: [int(h) for h in histogram],
+              protocol.LOCAL_MODEL_FROM_SCRATCH: from_scratch, **result.report}
     return np.union1d(labelled, picked), report

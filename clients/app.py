@@ -19,7 +19,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.active import labelled_positions, query_step, store_positions
+from clients.active import (keeps_last_local_model, labelled_positions, last_local_model, query_step,
+                            store_last_local_model, store_positions)
 from clients.algorithms import CLIENT_ALGORITHMS
 from clients.algorithms.base import ClientRound
 from clients.losses import LossContext, build_loss
@@ -195,6 +196,8 @@ def train(message: Message, context: Context) -> Message:
     result = train_local(model, session.x, session.y, train_cfg, loss_fn, loss_params, loss_ctx, algorithm,
                          seed=derive_seed(cfg.seed, "train-batches", server_round, session.partition_id),
                          real_count=real_count, synthetic_weight=cfg.synthetic.loss_weight)
+    if keeps_last_local_model(cfg):
+        store_last_local_model(context.state, model)
     reply = RecordDict({protocol.ARRAYS: faults.corrupt(ArrayRecord(get_weights(model)), message.content[protocol.ARRAYS])})
     metrics: dict = {
         protocol.NUM_EXAMPLES: int(len(session.y) if real_count is None else real_count),
@@ -282,7 +285,9 @@ def select(message: Message, context: Context) -> Message:
     step = int(config.get(protocol.FAL_STEP, 0))
     grown, report = query_step(cfg, model, session.x, session.y, labelled, int(config[protocol.BUDGET]), gamma_bar,
                                derive_seed(cfg.seed, "fal-query", step, session.partition_id),
-                               session.input_shape, session.num_classes)
+                               session.input_shape, session.num_classes,
+                               last_local_model(context.state, cfg, session.input_shape, session.num_classes,
+                                                session.device))
     store_positions(context.state, grown)
     metrics = {protocol.PARTITION_ID: session.partition_id, protocol.NUM_LABELLED: int(len(grown)), **report}
     return Message(RecordDict({protocol.METRICS: MetricRecord(metrics)}), reply_to=message)

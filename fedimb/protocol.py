@@ -85,6 +85,7 @@ GENERATOR_LOSS = "generator_loss"
 NUM_SYNTHETIC = "num-synthetic"
 NUM_LABELLED = "num-labelled"
 LABEL_HISTOGRAM = "histogram"  # labels revealed by this query step
+LOCAL_MODEL_FROM_SCRATCH = "local-model-from-scratch"  # 1: a last-round sampler's client had not trained yet
 FAIRFAL_GAMMA = "gamma"  # FairFAL: this client's imbalance γ_k, reported at the first query step
 QUALITY_HITS = "quality-hits"  # local generator: judge hits per class
 QUALITY_SCORED = "quality-scored"  # local generator: images scored per class

@@ -84,3 +84,33 @@ def test_hello_tells_only_the_labelled_pool_s_labels():
     labelled = labelled_positions(context.state, len(labels), cfg, 2)
     assert list(metrics[protocol.CLASS_COUNTS]) == np.bincount(labels[labelled], minlength=10).tolist()
     assert sum(metrics[protocol.CLASS_COUNTS]) == len(labelled) < int(metrics[protocol.NUM_EXAMPLES]) == len(labels)
+
+
+def test_kafal_queries_with_the_clients_last_round_model():
+    import torch
+
+    from clients.active import keeps_last_local_model, last_local_model, query_step, store_last_local_model
+    from clients.samplers.kafal import kafal_scores
+    from fedimb import protocol
+    from fedimb.models import build_configured_model
+
+    cfg = load_config(None, DIGITS_SMALL + AL + ["active_learning.sampler=kafal",
+                                                 "active_learning.sampler_params.weight_by_local_distribution=false"])
+    assert keeps_last_local_model(cfg)
+    assert not keeps_last_local_model(load_config(None, DIGITS_SMALL + AL + ["active_learning.sampler=logo"]))
+    torch.manual_seed(0)
+    x, y = torch.randn(30, 1, 8, 8), torch.arange(30) % 10
+    labelled = np.arange(10)
+    global_model, trained = (build_configured_model(cfg, (1, 8, 8), 10, seed) for seed in (1, 2))
+    state = RecordDict()
+    assert last_local_model(state, cfg, (1, 8, 8), 10, torch.device("cpu")) is None
+    store_last_local_model(state, trained)
+    local = last_local_model(state, cfg, (1, 8, 8), 10, torch.device("cpu"))
+    grown, report = query_step(cfg, global_model, x, y, labelled, 4, None, 0, (1, 8, 8), 10, local)
+    with torch.no_grad():
+        global_model.eval(), trained.eval()
+        scores = kafal_scores(global_model(x[10:]).softmax(1), trained(x[10:]).softmax(1), None)
+    assert report[protocol.LOCAL_MODEL_FROM_SCRATCH] == 0
+    assert sorted(set(grown) - set(labelled)) == sorted((10 + torch.topk(scores, 4).indices).tolist())
+    _, before_training = query_step(cfg, global_model, x, y, labelled, 4, None, 0, (1, 8, 8), 10, None)
+    assert before_training[protocol.LOCAL_MODEL_FROM_SCRATCH] == 1

@@ -58,12 +58,17 @@ SamplerFn = Callable[[QueryContext, int, Any], SamplerResult]
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """A registered sampler: ``fn(ctx, budget, params)``, its params dataclass, and whether it needs a local model."""
+    """A registered sampler: ``fn(ctx, budget, params)``, its params dataclass, and whether it needs a local model.
+
+    ``local_model``: ``scratch`` (a model trained on the labelled set alone at query time) or
+    ``last_round`` (the client's own model after its last local training of the federation).
+    """
 
     name: str
     fn: SamplerFn
     params_cls: type = NoParams
     needs_local_model: bool = False
+    local_model: str = "scratch"
 
 
 def require(tensor: Tensor | None, name: str) -> Tensor:

@@ -4,7 +4,8 @@ Score = ½[KL(p_l ‖ p_g) + KL(p_g ‖ p_l)] per unlabelled sample, top b. With
 ``weight_by_local_distribution`` both softmaxes are first tilted by the client's class
 distribution w (the authors add log w to both logits, i.e. p ← p·w / Σ p·w), which
 "intensifies" the local model's specialised knowledge. We take w from the client's labelled
-counts, an absent class counting as one sample so that log w stays finite.
+counts, an absent class counting as one sample so that log w stays finite. The local model is
+the client's own after its last local training (``local_model="last_round"``), as in IFAL's code.
 """
 
 from dataclasses import dataclass
@@ -51,4 +52,5 @@ def kafal_sampler(ctx: QueryContext, budget: int, params: KafalParams) -> Sample
     return SamplerResult(top_k(scores, query_size(ctx, budget)))
 
 
-SAMPLER = SamplerSpec("kafal", kafal_sampler, KafalParams, needs_local_model=True)
+# IFAL's reference code takes the client's model as its last federated round left it
+SAMPLER = SamplerSpec("kafal", kafal_sampler, KafalParams, needs_local_model=True, local_model="last_round")

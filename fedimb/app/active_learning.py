@@ -102,6 +102,7 @@ class ActiveLearningLoop:
                 "labelled_fraction_after": labelled / self.total_train,
                 "queried_tail_share": tail_share(histogram, self.tail_classes),
                 "gamma_bar": self.gamma_bar if self.gamma_bar is not None else float("nan"),
+                "local_models_from_scratch": int(sum(int(m.get(protocol.LOCAL_MODEL_FROM_SCRATCH, 0)) for m in metrics)),
                 "queried_histogram": [int(h) for h in histogram]}
 
 
