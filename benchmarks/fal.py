@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from fedimb.app.cli import guarded
-from fedimb.app.pages import (PageRun, bench_parser, floors_section, floors_table, mean_std, parse, store_runs,
+from fedimb.app.pages import (PageRun, bench_parser, floors_section, floors_table, mean_std, noise_note, paired_text, parse, store_runs,
                               table)
 from fedimb.app.sweep import choose, execute, failure, is_finished, plan_sweep
 from fedimb.records import save_figure
@@ -38,17 +38,31 @@ def pooled_tail_share(steps: list[dict]) -> float:
     return float((queried * shares).sum() / queried.sum()) if queried.sum() > 0 else float("nan")
 
 
-def floors(curves: dict[str, list[list[float]]], tails: dict[str, list[float]]) -> tuple[str, bool]:
+def paired(values: dict[str, dict[int, float]], ours: str, other: str) -> np.ndarray:
+    """Per-seed differences ours − other over the seeds both ran."""
+    return np.array([values[ours][s] - values[other][s] for s in sorted(values[ours]) if s in values[other]])
+
+
+def floors(curves: dict[str, list[list[float]]], tails: dict[str, list[float]],
+           seeds: dict[str, list[int]]) -> tuple[str, bool]:
     """The floors on the reduced protocol: FairFAL beats Random and Entropy at the last labelled
-    share (means over seeds) and queries a larger tail share than Entropy."""
+    share (means over seeds) and queries a larger tail share than Entropy; each with its per-seed
+    paired differences, and a note where they are within noise."""
     if not {"fairfal", "random", "entropy"} <= set(curves):
         return "(floors not checked: need fairfal, random and entropy)", False
-    final = {k: float(np.mean([c[-1] for c in v])) for k, v in curves.items()}
-    tail = {k: 100 * float(np.mean(v)) for k, v in tails.items()}
-    return floors_table(["floor (fairfal)", "measured (points)", "needed", "holds"], [
-        (["accuracy at the last share over random"], final["fairfal"] - final["random"], ">", 0),
-        (["accuracy at the last share over entropy"], final["fairfal"] - final["entropy"], ">", 0),
-        (["tail share of queries over entropy"], tail["fairfal"] - tail["entropy"], ">", 0)])
+    final = {k: dict(zip(seeds[k], (c[-1] for c in v))) for k, v in curves.items()}
+    tail = {k: dict(zip(seeds[k], (100 * t for t in v))) for k, v in tails.items()}
+    checks = [("accuracy at the last share over random", paired(final, "fairfal", "random"),
+               np.mean(list(final["fairfal"].values())) - np.mean(list(final["random"].values()))),
+              ("accuracy at the last share over entropy", paired(final, "fairfal", "entropy"),
+               np.mean(list(final["fairfal"].values())) - np.mean(list(final["entropy"].values()))),
+              ("tail share of queries over entropy", paired(tail, "fairfal", "entropy"),
+               np.mean(list(tail["fairfal"].values())) - np.mean(list(tail["entropy"].values())))]
+    text, ok = floors_table(["floor (fairfal)", "paired per seed (mean ± std)", "measured (points)", "needed", "holds"],
+                            [([name, paired_text(diffs)], float(measured), ">", 0) for name, diffs, measured in checks])
+    within = [name for name, diffs, _ in checks if "within noise" in paired_text(diffs)]
+    text += noise_note(within)
+    return text, ok
 
 
 def plot_curves(curves: dict[str, list[list[float]]], fractions: list[float], path: Path) -> Path:
@@ -72,18 +86,22 @@ def plot_curves(curves: dict[str, list[list[float]]], fractions: list[float], pa
     return save_figure(fig, path)
 
 
-def learning_curves(runs: list[PageRun]) -> tuple[dict[str, list[list[float]]], dict[str, list[float]], list[float]]:
-    """Accuracy per labelled share and pooled tail share of queries of every run, by sampler; the shares."""
+def learning_curves(runs: list[PageRun]) -> tuple[dict[str, list[list[float]]], dict[str, list[float]], list[float],
+                                                  dict[str, list[int]]]:
+    """Accuracy per labelled share and pooled tail share of queries of every run, by sampler; the
+    shares; each sampler's seeds in the order of its runs."""
     curves: dict[str, list[list[float]]] = {}
     tails: dict[str, list[float]] = {}
+    seeds: dict[str, list[int]] = {}
     fractions: list[float] = []
     for run in runs:
+        seeds.setdefault(run.label, []).append(run.cfg.seed)
         steps = run.summary["active_learning"]
         al = run.cfg.active_learning
         fractions = [al.initial_fraction + al.step_fraction * s["step"] for s in steps]
         curves.setdefault(run.label, []).append([100 * s["accuracy"] for s in steps])
         tails.setdefault(run.label, []).append(pooled_tail_share(steps))
-    return curves, tails, fractions
+    return curves, tails, fractions, seeds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             finished, failed = execute(chosen, sweep_dir)
         store_runs(page, header, [r.run_dir for r in finished], failed, len(chosen))
-    curves, tails, fractions = learning_curves(page.runs())
+    curves, tails, fractions, seeds = learning_curves(page.runs())
     rows = []
     for label in (s for s in args.samplers if s in curves):
         acc = np.array(curves[label])
@@ -126,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
                "reset to random init each stage, lr 0.01 × 0.1 after 75% of each stage")
     print(f"FMNIST-LT rho=20, dir_balance alpha=0.1, 10 clients, 5% -> 45% labelled; {setting}")
     print(text)
-    floor_text, ok = floors(curves, tails)
+    floor_text, ok = floors(curves, tails, seeds)
     print(floor_text)
     if curves:
         plot_curves({k: curves[k] for k in args.samplers if k in curves}, fractions, page.folder / "curves.png")

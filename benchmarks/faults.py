@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 
 from fedimb.app.cli import guarded
-from fedimb.app.pages import PageRun, bench_parser, floors_section, floors_table, page_runs, parse, save_records, table
+from fedimb.app.pages import (PageRun, bench_parser, floors_section, floors_table, page_runs, paired_text, parse,
+                              save_records, table)
 from fedimb.app.sweep import PlannedRun, choose, execute, failure, is_finished, plan_sweep, result_knobs
 from fedimb.config import ConfigError, ExperimentConfig, load_config
 from fedimb.failures import FAILURES_FILE, required_replies
@@ -166,16 +167,6 @@ def delta(values: dict[int, dict], base: dict[int, dict], metric: str) -> tuple[
     return seeds, np.array([values[s][metric] - base[s][metric] for s in seeds])
 
 
-def delta_text(diffs: np.ndarray) -> str:
-    """``+m ± s`` of per-seed differences, ``(within noise)`` where |mean| < std; ``–`` with none."""
-    if len(diffs) == 0:
-        return "–"
-    if len(diffs) == 1:
-        return f"{diffs[0]:+.2f}"
-    mean, std = diffs.mean(), diffs.std()
-    return f"{mean:+.2f} ± {std:.2f}" + (" (within noise)" if abs(mean) < std else "")
-
-
 def describe(cfg: ExperimentConfig, seeds: list[int]) -> list[str]:
     """A cell's hostile clients, what they do per round, its robust rule and min_replies."""
     faults, n = cfg.faults, cfg.federation.num_clients
@@ -217,7 +208,7 @@ def results_rows(cells: dict[str, dict[int, dict]], labels: list[str]) -> list[l
             values = np.array([r[metric] for r in done])
             seeds, diffs = delta(runs, base, metric)
             cell += [(f"{values.mean():.2f} ± {values.std():.2f}" if len(values) > 1 else f"{values.mean():.2f}")
-                     if len(values) else "–", delta_text(diffs) if case != "clean" else ""]
+                     if len(values) else "–", paired_text(diffs) if case != "clean" else ""]
             if metric == "balanced_accuracy":
                 cell.append(" / ".join(f"{d:+.2f}" for d in diffs) if case != "clean" else "")
         reasons: dict[str, int] = {}

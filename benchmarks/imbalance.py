@@ -21,8 +21,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fedimb.app.cli import guarded
-from fedimb.app.pages import bench_parser, floors_section, floors_table, parse, records_of, save_records, table
+from fedimb.app.pages import (bench_parser, floors_section, floors_table, noise_note, paired_text, parse, records_of,
+                              save_records, table)
 from fedimb.report import (aggregate, collect_runs, find_run_dirs, read_records, results_markdown, run_of_record,
                            write_report)
 
@@ -31,29 +34,47 @@ KEY_SETTING = "dir_balance(0.1), LT rho=100"
 TABLE_METRICS = ("balanced_accuracy", "tail_recall", "macro_f1", "client_accuracy_std", "accuracy")
 
 
-def floors(groups: list[dict], cafedcl: str, fedprotos: list[str]) -> tuple[str, bool]:
-    """Markdown lines checking the floors on the key setting (against every ablation label given),
-    and whether all hold."""
+def paired(rows: list[dict], ours: str, other: str, metric: str) -> np.ndarray:
+    """Per-seed differences ours − other of ``metric`` on the key setting, in points, over the seeds both ran."""
+    by = {(r["strategy"], r["seed"]): 100 * float(r[metric]) for r in rows if r["partition"] == KEY_SETTING}
+    seeds = sorted(seed for (method, seed) in by if method == ours and (other, seed) in by)
+    return np.array([by[(ours, s)] - by[(other, s)] for s in seeds])
+
+
+def floors(groups: list[dict], rows: list[dict], cafedcl: str, fedprotos: list[str]) -> tuple[str, bool]:
+    """Markdown lines checking the floors on the key setting (against every prototype baseline given)
+    with the per-seed paired differences, and whether all hold."""
     by_method = {g["method"]: g for g in groups if g["setting"] == KEY_SETTING}
-    missing = [m for m in ["fedavg", cafedcl, *fedprotos] if m not in by_method]
+    missing = [m for m in ["fedavg", cafedcl] if m not in by_method]
     if missing:
         return f"(floors not checked: {', '.join(missing)} missing on {KEY_SETTING})", False
+    not_run = [label for label in fedprotos if label not in by_method]
+    fedprotos = [label for label in fedprotos if label in by_method]
     ours, base = by_method[cafedcl], by_method["fedavg"]
 
     def pts(group: dict, metric: str) -> float:
         return 100 * group[f"{metric}_mean"]
 
     checks = [
-        ("balanced accuracy over fedavg", pts(ours, "balanced_accuracy") - pts(base, "balanced_accuracy"), 3.0),
-        ("tail recall over fedavg", pts(ours, "tail_recall") - pts(base, "tail_recall"), 5.0),
+        ("balanced accuracy over fedavg", pts(ours, "balanced_accuracy") - pts(base, "balanced_accuracy"), 3.0,
+         paired(rows, cafedcl, "fedavg", "balanced_accuracy")),
+        ("tail recall over fedavg", pts(ours, "tail_recall") - pts(base, "tail_recall"), 5.0,
+         paired(rows, cafedcl, "fedavg", "tail_recall")),
         *[(f"balanced accuracy over {label} (n = {by_method[label]['n']})",
-           pts(ours, "balanced_accuracy") - pts(by_method[label], "balanced_accuracy"), 0.0) for label in fedprotos],
-        ("client accuracy std below fedavg's", pts(base, "client_accuracy_std") - pts(ours, "client_accuracy_std"), 0.0),
+           pts(ours, "balanced_accuracy") - pts(by_method[label], "balanced_accuracy"), 0.0,
+           paired(rows, cafedcl, label, "balanced_accuracy")) for label in fedprotos],
+        ("client accuracy std below fedavg's", pts(base, "client_accuracy_std") - pts(ours, "client_accuracy_std"), 0.0,
+         -paired(rows, cafedcl, "fedavg", "client_accuracy_std")),
     ]
-    text, ok = floors_table(["floor", "measured (points)", "needed", "holds"],
-                            [([name], value, ">" if need == 0 else ">=", need) for name, value, need in checks])
+    text, ok = floors_table(["floor", "paired per seed (mean ± std)", "measured (points)", "needed", "holds"],
+                            [([name, paired_text(diffs)], value, ">" if need == 0 else ">=", need)
+                             for name, value, need, diffs in checks])
+    within = [name for name, _, _, diffs in checks if "within noise" in paired_text(diffs)]
+    text += noise_note(within)
+    if not_run:
+        text += f"\n\nNot run on this setting, so not checked: {', '.join(f'`{label}`' for label in not_run)}."
     return (f"Floors on {KEY_SETTING}, `{cafedcl}` (n = {ours['n']}) against `fedavg` (n = {base['n']}) "
-            f"and the FedProto ablations, means over seeds:\n\n{text}"), ok
+            f"and the prototype baselines, means over seeds:\n\n{text}"), ok and not not_run
 
 
 def plateau(groups: list[dict], window: int, rounds: dict[str, list[dict]]) -> str:
@@ -89,8 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tuning", default="runs/sweeps/cafedcl_tuning")
     parser.add_argument("--cafedcl", default="cafedcl(inference=prototype,lambda_proto=2,tau=0.1)", help="method label of the CAFedCL-style row to check")
     parser.add_argument("--fedproto", nargs="+",
-                        default=["fedproto(inference=prototype)", "fedproto(inference=prototype,lambda_proto=2,tau=0.1)"],
-                        help="method labels of the ablations (FedProto at its own and at cafedcl's loss knobs)")
+                        default=["fedproto", "fedavg_proto(inference=prototype)",
+                                 "fedavg_proto(inference=prototype,lambda_proto=2,tau=0.1)"],
+                        help="method labels of the prototype baselines: FedProto, and the ablation (FedAvg with "
+                             "count-weighted prototypes) at its own and at cafedcl's loss knobs")
     parser.add_argument("--last-rounds", type=int, default=5, metavar="K",
                         help="average each run's last K rounds (0: final round only)")
     args, header, page = parse(parser, sys.argv[1:] if argv is None else argv)
@@ -105,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = [run_of_record(r, page.records) for r in records if r["group"] == "sweep"]
     tuning_runs = [run_of_record(r, page.records) for r in records if r["group"] == "tuning"]
     write_report(runs, page.folder, last_rounds=args.last_rounds)
-    groups = aggregate(collect_runs(runs, last_rounds=args.last_rounds))
-    floor_text, ok = floors(groups, args.cafedcl, args.fedproto)
+    rows = collect_runs(runs, last_rounds=args.last_rounds)
+    groups = aggregate(rows)
+    floor_text, ok = floors(groups, rows, args.cafedcl, args.fedproto)
     notes = page.notes()
     tuning = (results_markdown(aggregate(collect_runs(tuning_runs, last_rounds=args.last_rounds)),
                                ("balanced_accuracy", "tail_recall", "client_accuracy_std"))

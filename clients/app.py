@@ -22,10 +22,10 @@ from flwr.clientapp import ClientApp
 from clients.active import (keeps_last_local_model, labelled_positions, last_local_model, query_step,
                             store_last_local_model, store_positions)
 from clients.algorithms import CLIENT_ALGORITHMS
-from clients.algorithms.base import ClientRound
+from clients.algorithms.base import ClientAlgorithm, ClientRound
 from clients.losses import LossContext, build_loss
 from clients.synthetic import generator_from, load_pool, local_generator, pool_tensors, store_pool
-from clients.trainer import pick_device, predict_logits, round_lr, to_tensors, train_local
+from clients.trainer import pick_device, round_lr, to_tensors, train_local
 from fedimb import protocol
 from fedimb.config import ExperimentConfig, from_yaml
 from fedimb.protocol import derive_seed
@@ -141,6 +141,24 @@ def _model(session: ClientSession, arrays: ArrayRecord) -> tuple[FeatureClassifi
     return model.to(session.device), global_weights
 
 
+def _algorithm(content: RecordDict) -> type[ClientAlgorithm]:
+    """The client algorithm the server's message names."""
+    config = content[protocol.CONFIG]
+    return CLIENT_ALGORITHMS[str(config.get(protocol.CLIENT_ALGORITHM, protocol.DEFAULT_CLIENT_ALGORITHM))]
+
+
+def _round_model(session: ClientSession, content: RecordDict,
+                 context: Context) -> tuple[FeatureClassifier, dict[str, torch.Tensor]]:
+    """The model this round starts from and its weights: the server's global model, or the client's
+    own where the algorithm keeps one (FedProto)."""
+    algorithm_cls = _algorithm(content)
+    if not algorithm_cls.owns_model:
+        return _model(session, content[protocol.ARRAYS])
+    model = algorithm_cls.own_model(session.cfg, content, context.state, session.input_shape, session.num_classes,
+                                    session.partition_id).to(session.device)
+    return model, {k: v.clone() for k, v in get_weights(model).items()}
+
+
 @app.query()
 def hello(message: Message, context: Context) -> Message:
     """Tell the server which partition this node holds, how many samples, their class counts and shape.
@@ -174,8 +192,9 @@ def train(message: Message, context: Context) -> Message:
     """Local training from the global weights; replies weights, counts and train loss."""
     session, real_count = _with_synthetic(_labelled_view(_session(message, context), context), context)
     cfg = session.cfg
-    model, global_weights = _model(session, message.content[protocol.ARRAYS])
     config = message.content[protocol.CONFIG]
+    algorithm_cls = _algorithm(message.content)
+    model, global_weights = _round_model(session, message.content, context)
     server_round = int(config.get(protocol.SERVER_ROUND, 0))
     faults = FaultPlan.for_round(cfg.faults, cfg.seed, cfg.federation.num_clients, server_round, session.partition_id)
     faults.before_training()  # an injected crash, departure or delay (faults:, simulation only)
@@ -184,7 +203,6 @@ def train(message: Message, context: Context) -> Message:
                                       class_counts=session.class_counts.flip(0))
     stage_rounds = cfg.active_learning.rounds_per_step if cfg.active_learning.enabled else cfg.federation.rounds
     train_cfg = dataclasses.replace(cfg.train, lr=round_lr(cfg.train, server_round, stage_rounds))
-    algorithm_cls = CLIENT_ALGORITHMS[str(config.get(protocol.CLIENT_ALGORITHM, protocol.DEFAULT_CLIENT_ALGORITHM))]
     algorithm = algorithm_cls(ClientRound(model, global_weights, message.content, context.state,
                                           train_cfg.lr, cfg.train.momentum, session.x, session.y,
                                           session.class_counts, cfg.eval.batch_size, real_count))
@@ -198,7 +216,7 @@ def train(message: Message, context: Context) -> Message:
                          real_count=real_count, synthetic_weight=cfg.synthetic.loss_weight)
     if keeps_last_local_model(cfg):
         store_last_local_model(context.state, model)
-    reply = RecordDict({protocol.ARRAYS: faults.corrupt(ArrayRecord(get_weights(model)), message.content[protocol.ARRAYS])})
+    reply = RecordDict({protocol.ARRAYS: faults.corrupt(algorithm.reply_arrays(), message.content[protocol.ARRAYS])})
     metrics: dict = {
         protocol.NUM_EXAMPLES: int(len(session.y) if real_count is None else real_count),
         protocol.TRAIN_LOSS: result.mean_loss,
@@ -301,9 +319,9 @@ def evaluate(message: Message, context: Context) -> Message:
     FaultPlan.for_round(cfg.faults, cfg.seed, cfg.federation.num_clients,  # a client that left answers nothing
                         int(message.content[protocol.CONFIG].get(protocol.SERVER_ROUND, 0)),
                         session.partition_id).before_evaluation()
-    model, _ = _model(session, message.content[protocol.ARRAYS])
+    model, _ = _round_model(session, message.content, context)
     x, y = _local_test(session)
-    logits = predict_logits(model, x, cfg.eval.batch_size)
+    logits = _algorithm(message.content).evaluation_logits(model, x, message.content, cfg.eval.batch_size)
     predicted = logits.argmax(1)
     correct = int((predicted == y).sum()) if len(y) else 0
     loss = float(torch.nn.functional.cross_entropy(logits, y)) if len(y) else 0.0

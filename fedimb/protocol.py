@@ -51,6 +51,7 @@ EXPERIMENT_CONFIG = "fedimb-config"  # the resolved experiment YAML, in every me
 CLIENT_ALGORITHM = "client-algorithm"  # which clients/algorithms entry trains this round
 DEFAULT_CLIENT_ALGORITHM = "fedavg"  # plain local SGD, when a strategy names none
 SERVER_ROUND = "server-round"  # Flower's
+CLIENT_MODELS = "client-models"  # FedProto: model names, client i trains models[i mod len] of its own
 # The federation's class counts summed over the clients' hello replies: the global prior of
 # logit adjustment (Menon et al.), which no single client can know
 GLOBAL_CLASS_COUNTS = "global-class-counts"

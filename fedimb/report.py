@@ -132,16 +132,20 @@ def partition_label(config: dict[str, Any]) -> str:
     return label
 
 
+def _with_params(name: str, params: dict[str, Any]) -> str:
+    """``name(k=v,...)`` with the params set; runs that differ only in a knob are different methods."""
+    return f"{name}(" + ",".join(f"{k}={params[k]}" for k in sorted(params)) + ")" if params else name
+
+
 def method_label(config: dict[str, Any], summary: dict[str, Any]) -> str:
     """Strategy name with the params set in the config (``cafedcl(inference=prototype)``), plus
-    ``+<loss>`` when the client loss is not ``ce``, ``+synthetic`` with a generator top-up, and
-    ``/<sampler>`` in active learning."""
+    ``+<loss>`` (with its params set) when the client loss is not ``ce``, ``+synthetic`` with a
+    generator top-up, and ``/<sampler>`` in active learning."""
     strategy = (config.get("strategy") or {}).get("name") or summary.get("strategy") or "unknown"
-    params = (config.get("strategy") or {}).get("params") or {}
-    if params:  # runs that differ only in a strategy knob are different methods
-        strategy = f"{strategy}(" + ",".join(f"{k}={params[k]}" for k in sorted(params)) + ")"
-    loss = ((config.get("train") or {}).get("loss") or {}).get("name", "ce")
-    label = f"{strategy}+{loss}" if loss and loss != "ce" else str(strategy)
+    strategy = _with_params(str(strategy), (config.get("strategy") or {}).get("params") or {})
+    loss_config = (config.get("train") or {}).get("loss") or {}
+    loss = loss_config.get("name", "ce")
+    label = f"{strategy}+{_with_params(loss, loss_config.get('params') or {})}" if loss and loss != "ce" else strategy
     if (config.get("synthetic") or {}).get("enabled"):
         label += "+synthetic"
     active = config.get("active_learning") or {}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from flwr.serverapp.strategy import Strategy
 
-from fedimb.config import ExperimentConfig, build_params, registered
-from strategies import cafedcl, climb, fedadam, fedavg, fedavgm, fednova, fedprox, scaffold
+from fedimb.config import ConfigError, ExperimentConfig, build_params, registered
+from strategies import cafedcl, climb, fedadam, fedavg, fedavgm, fednova, fedprox, fedproto, scaffold
 from strategies.base import StrategyContext, StrategySpec
 
 STRATEGIES: dict[str, StrategySpec] = {spec.name: spec for spec in (
@@ -16,7 +16,8 @@ STRATEGIES: dict[str, StrategySpec] = {spec.name: spec for spec in (
     scaffold.SPEC,
     fednova.SPEC,
     climb.SPEC,
-    cafedcl.FEDPROTO,
+    fedproto.SPEC,
+    cafedcl.FEDAVG_PROTO,
     cafedcl.CAFEDCL,
 )}
 
@@ -27,9 +28,12 @@ def strategy_spec(name: str) -> StrategySpec:
 
 
 def check_strategy_config(cfg: ExperimentConfig) -> None:
-    """Fail early on an unknown strategy name or parameter."""
+    """Fail early on an unknown strategy name or parameter, or a run the strategy cannot do."""
     spec = strategy_spec(cfg.strategy.name)
     build_params(spec.params_cls, cfg.strategy.params, "strategy.params")
+    if not spec.global_model and cfg.active_learning.enabled:
+        raise ConfigError("strategy.name", f"'{spec.name}' trains no global model, and active learning queries "
+                          "with one; choose another strategy or active_learning.enabled=false")
 
 
 def build_strategy(cfg: ExperimentConfig, ctx: StrategyContext) -> tuple[Strategy, StrategySpec]:

@@ -80,6 +80,8 @@ class StrategySpec:
 
     ``keeps_client_state``: its clients keep something in ``context.state`` from one round to
     the next (SCAFFOLD's c_i), which a restarted run has lost, so such runs cannot resume.
+    ``global_model``: the server holds a model to evaluate; without one (FedProto) the run is
+    scored by the clients' evaluation of their own models.
     """
 
     name: str
@@ -88,6 +90,7 @@ class StrategySpec:
     client_algorithm: str = protocol.DEFAULT_CLIENT_ALGORITHM
     summary: str = ""
     keeps_client_state: bool = False
+    global_model: bool = True
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""CAFedCL-style confidence-aware prototype aggregation, and FedProto as its ablation.
+"""CAFedCL-style confidence-aware prototype aggregation, and ``fedavg_proto`` as its ablation.
 
 Our design after Wu et al., "Breaking the Prototype Bias Loop" (arXiv 2603.03007; only the
 abstract is public), built on FedProto (Tan et al., AAAI 2022). Clients send, per class c they
@@ -10,7 +10,7 @@ u_k,c and the quality q_k,c of the synthetic samples behind the prototype
     P_c = normalise(Σ_k w_k,c p_k,c),   then P_c ← normalise(m·P_c(old) + (1 − m)·P_c)
 
 so n·q = n_real + r·n_syn: a synthetic sample counts as much as the global model recognises it
-(q = 1 without synthetic samples). ``fedproto`` is the same loop with w̃ = n_k,c and no smoothing: what the confidence weighting adds is the difference.
+(q = 1 without synthetic samples). ``fedavg_proto`` is the same loop with w̃ = n_k,c and no smoothing: what the confidence weighting adds is the difference.
 Model weights: FedAvg, or ``model_weighting=confidence`` (FedAvg's weights × the client's
 mean confidence 1 − u on its own data, normalised).
 """
@@ -37,7 +37,7 @@ from strategies.validation import Signature
 class PrototypeParams:
     """Server and client knobs of prototype aggregation.
 
-    prototype_weighting: ``confidence`` (CAFedCL-style) or ``count`` (FedProto);
+    prototype_weighting: ``confidence`` (CAFedCL-style) or ``count`` (FedProto's count weights);
     beta: β of exp(−β·u); eps: ε added to σ²; ema: m of the smoothing (0 = none);
     model_weighting: ``fedavg`` or ``confidence``; lambda_proto, lambda_geo, tau: client loss;
     inference: ``head`` (the model's own linear head) or ``prototype`` (nearest global
@@ -180,8 +180,8 @@ def build_cafedcl(ctx: StrategyContext, params: PrototypeParams) -> PrototypeStr
 
 
 @dataclass
-class FedProtoParams(PrototypeParams):
-    """FedProto: count-weighted prototypes, no smoothing, no geometric term."""
+class FedAvgProtoParams(PrototypeParams):
+    """Count-weighted prototypes, no smoothing, no geometric term."""
 
     prototype_weighting: str = "count"
     ema: float = 0.0
@@ -189,4 +189,6 @@ class FedProtoParams(PrototypeParams):
 
 
 CAFEDCL = StrategySpec("cafedcl", build_cafedcl, PrototypeParams, "prototypes", "confidence-aware prototypes")
-FEDPROTO = StrategySpec("fedproto", build_cafedcl, FedProtoParams, "prototypes", "count-weighted prototypes")
+# FedAvg of the weights with count-weighted prototypes and the InfoNCE term: cafedcl's ablation
+# without its confidence weighting (the true FedProto, prototypes only, is strategies/fedproto.py)
+FEDAVG_PROTO = StrategySpec("fedavg_proto", build_cafedcl, FedAvgProtoParams, "prototypes", "FedAvg + count-weighted prototypes")

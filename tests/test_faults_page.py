@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from fedimb.app.bench import load_benchmark
+from fedimb.app.pages import paired_text
 from fedimb.app.sweep import choose, plan_sweep
 from fedimb.config import load_config
 from fedimb.faults import hostile_partitions
@@ -29,9 +30,9 @@ def test_the_cells_run_seed_by_seed_and_share_their_hostile_client(tmp_path):
 
 def test_differences_say_within_noise_and_reasons_drop_numbers():
     bench = load_benchmark("faults")
-    assert bench.delta_text(np.array([0.5, -1.5])) == "-0.50 ± 1.00 (within noise)"
-    assert bench.delta_text(np.array([-2.0, -3.0])) == "-2.50 ± 0.50"
-    assert bench.delta_text(np.array([0.25])) == "+0.25" and bench.delta_text(np.array([])) == "–"
+    assert paired_text(np.array([0.5, -1.5])) == "-0.50 ± 1.00 (within noise)"
+    assert paired_text(np.array([-2.0, -3.0])) == "-2.50 ± 0.50"
+    assert paired_text(np.array([0.25])) == "+0.25" and paired_text(np.array([])) == "–"
     assert bench.short_reason("injected fault: crash at round 7") == "crash"
     assert bench.short_reason("rejected: weights: conv1.weight is not finite") == "rejected: not finite"
     assert bench.short_reason("no reply before the round timeout") == "no reply before the round timeout"

@@ -28,7 +28,7 @@ def test_cafedcl_weights_three_clients_by_hand():
     assert w[0, 1] == 0.0  # a client without the class never weighs in
 
 
-def test_fedproto_weights_are_counts():
+def test_fedavg_proto_weights_are_counts():
     counts = np.array([[10.0, 0.0], [30.0, 5.0]])
     w = prototype_weights(counts, np.ones_like(counts), np.ones_like(counts), None, 2.0, 0.1, "count")
     np.testing.assert_allclose(w, [[0.25, 0.0], [0.75, 1.0]])

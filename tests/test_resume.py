@@ -56,6 +56,11 @@ def _replies(name: str, server_round: int, arrays: ArrayRecord) -> list:
                 "dispersion": torch.from_numpy(rng.uniform(0, 1, 3).astype(np.float32)),
                 "synthetic": torch.tensor([0.0, 1.0, 3.0]),
                 "quality": torch.from_numpy(rng.uniform(0.5, 1, 3).astype(np.float32))})
+        if algorithm == "fedproto":  # prototypes and counts only, no weights
+            msg.content["arrays"] = ArrayRecord()
+            msg.content["proto-stats"] = ArrayRecord({
+                "protos": torch.from_numpy(rng.normal(size=(3, 2)).astype(np.float32)),
+                "counts": torch.tensor([5.0, float(pid), 0.0 if pid % 2 else 2.0])})
         if algorithm == "scaffold":
             msg.content["control-delta"] = ArrayRecord(
                 {k: torch.from_numpy(rng.normal(size=v.numpy().shape).astype(np.float32)) for k, v in arrays.items()})
@@ -87,7 +92,7 @@ def test_strategy_state_survives_a_checkpoint_exactly(name, tmp_path):
     offset = RoundOffset(restored, 2)  # the resumed run's loop says round 1; the strategy must see round 3
     list(offset.configure_train(1, resumed_arrays, ConfigRecord(), FakeGrid()))
     got, _ = offset.aggregate_train(1, _replies(name, 3, resumed_arrays))
-    assert np.array_equal(got["w"].numpy(), expected["w"].numpy())
+    assert set(got) == set(expected) and all(np.array_equal(got[k].numpy(), expected[k].numpy()) for k in got)
     assert _same(vars(restored), vars(strategy))  # every attribute, so a state left out of state_attrs shows
 
 
@@ -148,7 +153,7 @@ def test_recorder_restore_drops_rows_after_the_checkpoint(tmp_path):
 def test_only_client_state_blocks_resume():
     blocked = {name for name in STRATEGIES
                if cannot_resume(load_config(None, DIGITS_SMALL + [f"strategy.name={name}"]))}
-    assert blocked == {"scaffold"}
+    assert blocked == {"scaffold", "fedproto"}
     assert "active_learning" in cannot_resume(load_config(None, DIGITS_SMALL + ["active_learning.enabled=true"]))
     assert resume_blocker(load_config(None, DIGITS_SMALL), keeps_client_state=True) is not None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from clients.algorithms.base import ClientAlgorithm
 from clients.algorithms.fednova import FedNovaClient
+from clients.algorithms.fedproto import FedProtoClient
 from clients.algorithms.fedprox import FedProxClient
 from clients.algorithms.prototypes import PrototypeClient
 from clients.algorithms.scaffold import ScaffoldClient
@@ -16,4 +17,5 @@ CLIENT_ALGORITHMS: dict[str, type[ClientAlgorithm]] = {cls.name: cls for cls in 
     FedNovaClient,
     PrototypeClient,
     ClimbClient,
+    FedProtoClient,
 )}

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
-from flwr.app import RecordDict
+from flwr.app import ArrayRecord, RecordDict
 
 from fedimb import protocol
-from fedimb.models import FeatureClassifier
+from fedimb.config import ExperimentConfig
+from fedimb.models import FeatureClassifier, get_weights
 
 
 @dataclass
@@ -56,3 +57,24 @@ class ClientAlgorithm:
 
     def finish(self, steps: int, reply: RecordDict, metrics: dict[str, Any]) -> None:
         """Add records or metrics to the reply after local training."""
+
+    def reply_arrays(self) -> ArrayRecord:
+        """The weights the reply carries: the trained model's."""
+        return ArrayRecord(get_weights(self.rnd.model))
+
+    # ---- for algorithms whose clients keep a model of their own (no global model) ----
+    owns_model: ClassVar[bool] = False
+
+    @classmethod
+    def own_model(cls, cfg: ExperimentConfig, content: RecordDict, state: RecordDict, input_shape: tuple[int, int, int],
+                  num_classes: int, partition_id: int) -> FeatureClassifier:
+        """This client's own model as its last round left it (``owns_model`` algorithms only)."""
+        raise NotImplementedError(f"{cls.name} trains the global model the server sends")
+
+    @classmethod
+    def evaluation_logits(cls, model: FeatureClassifier, x: torch.Tensor, content: RecordDict,
+                          batch_size: int) -> torch.Tensor:
+        """The scores the client's evaluation takes the argmax of: the model's logits."""
+        from clients.trainer import predict_logits  # the trainer imports this module
+
+        return predict_logits(model, x, batch_size)

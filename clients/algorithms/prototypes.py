@@ -1,4 +1,4 @@
-"""Prototype client for ``cafedcl`` (CAFedCL-style) and ``fedproto``.
+"""Prototype client for ``cafedcl`` (CAFedCL-style) and ``fedavg_proto``.
 
 Loss: L = CE + λ_p·L_proto + λ_g·L_geo, where
 - L_proto = −log softmax_y(z·P/τ) over the classes that have a global prototype (InfoNCE);

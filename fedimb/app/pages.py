@@ -167,6 +167,25 @@ def mean_std(values: Any, digits: int = 2) -> str:
     return f"{values.mean():.{digits}f}"
 
 
+def paired_text(diffs: Any) -> str:
+    """``+m ± s`` of per-seed paired differences, ``(within noise)`` where |mean| < std; ``–`` with none."""
+    diffs = np.asarray(diffs, dtype=np.float64)
+    if len(diffs) == 0:
+        return "–"
+    if len(diffs) == 1:
+        return f"{diffs[0]:+.2f}"
+    mean, std = diffs.mean(), diffs.std()
+    return f"{mean:+.2f} ± {std:.2f}" + (" (within noise)" if abs(mean) < std else "")
+
+
+def noise_note(within: list[str]) -> str:
+    """The paragraph naming the comparisons whose paired differences are within noise ('' for none)."""
+    if not within:
+        return ""
+    return ("\n\nWithin noise (|mean| < std of the per-seed paired differences), so these seeds do not settle "
+            f"the sign: {'; '.join(within)}.")
+
+
 _NEEDS = {">": operator.gt, ">=": operator.ge, "<=": operator.le}
 
 

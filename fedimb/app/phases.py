@@ -117,8 +117,10 @@ class ServerRun:
                              protocol.GLOBAL_CLASS_COUNTS: [int(c) for c in self.hello.counts.sum(0)]})
 
     def evaluate_config(self) -> ConfigRecord:
-        """What every evaluate message carries."""
-        return ConfigRecord({protocol.EXPERIMENT_CONFIG: self.config_text})
+        """What every evaluate message carries: the experiment and the client algorithm (FedProto's
+        clients evaluate their own models by their own rule)."""
+        return ConfigRecord({protocol.EXPERIMENT_CONFIG: self.config_text,
+                             protocol.CLIENT_ALGORITHM: strategy_spec(self.cfg.strategy.name).client_algorithm})
 
 
 Phase = Callable[[ServerRun], None]

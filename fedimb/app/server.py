@@ -23,6 +23,7 @@ from fedimb.app.process import flwr_log_level
 from fedimb.checkpoint import Checkpoint, load_checkpoint, written_for
 from fedimb.config import ExperimentConfig, from_yaml, load_config, to_yaml
 from fedimb.records import RunRecorder, package_versions
+from strategies import strategy_spec
 from strategies.base import StrategyContext
 from strategies.guard import refuse_faults_when_deployed, reply_guard
 
@@ -41,6 +42,11 @@ def _resume_point(cfg: ExperimentConfig, run_dir: Path) -> Checkpoint | None:
     return checkpoint
 
 
+def central_evaluation(cfg: ExperimentConfig, holds_dataset: bool) -> bool:
+    """Whether the server scores a global model on its own test set: it needs both."""
+    return holds_dataset and strategy_spec(cfg.strategy.name).global_model
+
+
 def open_run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool, holds_dataset: bool) -> ServerRun:
     """The run directory's config and recorder, the evaluation set, the observer and the strategy context.
 
@@ -50,6 +56,9 @@ def open_run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool, hol
     if not holds_dataset and cfg.eval.client_every == 0:
         raise RunFailed("the server holds no test set, so the clients evaluate: set eval.client_every >= 1 "
                         "(or give it one with eval.server_data=dataset)")
+    if not strategy_spec(cfg.strategy.name).global_model and cfg.eval.client_every == 0:
+        raise RunFailed(f"strategy {cfg.strategy.name} has no global model, so the clients evaluate their own: "
+                        "set eval.client_every >= 1")
     config_text = to_yaml(cfg)
     grid = MeteredGrid(grid)
     recorder = RunRecorder(run_dir)
@@ -58,7 +67,10 @@ def open_run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool, hol
     splits, eval_x, eval_y = None, None, None
     if holds_dataset:
         eval_np_x, eval_y, splits = evaluation_set(cfg)
-        eval_x = torch.from_numpy(eval_np_x)
+        if central_evaluation(cfg, holds_dataset):
+            eval_x = torch.from_numpy(eval_np_x)
+        else:
+            eval_y = None
     per_stage = cfg.active_learning.rounds_per_step if cfg.active_learning.enabled else cfg.federation.rounds
     observer = RoundObserver(cfg, recorder, eval_x, eval_y, meter=grid, rounds_per_stage=per_stage)
     if checkpoint is not None:
@@ -94,7 +106,8 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: boo
         "name": cfg.name, "seed": cfg.seed, "strategy": cfg.strategy.name,
         "loss": cfg.train.loss.name, "versions": package_versions(),
         "wall_time_per_round_s": recorder.elapsed() / total_rounds(cfg),
-        "evaluation": ("central and federated" if cfg.eval.federated else "central") if holds_dataset else "federated",
+        "evaluation": ("central and federated" if cfg.eval.federated else "central")
+                      if central_evaluation(cfg, holds_dataset) else "federated",
         **run.summary,
     })
     recorder.plot_curves()
