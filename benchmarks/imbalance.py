@@ -5,12 +5,14 @@
     fedimb sweep experiments/suites/imbalance_fmnist.yaml                                       # 1 seed, 4 settings
     fedimb bench imbalance                                                                      # this report
     fedimb bench imbalance --from-records                       # the same from its records, nothing else read
+    fedimb bench imbalance --add                                # add newly finished runs to the records
 
 Reads the finished runs of both sweeps (nothing is trained here), keeps their records in
 docs/results/imbalance/records.jsonl.gz and writes docs/results/imbalance.md plus
 docs/results/imbalance/ (results.md, results.csv, comparison.png, curves_compare.png). The floors,
 on rho = 100 with dir_balance alpha = 0.1: cafedcl beats fedavg by >= 3 points of balanced
-accuracy and >= 5 of tail recall, beats fedproto, and has a lower client accuracy std than fedavg.
+accuracy and >= 5 of tail recall, beats FedProto and the FedAvg-with-prototypes ablation, and has a
+lower client accuracy std than fedavg; each with its per-seed paired differences.
 ``--cafedcl`` / ``--fedproto`` pick the method labels compared (default: the variants chosen on
 the validation split).
 """
@@ -32,6 +34,12 @@ from fedimb.report import (aggregate, collect_runs, find_run_dirs, read_records,
 DOC = "docs/results/imbalance.md"
 KEY_SETTING = "dir_balance(0.1), LT rho=100"
 TABLE_METRICS = ("balanced_accuracy", "tail_recall", "macro_f1", "client_accuracy_std", "accuracy")
+
+
+def merged_records(kept: list[dict], added: list[dict]) -> list[dict]:
+    """``kept`` with ``added`` appended; an added record replaces a kept one of the same name and group."""
+    names = {(r["name"], r["group"]) for r in added}
+    return [r for r in kept if (r["name"], r["group"]) not in names] + added
 
 
 def paired(rows: list[dict], ours: str, other: str, metric: str) -> np.ndarray:
@@ -114,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
                                  "fedavg_proto(inference=prototype,lambda_proto=2,tau=0.1)"],
                         help="method labels of the prototype baselines: FedProto, and the ablation (FedAvg with "
                              "count-weighted prototypes) at its own and at cafedcl's loss knobs")
+    parser.add_argument("--add", action="store_true",
+                        help="add the finished runs under --sweep to the page's records (a run of the same name "
+                             "replaces its record) instead of recording those runs alone")
     parser.add_argument("--last-rounds", type=int, default=5, metavar="K",
                         help="average each run's last K rounds (0: final round only)")
     args, header, page = parse(parser, sys.argv[1:] if argv is None else argv)
@@ -123,7 +134,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"no finished runs under {args.sweep}", file=sys.stderr)
             return 1
         tuning_runs = find_run_dirs(args.tuning) if Path(args.tuning).is_dir() else []
-        save_records(page, header, records_of(sweep_runs, group="sweep") + records_of(tuning_runs, group="tuning"))
+        fresh = records_of(sweep_runs, group="sweep") + records_of(tuning_runs, group="tuning")
+        if args.add:
+            fresh = merged_records(read_records(page.records)[1], fresh)
+        save_records(page, header, fresh)
     records = read_records(page.records)[1]
     runs = [run_of_record(r, page.records) for r in records if r["group"] == "sweep"]
     tuning_runs = [run_of_record(r, page.records) for r in records if r["group"] == "tuning"]

@@ -48,3 +48,19 @@ def test_generator_floors_are_checked_per_seed_and_sampler():
     local = {(4, "2.5, rescale 1; local generators"): {**report, "min_recognisability": 0.10}}
     lines, ok = bench.generator_floor_lines({**local, (4, "2.5, rescale 1"): both[(4, "2.5, rescale 1")]})
     assert ok and "local" not in lines  # the floors are the federated generator's
+
+
+def test_added_runs_replace_their_records_and_keep_the_others():
+    merged = load_benchmark("imbalance").merged_records(
+        [{"name": "a", "group": "sweep", "v": 1}, {"name": "b", "group": "sweep", "v": 1},
+         {"name": "a", "group": "tuning", "v": 1}],
+        [{"name": "a", "group": "sweep", "v": 2}, {"name": "c", "group": "sweep", "v": 2}])
+    assert [(r["name"], r["group"], r["v"]) for r in merged] == [
+        ("b", "sweep", 1), ("a", "tuning", 1), ("a", "sweep", 2), ("c", "sweep", 2)]
+
+
+def test_paired_text_says_within_noise():
+    from fedimb.app.pages import noise_note, paired_text
+
+    assert paired_text([0.5, -1.5]) == "-0.50 ± 1.00 (within noise)"
+    assert noise_note([]) == "" and "tail share" in noise_note(["tail share"])
