@@ -25,7 +25,8 @@ from clients.algorithms import CLIENT_ALGORITHMS
 from clients.algorithms.base import ClientAlgorithm, ClientRound
 from clients.losses import LossContext, build_loss
 from clients.synthetic import generator_from, load_pool, local_generator, pool_tensors, store_pool
-from clients.trainer import pick_device, round_lr, to_tensors, train_local
+from clients.device import client_device
+from clients.trainer import round_lr, to_tensors, train_local
 from fedimb import protocol
 from fedimb.config import ExperimentConfig, from_yaml
 from fedimb.protocol import derive_seed
@@ -60,6 +61,7 @@ class ClientSession:
     num_classes: int
     input_shape: tuple[int, int, int]
     site: DatasetSplits | None = None  # a deployed site's own data (``data-path``); None in simulation
+    gpu_ids: list[int] = dataclasses.field(default_factory=list)  # assigned by Ray ([]: none)
 
 
 def _config_of(message: Message, context: Context) -> ExperimentConfig:
@@ -83,11 +85,11 @@ def _session(message: Message, context: Context) -> ClientSession:
     if not 0 <= partition_id < len(data.client_indices):
         raise ValueError(f"partition-id {partition_id} outside 0..{len(data.client_indices) - 1}")
     idx = data.client_indices[partition_id]
-    device = pick_device(cfg.simulation.device)
+    device, gpu_ids = client_device(cfg.simulation.device)
     x, y = to_tensors(data.splits.train_x[idx], data.splits.train_y[idx], device)
     counts = torch.tensor(data.counts[partition_id], dtype=torch.float32, device=device)
     return ClientSession(cfg, partition_id, device, x, y, counts, data.splits.num_classes,
-                         data.splits.input_shape)
+                         data.splits.input_shape, gpu_ids=gpu_ids)
 
 
 def _site_spec(cfg: ExperimentConfig, state: RecordDict) -> SiteSpec:
@@ -106,10 +108,10 @@ def _site_spec(cfg: ExperimentConfig, state: RecordDict) -> SiteSpec:
 def _site_session(cfg: ExperimentConfig, context: Context, partition_id: int) -> ClientSession:
     """A deployed site trains on its own data as it is: no global long tail, no partition."""
     site = node_site(context.node_config, _site_spec(cfg, context.state))
-    device = pick_device(cfg.simulation.device)
+    device, gpu_ids = client_device(cfg.simulation.device)
     x, y = to_tensors(site.train_x, site.train_y, device)
     counts = torch.bincount(y, minlength=site.num_classes).float()
-    return ClientSession(cfg, partition_id, device, x, y, counts, site.num_classes, site.input_shape, site)
+    return ClientSession(cfg, partition_id, device, x, y, counts, site.num_classes, site.input_shape, site, gpu_ids)
 
 
 def _local_test(session: ClientSession) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,6 +223,7 @@ def train(message: Message, context: Context) -> Message:
         protocol.NUM_EXAMPLES: int(len(session.y) if real_count is None else real_count),
         protocol.TRAIN_LOSS: result.mean_loss,
         protocol.LOCAL_STEPS: result.steps,
+        protocol.GPU_IDS: list(session.gpu_ids),  # the run records per round which GPUs trained
     }
     algorithm.finish(result.steps, reply, metrics)
     reply[protocol.METRICS] = MetricRecord(metrics)

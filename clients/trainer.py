@@ -106,15 +106,6 @@ def predict_logits(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.
     return torch.cat(outs) if outs else torch.empty(0)
 
 
-def pick_device(name: str) -> torch.device:
-    """``auto`` takes a GPU when this process can see one."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("simulation.device=cuda but no GPU is visible to this process")
-    return torch.device(name)
-
-
 def to_tensors(x: np.ndarray, y: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Numpy arrays to tensors on ``device``."""
     return torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)

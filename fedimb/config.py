@@ -148,9 +148,17 @@ class SimulationConfig:
     """Flower simulation engine on Ray."""
 
     num_cpus: float = 1.0  # per client
-    num_gpus: float = 0.0  # per client, may be fractional
-    device: str = "auto"  # auto | cpu | cuda
-    ray_address: str = ""  # join an existing Ray cluster ("auto" or host:port)
+    # GPUs per client, may be fractional: Ray places each client's actor on a GPU id (0.25: four
+    # clients share one card; 8 clients at 0.5 spread over 2 cards) and the client trains there
+    num_gpus: float = 0.0
+    # auto: the GPU Ray assigned when CUDA can use it, else the CPU (with a warning when Ray
+    # assigned one); cuda: that GPU or the client fails; cpu: never a GPU
+    device: str = "auto"
+    ray_address: str = ""  # join an existing Ray cluster ("auto" or host:port) instead of starting one
+    # GPUs the Ray this run starts declares, instead of the ones Ray detects (0 = detect). Declared
+    # GPUs need not exist: on a CPU machine they exercise GPU placement, each client falling back
+    # to the CPU under device=auto. A joined cluster (ray_address) declares its own (ray start --num-gpus).
+    ray_num_gpus: int = 0
     threads_per_client: int = 1
     verbose: bool = False
 

@@ -80,6 +80,10 @@ def validate(cfg: ExperimentConfig) -> None:
     _check_positive("eval.batch_size", cfg.eval.batch_size)
     _check_positive("simulation.num_cpus", cfg.simulation.num_cpus)
     _check_positive("simulation.num_gpus", cfg.simulation.num_gpus, strict=False)
+    _check_positive("simulation.ray_num_gpus", cfg.simulation.ray_num_gpus, strict=False)
+    if cfg.simulation.ray_num_gpus and cfg.simulation.ray_address:
+        raise ConfigError("simulation.ray_num_gpus", "must be 0 with simulation.ray_address: a joined cluster "
+                                                      "declares its own GPUs (ray start --num-gpus N)")
     _check_positive("simulation.threads_per_client", cfg.simulation.threads_per_client)
     _check_choice("simulation.device", cfg.simulation.device, DEVICES)
     al = cfg.active_learning

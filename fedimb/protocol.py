@@ -76,6 +76,7 @@ INPUT_SHAPE = "input-shape"  # [C, H, W] of the client's images: the server buil
 VALUE_RANGE = "value-range"  # [lo, hi] of the client's normalised images: the generator's range
 TRAIN_LOSS = "train_loss"
 LOCAL_STEPS = "local-steps"
+GPU_IDS = "gpu-ids"  # train: the GPU ids Ray assigned the client's actor ([]: none, or not under Ray)
 ACCURACY = "accuracy"
 LOSS = "loss"
 CONFUSION = "confusion"  # evaluation: the C×C confusion matrix on the local test split, row-major

@@ -16,6 +16,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
+from fedimb.app.gpus import recording_gpus
 from fedimb.app.metering import MeteredGrid
 from fedimb.app.observer import RoundObserver, evaluation_set, total_rounds
 from fedimb.app.phases import RunFailed, ServerRun, cannot_resume, phases_for
@@ -82,7 +83,7 @@ def open_run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool, hol
         num_clients=cfg.federation.num_clients, fraction=cfg.federation.fraction,
         fraction_evaluate=cfg.federation.fraction_evaluate if cfg.eval.client_every else 0.0,
         min_clients=cfg.federation.min_clients, seed=cfg.seed, client_eval_every=cfg.eval.client_every,
-        rounds=per_stage, train_metrics_aggr_fn=observer.train_metrics,
+        rounds=per_stage, train_metrics_aggr_fn=recording_gpus(observer.train_metrics, observer),
         evaluate_metrics_aggr_fn=observer.evaluate_metrics,
         guard=reply_guard(cfg, run_dir, observer, None if checkpoint is None else checkpoint.round),
     )

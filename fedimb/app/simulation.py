@@ -8,20 +8,23 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedimb.app.gpus import check_ray_gpus
 from fedimb.app.process import offline_environment, quiet_run
-from fedimb.config import ConfigError, ExperimentConfig, to_yaml
+from fedimb.config import ExperimentConfig, to_yaml
 
 class RunError(RuntimeError):
     """The federation failed; the message is the cause, one line."""
 
 
 def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Ray resources per virtual client and ``ray.init`` arguments."""
+    """Ray resources per virtual client and ``ray.init`` arguments (Flower passes these to Ray)."""
     sim = cfg.simulation
     init_args: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR,
                                  "log_to_driver": sim.verbose}
     if sim.ray_address:
         init_args["address"] = sim.ray_address
+    elif sim.ray_num_gpus:
+        init_args["num_gpus"] = sim.ray_num_gpus  # declared, not detected (see SimulationConfig)
     return {"client_resources": {"num_cpus": sim.num_cpus, "num_gpus": sim.num_gpus},
             "init_args": init_args}
 
@@ -33,7 +36,8 @@ def default_run_dir(cfg: ExperimentConfig, root: Path = Path("runs")) -> Path:
 
 
 def check_before_run(cfg: ExperimentConfig) -> None:
-    """Everything that can be checked without Ray: names, params, data, partition feasibility."""
+    """Everything that can be checked before the federation: names, params, data, partition
+    feasibility, and GPUs for ``simulation.num_gpus`` (the only check that may ask Ray: a joined cluster's)."""
     from clients.losses import build_loss
     from fedimb.data import build_federated_data
     from fedimb.models import build_configured_model
@@ -43,8 +47,7 @@ def check_before_run(cfg: ExperimentConfig) -> None:
     build_loss(cfg.train.loss.name, cfg.train.loss.params)
     data = build_federated_data(cfg)
     build_configured_model(cfg, data.splits.input_shape, data.splits.num_classes)
-    if cfg.simulation.num_gpus > 0 and cfg.simulation.device == "cpu":
-        raise ConfigError("simulation.num_gpus", "> 0 but simulation.device=cpu; set device to auto or cuda")
+    check_ray_gpus(cfg.simulation)
 
 
 def run_experiment(cfg: ExperimentConfig, run_dir: Path, checked: bool = False, resume: bool = False) -> dict[str, Any]:
