@@ -253,7 +253,7 @@ def test_a_server_without_data_trains_the_generator_and_tops_up(tmp_path):
 
     cfg = load_config(None, DIGITS_SMALL + SYN + [f"synthetic.cache_dir={tmp_path / 'cache'}", "eval.client_every=1"])
     run_dir = tmp_path / "run"
-    run_without_data(cfg, run_dir)
+    assert not run_without_data([cfg], [run_dir])
     synthetic = json.loads((run_dir / "summary.json").read_text())["synthetic"]
     assert synthetic["judge_data"].startswith("none")
     assert all(score is None for score in synthetic["recognisability"])  # NaN: not scored, null in JSON
