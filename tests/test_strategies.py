@@ -196,3 +196,22 @@ def test_sampling_is_reproducible_and_independent_of_node_ids():
 def test_unknown_strategy_param_is_a_config_error():
     with pytest.raises(ConfigError, match="strategy.params.momentum"):
         make("fedavgm", momentum=0.1)
+
+
+def test_local_sgd_matches_torch_sgd_step_for_step():
+    from clients.trainer import MomentumSGD
+
+    torch.manual_seed(0)
+    ours = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    theirs = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    theirs.load_state_dict(ours.state_dict())
+    opt_ours = MomentumSGD(list(ours.parameters()), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    opt_theirs = torch.optim.SGD(theirs.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-3)
+    for step in range(5):
+        x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+        for model, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(a, b)
