@@ -99,6 +99,8 @@ def test_fab_ships_every_module_and_no_federations_table():
                for p in (ROOT / pkg).rglob("*.py") if "__pycache__" not in p.parts}
     assert modules - names == set(), "modules missing from the FAB (Flower excludes *_test.py, test_*.py)"
     assert "experiments/quickstart.yaml" in names
+    # a SuperNode unpacks and hash-checks the FAB per message: no pages, tests or benchmarks in it
+    assert not [n for n in names if n.split("/")[0] in ("docs", "tests", "benchmarks")]
 
 
 @pytest.mark.slow
