@@ -267,6 +267,9 @@ def commands_text(plan: DeployPlan, out: Path) -> str:
         "`ca/ca.key` signs certificates: keep it offline, no machine needs it.\n",
         f"Every flwr process, on every machine (offline machines need the last one):\n\n```bash\nexport {env}\n```\n",
         f"## 1. SuperLink (on {plan.host})\n\n```bash\n{_shell(superlink_command(plan, out))}\n```\n",
+        "`--database` keeps the SuperLink's state across restarts. A rehearsal with every SuperNode on "
+        "the SuperLink's machine should leave it out: starved of CPU, its SQLite state gave up on a lock "
+        "and lost a site's reply in 3 of 4 loaded runs (docs/deploy.md).\n\n"
         "Ready when `/health` answers: "
         + (f"`curl http://{plan.address}/health`" if plan.insecure
            else f"`curl --cacert {shlex.quote(str(out / str(plan.ca)))} https://{plan.address}/health`") + ".\n",
