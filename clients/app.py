@@ -30,7 +30,7 @@ from clients.trainer import round_lr, to_tensors, train_local
 from fedimb import protocol
 from fedimb.config import ExperimentConfig, from_yaml
 from fedimb.protocol import derive_seed
-from fedimb.data import build_federated_data
+from fedimb.data import build_federated_data, client_test_images, client_train_data
 from fedimb.data.datasets import DatasetSplits
 from fedimb.data.local_testset import local_test_indices
 from fedimb.data.sites import SiteSpec, node_site, site_spec
@@ -84,9 +84,8 @@ def _session(message: Message, context: Context) -> ClientSession:
     data = build_federated_data(cfg)
     if not 0 <= partition_id < len(data.client_indices):
         raise ValueError(f"partition-id {partition_id} outside 0..{len(data.client_indices) - 1}")
-    idx = data.client_indices[partition_id]
     device, gpu_ids = client_device(cfg.simulation.device)
-    x, y = to_tensors(data.splits.train_x[idx], data.splits.train_y[idx], device)
+    x, y = to_tensors(*client_train_data(data, cfg, partition_id), device)  # through its domain and noise level
     counts = torch.tensor(data.counts[partition_id], dtype=torch.float32, device=device)
     return ClientSession(cfg, partition_id, device, x, y, counts, data.splits.num_classes,
                          data.splits.input_shape, gpu_ids=gpu_ids)
@@ -122,7 +121,7 @@ def _local_test(session: ClientSession) -> tuple[torch.Tensor, torch.Tensor]:
     data = build_federated_data(cfg)
     idx = local_test_indices(data.splits.test_y, data.counts[session.partition_id],
                              cfg.federation.num_clients, cfg.seed, session.partition_id)
-    return to_tensors(data.splits.test_x[idx], data.splits.test_y[idx], session.device)
+    return to_tensors(client_test_images(data, cfg, session.partition_id, idx), data.splits.test_y[idx], session.device)
 
 
 def _labelled_view(session: ClientSession, context: Context) -> ClientSession:

@@ -34,6 +34,8 @@ SYNTHETIC_TRAINING = ("federated", "local", "central", "pretrained")
 SYNTHETIC_POLICIES = ("server_pool", "client_sample")
 GENERATOR_AGGREGATIONS = ("class_aware", "fedavg")
 GENERATOR_PREDICTIONS = ("epsilon", "v_prediction")
+# the acquisition "devices" of fedimb/data/domains.py (its DOMAIN_TRANSFORMS has one entry each)
+DOMAIN_TRANSFORM_NAMES = ("clean", "gamma", "contrast", "blur", "noise", "invert", "rotate")
 
 
 @dataclass
@@ -67,6 +69,29 @@ class PartitionConfig:
     min_size: int = 10  # dirichlet: smallest partition accepted
     classes_per_client: int = 2  # shards: #C = k
     normalise_rounds: int = 5  # dir_balance: row/column normalisation passes
+    # NIID-Bench's noise-based feature imbalance, on top of any scheme: client i of K adds Gaussian
+    # noise of std noise_sigma * i / (K - 1) to its images (client 0 none, the last noise_sigma), in
+    # pixel units of [0, 1] (NIID-Bench adds it after ToTensor); 0 = off
+    noise_sigma: float = 0.0
+
+
+@dataclass
+class DomainsConfig:
+    """Acquisition domains: every client's images pass through the transform of one "device".
+
+    ``names``: the domains, each a transform of ``DOMAIN_TRANSFORM_NAMES`` (empty: no domains);
+    ``shares``: the share of the clients in each domain (exact counts by largest remainder;
+    empty: equal shares). The server's test set is scored in every domain. The other fields
+    are the transforms' strengths.
+    """
+
+    names: list[str] = field(default_factory=list)
+    shares: list[float] = field(default_factory=list)
+    gamma: float = 2.0  # gamma: pixel ** gamma (> 1 darkens the mid-tones)
+    contrast: float = 0.5  # contrast: each image pulled towards its own mean by this factor
+    blur_sigma: float = 1.0  # blur: Gaussian blur, std in pixels
+    noise_std: float = 0.2  # noise: sensor noise, std in pixel units of [0, 1], clipped to [0, 1]
+    rotation: float = 90.0  # rotate: degrees counter-clockwise, black corners
 
 
 @dataclass
@@ -233,6 +258,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     imbalance: ImbalanceConfig = field(default_factory=ImbalanceConfig)
     partition: PartitionConfig = field(default_factory=PartitionConfig)
+    domains: DomainsConfig = field(default_factory=DomainsConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedimb.config import (DEVICES, EVAL_SPLITS, GENERATOR_AGGREGATIONS, GENERATOR_PREDICTIONS, HEADS,
-                           LOCAL_DATASETS,
+from fedimb.config import (DEVICES, DOMAIN_TRANSFORM_NAMES, EVAL_SPLITS, GENERATOR_AGGREGATIONS,
+                           GENERATOR_PREDICTIONS, HEADS, LOCAL_DATASETS,
                            LONG_TAIL_PROFILES, PARTITIONS, SERVER_DATA, SYNTHETIC_POLICIES, SYNTHETIC_TRAINING,
-                           ExperimentConfig)
+                           DomainsConfig, ExperimentConfig)
 from fedimb.config_input import check_finite
 from fedimb.errors import ConfigError
 from fedimb.hostile import check_faults, check_min_replies, check_robust
@@ -40,6 +40,8 @@ def validate(cfg: ExperimentConfig) -> None:
     _check_positive("partition.alpha", cfg.partition.alpha)
     _check_positive("partition.min_size", cfg.partition.min_size, strict=False)
     _check_positive("partition.classes_per_client", cfg.partition.classes_per_client)
+    _check_positive("partition.noise_sigma", cfg.partition.noise_sigma, strict=False)
+    check_domains(cfg.domains)
     _check_positive("federation.num_clients", cfg.federation.num_clients)
     _check_positive("federation.rounds", cfg.federation.rounds)
     if not 0 < cfg.federation.fraction <= 1:
@@ -118,3 +120,20 @@ def validate(cfg: ExperimentConfig) -> None:
     _check_positive("synthetic.snr_gamma", syn.snr_gamma, strict=False)
     if cfg.data.dataset in LOCAL_DATASETS or "/" not in cfg.data.dataset:
         _check_choice("data.dataset", cfg.data.dataset, list(LOCAL_DATASETS) + ["<hf-owner>/<name>"])
+
+
+def check_domains(domains: DomainsConfig) -> None:
+    """The ``domains`` block: known, distinct transforms; one share each (>= 0, summing to 1); positive strengths."""
+    for name in domains.names:
+        _check_choice("domains.names", name, DOMAIN_TRANSFORM_NAMES)
+    if len(set(domains.names)) != len(domains.names):
+        raise ConfigError("domains.names", f"each domain must appear once, got {list(domains.names)}")
+    shares = list(domains.shares)
+    if shares and not domains.names:
+        raise ConfigError("domains.shares", "needs domains.names (the domains the shares are of)")
+    if shares and len(shares) != len(domains.names):
+        raise ConfigError("domains.shares", f"needs one share per domain ({len(domains.names)}), got {len(shares)}")
+    if any(share < 0 for share in shares) or (shares and abs(sum(shares) - 1.0) > 1e-6):
+        raise ConfigError("domains.shares", f"must be >= 0 and sum to 1, got {shares}")
+    for name in ("gamma", "contrast", "blur_sigma", "noise_std"):
+        _check_positive(f"domains.{name}", getattr(domains, name))

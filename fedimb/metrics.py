@@ -130,3 +130,23 @@ def client_fairness(client_accuracies: list[float]) -> dict[str, float]:
         "worst_client_accuracy": float(acc.min()),
         "best_client_accuracy": float(acc.max()),
     }
+
+
+# Columns of the test set scored in every acquisition domain (``domains`` in the config).
+DOMAIN_COLUMN_PREFIX = "balanced_accuracy_domain_"
+WORST_DOMAIN_COLUMN = "worst_domain_balanced_accuracy"
+
+
+def domain_metrics(matrices: dict[str, np.ndarray], train_class_counts: np.ndarray | None = None
+                   ) -> dict[str, float | list[float]]:
+    """The metrics of a test set scored once per domain, from one confusion matrix per domain name.
+
+    The main metrics (:func:`metrics_from_confusion`) come from the summed matrices: every domain
+    scores the whole test set, so each weighs the same. Then ``balanced_accuracy_domain_<name>``
+    for each domain, in the given order, and ``worst_domain_balanced_accuracy``, their minimum.
+    """
+    pooled = metrics_from_confusion(np.sum(list(matrices.values()), axis=0), train_class_counts)
+    per_domain = {f"{DOMAIN_COLUMN_PREFIX}{name}": metrics_from_confusion(m)["balanced_accuracy"]
+                  for name, m in matrices.items()}
+    scored = [v for v in per_domain.values() if np.isfinite(v)]
+    return {**pooled, **per_domain, WORST_DOMAIN_COLUMN: float(min(scored)) if scored else float("nan")}

@@ -32,6 +32,9 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from fedimb.metrics import DOMAIN_COLUMN_PREFIX as DOMAIN_PREFIX
+from fedimb.metrics import WORST_DOMAIN_COLUMN as WORST_DOMAIN
+
 # Panels of curves.png: (metric, title). The last two only appear when logged.
 CURVE_PANELS = (
     ("accuracy", "Accuracy"),
@@ -42,7 +45,7 @@ CURVE_PANELS = (
     ("train_loss", "Train loss"),
 )
 OPTIONAL_PANELS = ("client_accuracy_std", "train_loss")
-BEST_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "tail_recall")
+BEST_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "tail_recall", WORST_DOMAIN)
 VERSIONED_PACKAGES = {
     "torch": ("torch",),
     "flwr": ("flwr",),
@@ -242,23 +245,40 @@ class RunRecorder:
         return plot_rounds(self.rounds, self.run_dir / "curves.png")
 
 
+def domain_columns(rounds: list[dict[str, Any]]) -> list[str]:
+    """The per-domain balanced-accuracy columns of ``rounds``, in the order they first appear."""
+    return list(dict.fromkeys(k for r in rounds for k in r if k.startswith(DOMAIN_PREFIX)))
+
+
 def plot_rounds(rounds: list[dict[str, Any]], path: Path, title: str = "") -> Path:
-    """Plot accuracy, balanced accuracy, macro-F1, tail recall (+ optional panels) vs round."""
-    panels = [
-        (name, label)
+    """Plot accuracy, balanced accuracy, macro-F1, tail recall (+ optional panels) vs round.
+
+    With acquisition domains a panel shows each domain's balanced accuracy and the worst one's.
+    """
+    panels: list[tuple[str, list[str]]] = [
+        (label, [name])
         for name, label in CURVE_PANELS
         if name not in OPTIONAL_PANELS or any(_finite(r.get(name)) for r in rounds)
     ]
+    per_domain = domain_columns(rounds)
+    if per_domain:
+        panels.insert(2, ("Balanced accuracy per domain", [*per_domain, WORST_DOMAIN]))
     ncols = 2 if len(panels) <= 4 else 3
     nrows = math.ceil(len(panels) / ncols)
     fig = Figure(figsize=(4.2 * ncols, 3.2 * nrows))
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax, (name, label) in zip(axes, panels):
-        # Evaluation may skip rounds (eval.every), so each curve uses only rounds that have it.
-        points = [(r["round"], r[name]) for r in rounds if _finite(r.get(name))]
-        if points:
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o", markersize=3)
+    for ax, (label, names) in zip(axes, panels):
+        for name in names:
+            # Evaluation may skip rounds (eval.every), so each curve uses only rounds that have it.
+            points = [(r["round"], r[name]) for r in rounds if _finite(r.get(name))]
+            if points:
+                xs, ys = zip(*points)
+                if name == WORST_DOMAIN:
+                    ax.plot(xs, ys, marker="o", markersize=3, linestyle="--", color="black", label="worst")
+                else:
+                    ax.plot(xs, ys, marker="o", markersize=3, label=name.removeprefix(DOMAIN_PREFIX))
+        if len(names) > 1:
+            ax.legend(fontsize=7)
         ax.set_title(label)
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -103,6 +103,7 @@ def print_summary(summary: dict) -> None:
 
 def _cmd_partition(args: argparse.Namespace) -> int:
     from fedimb.data import build_federated_data, format_partition_table, partition_stats, plot_partition
+    from fedimb.data.domains import feature_skew_report
 
     cfg = load_config(args.config, args.overrides)
     if args.export:
@@ -110,8 +111,11 @@ def _cmd_partition(args: argparse.Namespace) -> int:
 
         check_export_dir(Path(args.export), cfg.federation.num_clients)  # refused before any work
     data = build_federated_data(cfg)
-    stats = partition_stats(data.counts)
+    stats = feature_skew_report(partition_stats(data.counts), cfg)
     print(format_partition_table(stats))
+    if "domains" in stats:
+        print("domains: " + ", ".join(f"{name} x{count}" for name, count in stats["domains"].items())
+              + " (clients " + ", ".join(f"{c['id']}:{c['domain']}" for c in stats["clients"]) + ")")
     out = Path(args.out or (Path(args.export) / "partition.png" if args.export else f"partition-{cfg.name}.png"))
     if args.export:
         from fedimb.data.site_export import export_sites

@@ -15,7 +15,8 @@ from fedimb import protocol
 from fedimb.app.metering import MeteredGrid
 from fedimb.config import ExperimentConfig
 from fedimb.data import DatasetSplits, build_federated_data, load_dataset
-from fedimb.metrics import classification_metrics, client_fairness, metrics_from_confusion
+from fedimb.metrics import (WORST_DOMAIN_COLUMN, classification_metrics, client_fairness, confusion, domain_metrics,
+                            metrics_from_confusion)
 from fedimb.models import build_configured_model, set_weights
 from fedimb.records import RunRecorder
 
@@ -39,6 +40,8 @@ class RoundObserver:
     train_counts: np.ndarray | None = None
     input_shape: tuple[int, int, int] | None = None
     meter: MeteredGrid | None = None  # bytes on the wire: each row gets those since the previous row
+    # the test set as every acquisition domain takes it (domains.names); empty: scored as it is
+    domain_x: dict[str, torch.Tensor] = field(default_factory=dict)
     rounds_per_stage: int = 0  # rounds of one strategy.start (all rounds unless active learning)
     round_offset: int = 0  # rounds of earlier active-learning stages
     pending: dict[str, Any] = field(default_factory=dict)
@@ -97,18 +100,29 @@ class RoundObserver:
         return MetricRecord({k: float(v) for k, v in metrics.items() if not isinstance(v, list)})
 
     def _central_metrics(self, arrays: ArrayRecord) -> dict[str, Any]:
+        """The global model on the test set; with domains, on the test set in every domain (the main
+        metrics pooled over them, each domain's balanced accuracy and the worst one's)."""
         model = build_configured_model(self.cfg, self.input_shape, self.num_classes, self.cfg.seed)
         set_weights(model, arrays.to_torch_state_dict())
         model.eval()
+        if self.domain_x:
+            matrices = {name: confusion(self.test_y, self._predict(model, x), self.num_classes)
+                        for name, x in self.domain_x.items()}
+            return domain_metrics(matrices, self.train_counts)
+        return classification_metrics(self.test_y, self._predict(model, self.test_x), self.num_classes,
+                                      self.train_counts)
+
+    def _predict(self, model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
+        batch = self.cfg.eval.batch_size
         with torch.no_grad():
-            preds = torch.cat([model(self.test_x[i:i + self.cfg.eval.batch_size]).argmax(1)
-                               for i in range(0, len(self.test_x), self.cfg.eval.batch_size)])
-        return classification_metrics(self.test_y, preds.numpy(), self.num_classes, self.train_counts)
+            return torch.cat([model(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)]).numpy()
 
     def _print(self, server_round: int, row: dict[str, Any]) -> None:
         parts = [f"round {server_round:>3}/{total_rounds(self.cfg)}",
                  f"acc {row['accuracy']:.4f}", f"bal {row['balanced_accuracy']:.4f}",
                  f"f1 {row['macro_f1']:.4f}", f"tail {row['tail_recall']:.4f}"]
+        if WORST_DOMAIN_COLUMN in row:
+            parts.append(f"worst-domain {row[WORST_DOMAIN_COLUMN]:.4f}")
         if "client_accuracy_std" in row:
             parts.append(f"client-std {row['client_accuracy_std']:.4f}")
         parts.append(f"{time.time() - self.started:7.1f}s")

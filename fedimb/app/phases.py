@@ -25,6 +25,7 @@ from fedimb.app.observer import RoundObserver
 from fedimb.checkpoint import Checkpoint, config_digest, resume_blocker, save_checkpoint
 from fedimb.config import ExperimentConfig
 from fedimb.data import DatasetSplits, build_federated_data, partition_stats, plot_partition
+from fedimb.data.domains import feature_skew_report
 from fedimb.failures import round_timeout
 from fedimb.metrics import class_groups
 from fedimb.models import build_configured_model, get_weights
@@ -143,7 +144,10 @@ def hello_phase(run: ServerRun) -> None:
         run.hello.counts = build_federated_data(run.cfg).counts
     run.observer.train_counts = run.hello.counts.sum(0)
     run.observer.input_shape = run.hello.input_shape
-    run.observer.recorder.write_partition(partition_stats(run.hello.counts))
+    stats = partition_stats(run.hello.counts)
+    if run.splits is not None:  # as above: a simulation's clients take their domain and noise level from the config
+        stats = feature_skew_report(stats, run.cfg)
+    run.observer.recorder.write_partition(stats)
     plot_partition(run.hello.counts, run.run_dir / "partition.png",
                    title=f"{run.cfg.data.dataset}: {run.cfg.partition.name}")
 

@@ -23,6 +23,7 @@ from fedimb.app.phases import RunFailed, ServerRun, cannot_resume, phases_for
 from fedimb.app.process import flwr_log_level
 from fedimb.checkpoint import Checkpoint, load_checkpoint, written_for
 from fedimb.config import ExperimentConfig, from_yaml, load_config, to_yaml
+from fedimb.data.domains import domain_test_sets
 from fedimb.records import RunRecorder, package_versions
 from strategies import strategy_spec
 from strategies.base import StrategyContext
@@ -73,7 +74,11 @@ def open_run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool, hol
         else:
             eval_y = None
     per_stage = cfg.active_learning.rounds_per_step if cfg.active_learning.enabled else cfg.federation.rounds
-    observer = RoundObserver(cfg, recorder, eval_x, eval_y, meter=grid, rounds_per_stage=per_stage)
+    domain_x = {}  # the test set in every acquisition domain: transformed once, scored every round
+    if eval_x is not None and cfg.domains.names:
+        views = domain_test_sets(eval_np_x, cfg, splits.normalisation)
+        domain_x = {name: torch.from_numpy(x) for name, x in views.items()}
+    observer = RoundObserver(cfg, recorder, eval_x, eval_y, meter=grid, rounds_per_stage=per_stage, domain_x=domain_x)
     if checkpoint is not None:
         recorder.restore(checkpoint.rows, checkpoint.elapsed_s)
         observer.pending = dict(checkpoint.pending)

@@ -127,14 +127,16 @@ def train_federated(grid: Grid, cfg: ExperimentConfig, partition_of: dict[int, i
 
 
 def _train_central(cfg: ExperimentConfig, facts: DataFacts) -> Generator:
-    from fedimb.data import build_federated_data  # only a simulation's server can see every client's images
+    # only a simulation's server can see every client's images
+    from fedimb.data import build_federated_data, client_train_data
 
     syn = cfg.synthetic
     data = build_federated_data(cfg)
-    splits = data.splits
-    idx = np.concatenate(data.client_indices)
+    # each client's images as it holds them (its domain and noise level)
+    parts = [client_train_data(data, cfg, pid) for pid in range(len(data.client_indices))]
+    x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     generator = _fresh_generator(cfg, facts)
-    train_as_configured(generator, torch.from_numpy(splits.train_x[idx]), torch.from_numpy(splits.train_y[idx]), syn,
+    train_as_configured(generator, torch.from_numpy(x), torch.from_numpy(y), syn,
                         steps=syn.local_steps * syn.rounds * cfg.federation.num_clients, seed=cfg.seed, progress=True)
     return generator
 

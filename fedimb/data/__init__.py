@@ -13,6 +13,7 @@ import numpy as np
 
 from fedimb.config import DataConfig, ExperimentConfig, ImbalanceConfig, PartitionConfig
 from fedimb.data.datasets import DatasetSplits, load_dataset
+from fedimb.data.domains import LOCAL_TEST, TRAIN, client_images
 from fedimb.data.longtail import apply_long_tail, long_tail_counts
 from fedimb.data.partitions import PARTITIONERS, partition_indices
 from fedimb.data.report import client_class_counts, format_partition_table, partition_stats, plot_partition
@@ -24,6 +25,8 @@ __all__ = [
     "apply_long_tail",
     "build_federated_data",
     "client_class_counts",
+    "client_test_images",
+    "client_train_data",
     "format_partition_table",
     "load_dataset",
     "long_tail_counts",
@@ -90,3 +93,16 @@ def build_federated_data(cfg: ExperimentConfig) -> FederatedData:
         int(cfg.seed), astuple(cfg.data), astuple(cfg.imbalance), astuple(cfg.partition),
         int(cfg.federation.num_clients),
     )
+
+
+def client_train_data(data: FederatedData, cfg: ExperimentConfig, partition_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Client ``partition_id``'s training images, as its device and noise level make them, and labels."""
+    idx = data.client_indices[partition_id]
+    x = client_images(data.splits.train_x[idx], cfg, data.splits.normalisation, partition_id, TRAIN)
+    return x, data.splits.train_y[idx]
+
+
+def client_test_images(data: FederatedData, cfg: ExperimentConfig, partition_id: int,
+                       test_idx: np.ndarray) -> np.ndarray:
+    """Test images ``test_idx`` as client ``partition_id`` would take them (its local test split)."""
+    return client_images(data.splits.test_x[test_idx], cfg, data.splits.normalisation, partition_id, LOCAL_TEST)

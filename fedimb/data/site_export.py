@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from fedimb.config import ConfigError, ExperimentConfig
-from fedimb.data import FederatedData, build_federated_data
+from fedimb.data import FederatedData, build_federated_data, client_test_images, client_train_data
 from fedimb.data.datasets import Normalisation
+from fedimb.data.domains import client_domains, noise_level
 from fedimb.data.local_testset import local_test_indices
 
 SITE_FILE = "site.npz"
@@ -69,19 +70,26 @@ def export_sites(cfg: ExperimentConfig, out: Path, data: FederatedData | None = 
     if splits.normalisation is None:
         raise ConfigError("data.dataset", f"'{cfg.data.dataset}' was loaded without its normalisation")
     written = []
+    domains = client_domains(cfg)
     for pid, idx in enumerate(data.client_indices):
         test_idx = local_test_indices(splits.test_y, data.counts[pid], cfg.federation.num_clients, cfg.seed, pid)
         folder = out / site_folder_name(pid)
         folder.mkdir(parents=True)
         tmp = folder / (SITE_FILE + ".tmp.npz")
-        np.savez_compressed(tmp, x=raw_pixels(splits.train_x[idx], splits.normalisation), y=splits.train_y[idx],
-                            x_test=raw_pixels(splits.test_x[test_idx], splits.normalisation),
+        # the images as the simulated client sees them (its domain, its noise level): a site is its own domain
+        train_x, train_y = client_train_data(data, cfg, pid)
+        np.savez_compressed(tmp, x=raw_pixels(train_x, splits.normalisation), y=train_y,
+                            x_test=raw_pixels(client_test_images(data, cfg, pid, test_idx), splits.normalisation),
                             y_test=splits.test_y[test_idx], pixel_max=np.float64(splits.normalisation.top))
         tmp.replace(folder / SITE_FILE)  # a half-written file never carries the final name
         meta = {"experiment": cfg.name, "dataset": cfg.data.dataset, "seed": cfg.seed,
                 "partition": cfg.partition.name, "partition_id": pid, "num_clients": cfg.federation.num_clients,
                 "train_class_counts": [int(c) for c in data.counts[pid]],
                 "test_class_counts": np.bincount(splits.test_y[test_idx], minlength=splits.num_classes).tolist()}
+        if domains is not None:
+            meta["domain"] = domains[pid]
+        if cfg.partition.noise_sigma > 0:
+            meta["noise_std"] = noise_level(pid, cfg.federation.num_clients, cfg.partition.noise_sigma)
         (folder / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
         written.append(ExportedSite(pid, folder, int(len(idx)), int(len(test_idx))))
     return written
