@@ -80,7 +80,10 @@ def _session(message: Message, context: Context) -> ClientSession:
     torch.set_num_threads(cfg.simulation.threads_per_client)
     partition_id = int(context.node_config[protocol.NODE_PARTITION_ID])
     if context.node_config.get(protocol.NODE_DATA_PATH):
-        return _site_session(cfg, context, partition_id)
+        return _site_session(cfg, context, partition_id)  # a site is who its own node config says
+    config = message.content.get(protocol.CONFIG)
+    if config is not None and protocol.ASSIGNED_PARTITION in config:  # simulation: the server's choice
+        partition_id = int(config[protocol.ASSIGNED_PARTITION])
     data = build_federated_data(cfg)
     if not 0 <= partition_id < len(data.client_indices):
         raise ValueError(f"partition-id {partition_id} outside 0..{len(data.client_indices) - 1}")

@@ -51,6 +51,9 @@ EXPERIMENT_CONFIG = "fedimb-config"  # the resolved experiment YAML, in every me
 CLIENT_ALGORITHM = "client-algorithm"  # which clients/algorithms entry trains this round
 DEFAULT_CLIENT_ALGORITHM = "fedavg"  # plain local SGD, when a strategy names none
 SERVER_ROUND = "server-round"  # Flower's
+# Simulation: the partition the addressed virtual node plays (the server assigns them, so it never
+# has to ask every node which one it holds); a deployed site keeps its own node config's
+ASSIGNED_PARTITION = "assigned-partition"
 CLIENT_MODELS = "client-models"  # FedProto: model names, client i trains models[i mod len] of its own
 # The federation's class counts summed over the clients' hello replies: the global prior of
 # logit adjustment (Menon et al.), which no single client can know

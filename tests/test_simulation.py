@@ -17,6 +17,7 @@ import torch
 from fedimb.app.process import OFFLINE_ENV
 from fedimb.config import load_config
 from fedimb.app.simulation import RunError, run_experiment
+from fedimb.data import build_federated_data
 from tests.conftest import DIGITS_SMALL
 
 pytestmark = pytest.mark.slow
@@ -77,6 +78,15 @@ def test_same_config_and_seed_give_identical_metrics(fedavg_run, tmp_path):
     run_experiment(load_config(None, DIGITS_SMALL), again)
     assert metric_rows(again) == metric_rows(fedavg_run)
     assert (again / "partition.json").read_text() == (fedavg_run / "partition.json").read_text()
+
+
+def test_a_simulation_asks_no_node_which_partition_it_holds(fedavg_run):
+    # the server split the data, so it assigns the partitions: no hello message, nothing before round 1
+    setup = json.loads((fedavg_run / "summary.json").read_text())["setup_bytes"]
+    assert setup == {"bytes_sent": 0, "bytes_received": 0}
+    data = build_federated_data(load_config(None, DIGITS_SMALL))
+    reported = json.loads((fedavg_run / "partition.json").read_text())["clients"]
+    assert [c["counts"] for c in reported] == data.counts.tolist()
 
 
 # every strategy learns with each loss in tests/test_server_without_data.py; here, sampled

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import Message
+from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
+
+from fedimb import protocol
 
 
 def payload_bytes(message: Message) -> int:
@@ -14,6 +16,42 @@ def payload_bytes(message: Message) -> int:
     if message.has_error():
         return 0
     return sum(record.count_bytes() for record in message.content.values())
+
+
+class PartitionAssigner:
+    """A Grid that, once told ``partition_of`` (simulation), puts each message's partition in its config.
+
+    Flower's virtual nodes all reach the same data, so which node plays which partition is the
+    server's choice: the i-th smallest node id plays partition i for the whole run. Every message
+    gets its own copy of the config (Flower's strategies share one record between messages).
+    Sits below :class:`MeteredGrid`, so byte counts stay those of a deployment.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self.partition_of: dict[int, int] | None = None  # None: deployed sites say their own
+
+    def _assign(self, messages: list[Message]) -> list[Message]:
+        if self.partition_of is None:
+            return messages
+        for message in messages:
+            content = RecordDict(dict(message.content.items()))
+            config = ConfigRecord(dict(content[protocol.CONFIG].items())) if protocol.CONFIG in content else ConfigRecord()
+            config[protocol.ASSIGNED_PARTITION] = self.partition_of[message.metadata.dst_node_id]
+            content[protocol.CONFIG] = config
+            message.content = content
+        return messages
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Flower's ``send_and_receive``, each message told its partition."""
+        return self._grid.send_and_receive(self._assign(list(messages)), timeout=timeout)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Flower's ``push_messages``, each message told its partition."""
+        return self._grid.push_messages(self._assign(list(messages)))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
 
 
 class MeteredGrid:

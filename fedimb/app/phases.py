@@ -21,10 +21,12 @@ from flwr.serverapp.strategy import Strategy
 
 from fedimb import protocol
 from fedimb.app.active_learning import ActiveLearningLoop, write_fal_records
+from fedimb.app.metering import PartitionAssigner
 from fedimb.app.observer import RoundObserver
 from fedimb.checkpoint import Checkpoint, config_digest, resume_blocker, save_checkpoint
 from fedimb.config import ExperimentConfig
-from fedimb.data import DatasetSplits, build_federated_data, partition_stats, plot_partition
+from fedimb.data import (DatasetSplits, FederatedData, build_federated_data, client_train_data, partition_stats,
+                         plot_partition)
 from fedimb.data.domains import feature_skew_report
 from fedimb.failures import round_timeout
 from fedimb.metrics import class_groups
@@ -48,13 +50,30 @@ class Hello:
     value_range: tuple[float, float]  # of the normalised images over all clients
 
 
-def say_hello(grid: Grid, cfg: ExperimentConfig, config_text: str, timeout: float = 600.0) -> Hello:
-    """Wait for all nodes, ask each for its partition id and class counts (query messages)."""
+def wait_for_nodes(grid: Grid, cfg: ExperimentConfig, timeout: float = 600.0) -> list[int]:
+    """The node ids, sorted, once all ``federation.num_clients`` nodes are connected."""
     deadline = time.time() + timeout
     while len(node_ids := sorted(grid.get_node_ids())) < cfg.federation.num_clients:
         if time.time() > deadline:
             raise RunFailed(f"only {len(node_ids)} of {cfg.federation.num_clients} nodes connected")
         time.sleep(0.5)
+    return node_ids
+
+
+def assigned_hello(node_ids: list[int], data: FederatedData, cfg: ExperimentConfig) -> Hello:
+    """What a hello round would learn, from the data a simulation's server split itself: the i-th
+    smallest node id plays partition i; counts, sizes, image shape and value range of the partitions
+    (each client's images as it sees them: through its domain and noise level)."""
+    ranges = [(float(x.min()), float(x.max())) if len(x) else (0.0, 0.0)
+              for x in (client_train_data(data, cfg, pid)[0] for pid in range(len(data.client_indices)))]
+    counts = np.asarray(data.counts, dtype=np.int64)
+    return Hello({nid: pid for pid, nid in enumerate(node_ids)}, counts, tuple(data.splits.input_shape),
+                 counts.sum(1), (min(lo for lo, _ in ranges), max(hi for _, hi in ranges)))
+
+
+def say_hello(grid: Grid, cfg: ExperimentConfig, config_text: str, timeout: float = 600.0) -> Hello:
+    """Wait for all nodes, ask each for its partition id and class counts (query messages)."""
+    node_ids = wait_for_nodes(grid, cfg, timeout)
     content = RecordDict({protocol.CONFIG: ConfigRecord({protocol.EXPERIMENT_CONFIG: config_text})})
     messages = [Message(content=content, message_type=protocol.HELLO, dst_node_id=nid) for nid in node_ids]
     replies = list(grid.send_and_receive(messages, timeout=timeout))
@@ -97,6 +116,8 @@ class ServerRun:
     observer: RoundObserver
     ctx: StrategyContext
     checkpoint: Checkpoint | None = None
+    # simulation: the server assigns partitions to nodes instead of asking each (None: it asks)
+    assigner: PartitionAssigner | None = None
     hello: Hello | None = None
     summary: dict[str, Any] = field(default_factory=dict)  # blocks added to summary.json
 
@@ -135,13 +156,18 @@ def cannot_resume(cfg: ExperimentConfig) -> str | None:
 def hello_phase(run: ServerRun) -> None:
     """Learn each node's partition and class counts; write the partition report and heatmap.
 
-    In active learning the clients report their labelled counts only; a simulation's server,
-    which made the partitions, uses the whole partitions' counts for the report and the class
-    groups instead (what the published active-learning runs used).
+    A simulation's server split the data itself: it assigns the partitions to the nodes and
+    sends no message (:func:`assigned_hello`). Deployed, it asks every site. In active learning
+    the sites report their labelled counts only; a simulation's server uses the whole
+    partitions' counts for the report and the class groups (what the published runs used).
     """
-    run.hello = say_hello(run.grid, run.cfg, run.config_text)
-    if run.cfg.active_learning.enabled and run.splits is not None:
-        run.hello.counts = build_federated_data(run.cfg).counts
+    if run.assigner is not None:
+        run.hello = assigned_hello(wait_for_nodes(run.grid, run.cfg), build_federated_data(run.cfg), run.cfg)
+        run.assigner.partition_of = dict(run.hello.partition_of)
+    else:
+        run.hello = say_hello(run.grid, run.cfg, run.config_text)
+        if run.cfg.active_learning.enabled and run.splits is not None:
+            run.hello.counts = build_federated_data(run.cfg).counts
     run.observer.train_counts = run.hello.counts.sum(0)
     run.observer.input_shape = run.hello.input_shape
     stats = partition_stats(run.hello.counts)

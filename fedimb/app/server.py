@@ -17,7 +17,7 @@ from flwr.serverapp import Grid, ServerApp
 from rich.console import Console
 
 from fedimb.app.gpus import recording_gpus
-from fedimb.app.metering import MeteredGrid
+from fedimb.app.metering import MeteredGrid, PartitionAssigner
 from fedimb.app.observer import RoundObserver, evaluation_set, total_rounds
 from fedimb.app.phases import RunFailed, ServerRun, cannot_resume, phases_for
 from fedimb.app.process import flwr_log_level
@@ -49,11 +49,14 @@ def central_evaluation(cfg: ExperimentConfig, holds_dataset: bool) -> bool:
     return holds_dataset and strategy_spec(cfg.strategy.name).global_model
 
 
-def open_run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool, holds_dataset: bool) -> ServerRun:
+def open_run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool, holds_dataset: bool,
+             assign_partitions: bool = False) -> ServerRun:
     """The run directory's config and recorder, the evaluation set, the observer and the strategy context.
 
     ``holds_dataset``: the server has the config's dataset (a simulation, or
     ``eval.server_data=dataset``); otherwise it evaluates federatedly and loads no data at all.
+    ``assign_partitions``: the nodes are Flower's virtual ones (fedimb's simulation runner): the
+    server assigns them their partitions instead of asking each (needs ``holds_dataset``).
     """
     if not holds_dataset and cfg.eval.client_every == 0:
         raise RunFailed("the server holds no test set, so the clients evaluate: set eval.client_every >= 1 "
@@ -62,7 +65,8 @@ def open_run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool, hol
         raise RunFailed(f"strategy {cfg.strategy.name} has no global model, so the clients evaluate their own: "
                         "set eval.client_every >= 1")
     config_text = to_yaml(cfg)
-    grid = MeteredGrid(grid)
+    assigner = PartitionAssigner(grid)
+    grid = MeteredGrid(assigner)
     recorder = RunRecorder(run_dir)
     checkpoint = _resume_point(cfg, run_dir) if resume else None
     recorder.write_config(config_text)
@@ -92,17 +96,18 @@ def open_run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool, hol
         evaluate_metrics_aggr_fn=observer.evaluate_metrics,
         guard=reply_guard(cfg, run_dir, observer, None if checkpoint is None else checkpoint.round),
     )
-    return ServerRun(grid, cfg, config_text, run_dir, splits, observer, ctx, checkpoint)
+    return ServerRun(grid, cfg, config_text, run_dir, splits, observer, ctx, checkpoint,
+                     assigner=assigner if assign_partitions and holds_dataset else None)
 
 
 def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool = False,
-                   holds_dataset: bool = True) -> None:
+                   holds_dataset: bool = True, assign_partitions: bool = False) -> None:
     """The whole server side of one run: its phases in order, then the summary and the curves.
 
     ``resume``: continue from the run directory's checkpoint (``fedimb run --resume``);
-    ``holds_dataset``: see :func:`open_run`.
+    ``holds_dataset``, ``assign_partitions``: see :func:`open_run`.
     """
-    run = open_run(grid, cfg, run_dir, resume, holds_dataset)
+    run = open_run(grid, cfg, run_dir, resume, holds_dataset, assign_partitions)
     for phase in phases_for(cfg):
         phase(run)
     recorder = run.observer.recorder
@@ -155,7 +160,8 @@ def make_server_app(config_text: str | None = None, run_dir: Path | None = None,
             cfg, out, holds_dataset = from_yaml(config_text), run_dir, True
         level = logging.NOTSET if cfg.simulation.verbose else logging.ERROR
         with flwr_log_level(level):
-            run_federation(grid, cfg, out, resume=resume and run_dir is not None, holds_dataset=holds_dataset)
+            run_federation(grid, cfg, out, resume=resume and run_dir is not None, holds_dataset=holds_dataset,
+                           assign_partitions=config_text is not None)
 
     return app
 
