@@ -106,7 +106,9 @@ class FederationConfig:
     # A round finishes with the valid replies it got when there are at least this many: a count
     # (int) or a fraction (float) of the clients sampled; fewer fail the run naming who and why.
     min_replies: Union[int, float] = 1.0
-    round_timeout: float = 0.0  # seconds a round waits for replies (0 = Flower's default, 3600)
+    # seconds a round waits for replies (0 = Flower's default, 3600); in simulation round 1 also
+    # pays each client process's start (imports, data), since no hello round warms them up
+    round_timeout: float = 0.0
     norm_factor: float = 0.0  # reject an update whose norm > k × the round's median update norm (0 = off)
 
 
