@@ -107,3 +107,15 @@ def test_heterogeneous_clients_learn_with_prototypes_only_on_the_wire(tmp_path):
     # 3 clients train and evaluate each round: prototypes (10 x 64 floats) and metrics, never a model
     assert all(0 < int(r["bytes_sent"]) + int(r["bytes_received"]) < smallest_model for r in rows if r["round"] != "0")
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["evaluation"] == "federated"
+
+
+def test_client_predicts_by_the_nearest_global_prototype_and_by_its_head_before_any():
+    model = FeatureClassifier(torch.nn.Identity(), feature_dim=2, num_classes=3)
+    x = torch.tensor([[0.9, 0.9], [5.0, 0.0]])
+    head = FedProtoClient.evaluation_logits(model, x, RecordDict(), batch_size=1)
+    assert torch.allclose(head, model.head(x).detach())
+    content = RecordDict({"prototypes": ArrayRecord({
+        "P": Array(np.array([[0.0, 0.0], [1.0, 1.0], [5.0, 0.0]], dtype=np.float32)),
+        "has": Array(np.array([1.0, 1.0, 0.0], dtype=np.float32))})})
+    scores = FedProtoClient.evaluation_logits(model, x, content, batch_size=1)
+    assert scores.argmax(1).tolist() == [1, 1]  # class 2 is nearest to the second sample but has no prototype
