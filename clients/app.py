@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -37,7 +38,8 @@ from fedimb.data.sites import SiteSpec, node_site, site_spec
 from fedimb.faults import FaultPlan
 from fedimb.metrics import confusion
 from fedimb.models import FeatureClassifier, build_configured_model, build_model, get_weights, set_weights
-from fedimb.synthetic.topup import ClassSampler, judge_hits, sample_pool, topup_counts, train_as_configured
+from fedimb.synthetic.allocation import client_generator_domain
+from fedimb.synthetic.topup import ClassSampler, judge_hits, sample_pool, topup_counts, topup_seed, train_as_configured
 
 app = ClientApp()
 SPEC_KEY = "site-spec"  # node state, not the wire: the spec a site's data must fit
@@ -239,8 +241,10 @@ def train_generator_round(message: Message, context: Context) -> Message:
     generator = generator_from(message.content[protocol.ARRAYS], message.content[protocol.CONFIG], session.cfg,
                                session.input_shape, session.num_classes).to(session.device)
     server_round = int(message.content[protocol.CONFIG].get(protocol.SERVER_ROUND, 0))
+    # a (class, domain) generator learns this client's classes as pairs with its own domain
+    labels = generator.condition_ids(session.y, client_generator_domain(session.cfg, session.partition_id))
     # EMA restarts on every call: over a few hundred local steps it would lag the weights being averaged
-    loss = train_as_configured(generator, session.x, session.y, session.cfg.synthetic,
+    loss = train_as_configured(generator, session.x, labels, session.cfg.synthetic,
                                steps=session.cfg.synthetic.local_steps, ema_decay=0.0,
                                seed=derive_seed(session.cfg.seed, "generator-round", server_round, session.partition_id))
     metrics = MetricRecord({protocol.NUM_EXAMPLES: int(len(session.y)), protocol.GENERATOR_LOSS: float(loss)})
@@ -256,7 +260,8 @@ def topup(message: Message, context: Context) -> Message:
     syn = session.cfg.synthetic
     config = message.content[protocol.CONFIG]
     sampler = ClassSampler.from_config(config)
-    seed = derive_seed(session.cfg.seed, "topup", client=session.partition_id)
+    # 0: the static top-up; r: the closed loop's after round r (its own seed; the pool is replaced)
+    seed = topup_seed(session.cfg.seed, session.partition_id, int(config.get(protocol.SERVER_ROUND, 0)))
     report: dict[str, Any] = {}  # what a local generator's client tells the server: counts and timings
     if protocol.POOL in message.content:
         x, y = pool_tensors(message.content[protocol.POOL])
@@ -265,7 +270,9 @@ def topup(message: Message, context: Context) -> Message:
     else:
         generator = generator_from(message.content[protocol.GENERATOR], config, session.cfg, session.input_shape,
                                    session.num_classes)
-        counts = topup_counts(session.class_counts.cpu().numpy().astype(int), syn.target_per_class, syn.max_ratio)
+        # the server's plan (pairs, or the closed loop's), else this client's own class counts decide
+        counts = (np.asarray(config[protocol.TOPUP_COUNTS], dtype=np.int64) if protocol.TOPUP_COUNTS in config else
+                  topup_counts(session.class_counts.cpu().numpy().astype(int), syn.target_per_class, syn.max_ratio))
         x, y = sample_pool(generator.to(session.device), counts, syn, seed=seed, sampler=sampler)
     store_pool(context.state, x, y)
     metrics = MetricRecord({protocol.PARTITION_ID: session.partition_id, protocol.NUM_SYNTHETIC: int(len(y)), **report})

@@ -18,6 +18,7 @@ from flwr.app import ArrayRecord, RecordDict
 from fedimb import protocol
 from fedimb.config import ExperimentConfig
 from fedimb.protocol import derive_seed
+from fedimb.synthetic.allocation import generator_domains
 from fedimb.synthetic.topup import load_or_train, pool_record, pool_tensors, train_as_configured
 
 if TYPE_CHECKING:
@@ -33,7 +34,8 @@ def generator_from(record: ArrayRecord, config: Mapping[str, Any], cfg: Experime
 
     lo, hi = (float(v) for v in config[protocol.GENERATOR_RANGE])
     generator = Generator.build(cfg.synthetic.generator_size, input_shape, num_classes, cfg.seed,
-                                data_range=(lo, hi), prediction=cfg.synthetic.prediction)
+                                data_range=(lo, hi), prediction=cfg.synthetic.prediction,
+                                domains=generator_domains(cfg))
     generator.load_state_dict(record.to_torch_state_dict())
     return generator
 

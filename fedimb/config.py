@@ -34,6 +34,8 @@ SYNTHETIC_TRAINING = ("federated", "local", "central", "pretrained")
 SYNTHETIC_POLICIES = ("server_pool", "client_sample")
 GENERATOR_AGGREGATIONS = ("class_aware", "fedavg")
 GENERATOR_PREDICTIONS = ("epsilon", "v_prediction")
+# what the generator is conditioned on: the class, or the (class, domain) pair (domains.names)
+GENERATOR_CONDITIONS = ("class", "class_domain")
 # the acquisition "devices" of fedimb/data/domains.py (its DOMAIN_TRANSFORMS has one entry each)
 DOMAIN_TRANSFORM_NAMES = ("clean", "gamma", "contrast", "blur", "noise", "invert", "rotate")
 
@@ -249,6 +251,16 @@ class SyntheticConfig:
     loss_weight: float = 1.0  # weight of a synthetic sample in the loss, relative to a real one
     quality_per_class: int = 100  # generated samples per class for the recognisability report
     cache_dir: str = "runs/cache/synthetic"  # generators and pools keyed by what made them; "" = off
+    # class: the generator is conditioned on the class and the top-up fills each client's classes;
+    # class_domain: conditioned on the (class, acquisition domain) pair (needs domains.names), and
+    # the top-up fills each client's missing pairs, the other domains' included, so a client that
+    # never saw a device gets samples of it (pairs no client holds were never learned: skipped)
+    condition: str = "class"
+    # Closed-loop top-up: every K rounds the global model's per-class error (and per-domain error
+    # with domains) on the server's evaluation set (federated evaluation's without one) sets each
+    # client's next pool: targets proportional to the error, same total, same caps. 0 = off (the
+    # static top-up, computed once from counts). eval.split=validation keeps the test set unseen.
+    closed_loop_every: int = 0
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedimb.config import (DEVICES, DOMAIN_TRANSFORM_NAMES, EVAL_SPLITS, GENERATOR_AGGREGATIONS,
-                           GENERATOR_PREDICTIONS, HEADS, LOCAL_DATASETS,
+                           GENERATOR_CONDITIONS, GENERATOR_PREDICTIONS, HEADS, LOCAL_DATASETS,
                            LONG_TAIL_PROFILES, PARTITIONS, SERVER_DATA, SYNTHETIC_POLICIES, SYNTHETIC_TRAINING,
                            DomainsConfig, ExperimentConfig)
 from fedimb.config_input import check_finite
@@ -118,6 +118,7 @@ def validate(cfg: ExperimentConfig) -> None:
         if value is not None and not 0.0 <= value <= 1.0:
             raise ConfigError(f"synthetic.{name}", f"must be in [0, 1], got {value}")
     _check_positive("synthetic.snr_gamma", syn.snr_gamma, strict=False)
+    check_synthetic_loop(cfg)
     if cfg.data.dataset in LOCAL_DATASETS or "/" not in cfg.data.dataset:
         _check_choice("data.dataset", cfg.data.dataset, list(LOCAL_DATASETS) + ["<hf-owner>/<name>"])
 
@@ -137,3 +138,27 @@ def check_domains(domains: DomainsConfig) -> None:
         raise ConfigError("domains.shares", f"must be >= 0 and sum to 1, got {shares}")
     for name in ("gamma", "contrast", "blur_sigma", "noise_std"):
         _check_positive(f"domains.{name}", getattr(domains, name))
+
+
+def check_synthetic_loop(cfg: ExperimentConfig) -> None:
+    """``synthetic.condition`` and ``synthetic.closed_loop_every``: what each needs of the rest of the config."""
+    syn = cfg.synthetic
+    _check_choice("synthetic.condition", syn.condition, GENERATOR_CONDITIONS)
+    if syn.condition == "class_domain" and not cfg.domains.names:
+        raise ConfigError("synthetic.condition", "class_domain needs domains.names (the domains to condition on)")
+    if syn.condition == "class_domain" and syn.training == "local":
+        raise ConfigError("synthetic.condition", "class_domain needs a shared generator (training federated, "
+                                                 "central or pretrained): a client's own sees one domain only")
+    _check_positive("synthetic.closed_loop_every", syn.closed_loop_every, strict=False)
+    if not syn.closed_loop_every:
+        return
+    if syn.training == "local":
+        raise ConfigError("synthetic.closed_loop_every", "needs a generator on the server (training federated, "
+                                                         "central or pretrained), got training=local")
+    if cfg.active_learning.enabled:
+        raise ConfigError("synthetic.closed_loop_every", "is for the rounds of one federation; "
+                                                         "switch active_learning off or set it to 0")
+    if syn.closed_loop_every % cfg.eval.every:
+        raise ConfigError("synthetic.closed_loop_every",
+                          f"must be a multiple of eval.every ({cfg.eval.every}): the top-up reads that round's "
+                          f"errors, got {syn.closed_loop_every}")

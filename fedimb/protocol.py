@@ -70,6 +70,10 @@ GUIDANCE_PER_CLASS = "guidance-per-class"  # the per-class sampler, sent with a 
 RESCALE_PER_CLASS = "rescale-per-class"
 TRAIN_LOCAL = "train-local"  # synthetic.training=local: the client trains its own generator
 LOCAL_GENERATOR_DIR = "local-generator-dir"  # where that generator is cached between runs
+# synthetic top-up, server → client: samples per generator label (class, or (class, domain) pair id
+# domain·C + class) that a client sampling a shipped generator draws; without it the client sizes its
+# top-up from its own class counts. SERVER_ROUND goes with it: 0 the static top-up, r the closed loop's
+TOPUP_COUNTS = "topup-counts"
 
 # ---- metric values (MetricRecord keys), client → server --------------------------------------
 NUM_EXAMPLES = "num-examples"  # Flower's weighting key: the client's real training samples
@@ -125,6 +129,7 @@ SEED_STREAMS: dict[str, tuple[int, int]] = {
     "fal-query": (1_000_003, 10_007),  # an active-learning sampler's draws at a query step
     "generator-round": (7_919, 101),  # a federated generator round; a local generator is round 0
     "topup": (31, 0),  # the synthetic pool of one client (server- or client-sampled alike)
+    "topup-loop": (31, 1_013),  # a closed-loop pool of one client, after round `step`
     "faults": (104_729, 1_303),  # which injected faults a hostile client shows in a round
     "fault-clients": (15_485_863, 0),  # which clients are hostile (faults.fraction)
 }

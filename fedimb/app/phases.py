@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -33,6 +33,9 @@ from fedimb.metrics import class_groups
 from fedimb.models import build_configured_model, get_weights
 from strategies import build_strategy, strategy_spec
 from strategies.base import RoundOffset, StrategyContext, error_reason
+
+if TYPE_CHECKING:
+    from fedimb.app.closed_loop import ClosedLoop
 
 
 class RunFailed(RuntimeError):
@@ -120,6 +123,7 @@ class ServerRun:
     assigner: PartitionAssigner | None = None
     hello: Hello | None = None
     summary: dict[str, Any] = field(default_factory=dict)  # blocks added to summary.json
+    closed_loop: ClosedLoop | None = None  # synthetic.closed_loop_every: later top-ups between rounds
 
     def make_strategy(self) -> Strategy:
         """A fresh strategy from the registry, bound to the seed and the hello round's node map."""
@@ -179,13 +183,23 @@ def hello_phase(run: ServerRun) -> None:
 
 
 def synthetic_phase(run: ServerRun) -> None:
-    """Train (or reload) the federated generator and top every client up; summary block ``synthetic``."""
+    """Train (or reload) the federated generator and top every client up; summary block ``synthetic``.
+
+    With ``synthetic.closed_loop_every`` it also sets up the later top-ups (:attr:`ServerRun.closed_loop`).
+    """
     from fedimb.app.synthetic import DataFacts, prepare_synthetic  # diffusers loads only when asked for
 
     facts = DataFacts.of_splits(run.splits) if run.splits is not None else DataFacts(
         run.hello.input_shape, run.observer.num_classes, run.hello.value_range)
-    run.summary["synthetic"] = prepare_synthetic(run.grid, run.cfg, run.hello.partition_of, run.hello.counts,
-                                                 facts, run.config_text, run.run_dir)
+    report, topups = prepare_synthetic(run.grid, run.cfg, run.hello.partition_of, run.hello.counts,
+                                       facts, run.config_text, run.run_dir)
+    run.summary["synthetic"] = report
+    if run.cfg.synthetic.closed_loop_every and topups is not None:
+        from fedimb.app.closed_loop import ClosedLoop
+
+        run.closed_loop = ClosedLoop(run.grid, run.cfg, run.hello.partition_of, run.hello.counts, run.config_text,
+                                     topups)
+        report["closed_loop"] = run.closed_loop.records  # filled as the rounds go
 
 
 def _end_setup(run: ServerRun) -> None:
@@ -209,9 +223,13 @@ def active_learning_phase(run: ServerRun) -> None:
 
 def rounds_phase(run: ServerRun) -> None:
     """``federation.rounds`` rounds of the configured strategy, after the checkpoint when resuming."""
+    loop = run.closed_loop
+    if loop is not None and run.checkpoint is not None:  # the pools of the closed loop's last top-up, again
+        loop.resume(run.checkpoint.round, run.checkpoint.rows)
     _end_setup(run)
     run_rounds(run.grid, run.cfg, run.run_dir, run.make_strategy(), run.initial_arrays, run.checkpoint,
-               run.observer, run.train_config(), run.evaluate_config())
+               run.observer, run.train_config(), run.evaluate_config(),
+               after_round=None if loop is None else loop.after_round)
 
 
 def phases_for(cfg: ExperimentConfig) -> list[Phase]:
@@ -222,10 +240,13 @@ def phases_for(cfg: ExperimentConfig) -> list[Phase]:
 
 def run_rounds(grid: Grid, cfg: ExperimentConfig, run_dir: Path, strategy: Strategy,
                initial_arrays: Callable[[], ArrayRecord], checkpoint: Checkpoint | None, observer: RoundObserver,
-               train_config: ConfigRecord, evaluate_config: ConfigRecord) -> None:
+               train_config: ConfigRecord, evaluate_config: ConfigRecord,
+               after_round: Callable[[int, list[dict[str, Any]]], None] | None = None) -> None:
     """The rounds after ``checkpoint`` (all of them without one), checkpointing after each.
 
     Runs that cannot resume (:func:`cannot_resume`) write no checkpoint: it would never be read.
+    ``after_round(round, logged rows)`` runs after each round's evaluation, before its checkpoint
+    (the closed-loop top-up).
     """
     keep = cannot_resume(cfg) is None
     digest = config_digest(cfg)
@@ -234,6 +255,8 @@ def run_rounds(grid: Grid, cfg: ExperimentConfig, run_dir: Path, strategy: Strat
 
     def evaluate_and_checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         metrics = observer.central_evaluate(server_round, as_evaluated(arrays))
+        if after_round is not None:
+            after_round(server_round, observer.recorder.rounds)
         if keep:
             state = strategy.state_dict() if hasattr(strategy, "state_dict") else {}
             save_checkpoint(run_dir, Checkpoint(

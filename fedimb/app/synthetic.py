@@ -6,6 +6,10 @@ Federated training runs :class:`strategies.generator.GeneratorFedAvg` against th
 ``synthetic.cache_dir`` keyed by everything that made them, so ``--resume``, reruns and sweeps
 over strategies reuse them; with ``synthetic.training=local`` every client trains, caches and
 scores a generator of its own and only counts and timings come back.
+
+With ``synthetic.condition=class_domain`` the generator is conditioned on (class, domain) pairs
+and every client is topped up with the pairs it lacks (:mod:`fedimb.synthetic.allocation`); the
+closed loop (``fedimb.app.closed_loop``) sends later top-ups through :func:`deliver` too.
 """
 
 from __future__ import annotations
@@ -28,10 +32,11 @@ from rich.console import Console
 from fedimb import protocol
 from fedimb.config import ExperimentConfig, SyntheticConfig
 from fedimb.data import DatasetSplits
-from fedimb.protocol import derive_seed
+from fedimb.data.datasets import Normalisation
+from fedimb.synthetic.allocation import client_domain_indices, condition_counts, generator_domains, plan_topups
 from fedimb.synthetic.generator import Generator
 from fedimb.synthetic.quality import recognisability, sample_grid, train_reference_classifier
-from fedimb.synthetic.topup import (ClassSampler, labels_for, load_or_train, pool_record, sample_pool, topup_counts,
+from fedimb.synthetic.topup import (ClassSampler, labels_for, load_or_train, pool_record, sample_pool, topup_seed,
                                     train_as_configured)
 from strategies.base import StrategyContext, error_reason
 from strategies.generator import GeneratorFedAvg
@@ -56,12 +61,13 @@ class DataFacts:
     num_classes: int
     value_range: tuple[float, float]
     judge_data: tuple[np.ndarray, np.ndarray] | None = None
+    normalisation: Normalisation | None = None  # of judge_data: a (class, domain) judge sees it in every domain
 
     @classmethod
     def of_splits(cls, splits: DatasetSplits) -> DataFacts:
         """The facts of a dataset the server holds (its training split is the judge's data)."""
         return cls(splits.input_shape, splits.num_classes, (float(splits.train_x.min()), float(splits.train_x.max())),
-                   (splits.train_x, splits.train_y))
+                   (splits.train_x, splits.train_y), splits.normalisation)
 
 
 def cache_key(cfg: ExperimentConfig) -> str:
@@ -71,10 +77,14 @@ def cache_key(cfg: ExperimentConfig) -> str:
     """
     syn = asdict(cfg.synthetic)
     for knob in (*SAMPLING_KNOBS, "policy", "target_per_class", "max_ratio", "loss_weight", "quality_per_class",
-                 "cache_dir"):
+                 "cache_dir", "closed_loop_every"):
         syn.pop(knob)
+    if syn["condition"] == "class":
+        syn.pop("condition")  # the default joins no key: generators cached before the knob keep theirs
     made_of = {"seed": cfg.seed, "data": asdict(cfg.data), "imbalance": asdict(cfg.imbalance),
                "partition": asdict(cfg.partition), "num_clients": cfg.federation.num_clients, "synthetic": syn}
+    if cfg.domains.names:  # the clients' images pass through their devices: another generator
+        made_of["domains"] = asdict(cfg.domains)
     return hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -87,20 +97,38 @@ def cache_dir(cfg: ExperimentConfig, run_dir: Path) -> Path:
 def _fresh_generator(cfg: ExperimentConfig, facts: DataFacts) -> Generator:
     syn = cfg.synthetic
     return Generator.build(syn.generator_size, facts.input_shape, facts.num_classes, cfg.seed,
-                           data_range=facts.value_range, prediction=syn.prediction)
+                           data_range=facts.value_range, prediction=syn.prediction, domains=generator_domains(cfg))
 
 
 def _judge(cfg: ExperimentConfig, facts: DataFacts) -> torch.nn.Module | None:
     if facts.judge_data is None:
         return None
     x, y = facts.judge_data
+    if generator_domains(cfg):
+        x = _in_every_domain(x, cfg, facts.normalisation)
     return train_reference_classifier(torch.from_numpy(x), torch.from_numpy(y), facts.num_classes, seed=cfg.seed)
+
+
+def _in_every_domain(x: np.ndarray, cfg: ExperimentConfig, norm: Normalisation | None) -> np.ndarray:
+    """The judge's images, each in one domain (a seeded 1/D share per domain): a (class, domain)
+    generator's samples are judged by a classifier that knows every device, at the usual cost."""
+    from fedimb.data.domains import apply_domain
+
+    names, tag = cfg.domains.names, 24  # a seed stream of its own (fedimb.data.domains uses tags 21-23)
+    parts = np.array_split(np.random.default_rng([cfg.seed, tag]).permutation(len(x)), len(names))
+    out = np.empty_like(x)
+    for d, (name, idx) in enumerate(zip(names, parts)):
+        out[idx] = apply_domain(x[idx], name, cfg.domains, norm, np.random.default_rng([cfg.seed, tag, d]))
+    return out
 
 
 def generator_strategy(cfg: ExperimentConfig, partition_of: dict[int, int], counts: np.ndarray) -> GeneratorFedAvg:
     """The federated generator's strategy, bound to the clients; ``counts`` (partition id x class)
     make the label table class-aware under ``synthetic.aggregation=class_aware``."""
     syn = cfg.synthetic
+    # the label table's rows are pairs for a (class, domain) generator: count each client's pairs
+    domains = client_domain_indices(cfg) if generator_domains(cfg) else None
+    counts = condition_counts(counts, domains, len(cfg.domains.names))
     # no client evaluation: the generator is judged once, on the server, after its last round
     ctx = StrategyContext(num_clients=cfg.federation.num_clients, fraction=cfg.federation.fraction,
                           fraction_evaluate=0.0, min_clients=cfg.federation.min_clients, seed=cfg.seed,
@@ -136,6 +164,9 @@ def _train_central(cfg: ExperimentConfig, facts: DataFacts) -> Generator:
     parts = [client_train_data(data, cfg, pid) for pid in range(len(data.client_indices))]
     x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     generator = _fresh_generator(cfg, facts)
+    if generator.domains:  # each client's labels in its domain: the pair ids
+        domains = np.repeat(client_domain_indices(cfg), [len(p[1]) for p in parts])
+        y = generator.condition_ids(torch.from_numpy(y), torch.from_numpy(domains)).numpy()
     train_as_configured(generator, torch.from_numpy(x), torch.from_numpy(y), syn,
                         steps=syn.local_steps * syn.rounds * cfg.federation.num_clients, seed=cfg.seed, progress=True)
     return generator
@@ -149,7 +180,11 @@ def obtain_generator(grid: Grid, cfg: ExperimentConfig, partition_of: dict[int, 
     """
     syn = cfg.synthetic
     if syn.training == "pretrained":
-        return Generator.from_pretrained(syn.generator_path), 0.0, False
+        generator = Generator.from_pretrained(syn.generator_path)
+        if generator.domains != generator_domains(cfg):
+            raise ValueError(f"synthetic.generator_path: the generator is conditioned on domains "
+                             f"{list(generator.domains)}, the config asks for {list(generator_domains(cfg))}")
+        return generator, 0.0, False
 
     def make() -> Generator:
         if syn.training == "federated":
@@ -169,21 +204,33 @@ def quality_report(generator: Generator, cfg: ExperimentConfig, facts: DataFacts
                    sampler: ClassSampler) -> dict[str, Any]:
     """Per-class recognisability of generated samples by a classifier trained on the real balanced
     train set the server is given (none: not scored), sampled with the pools' ``sampler``; writes
-    the sample grid into ``run_dir``."""
+    the sample grid into ``run_dir``. A (class, domain) generator is sampled in every pair (one grid
+    row each); the judge then sees its training images in every domain, and the report adds each
+    domain's per-class scores (``recognisability_per_domain``)."""
     syn = cfg.synthetic
-    labels = labels_for(np.full(facts.num_classes, syn.quality_per_class))
-    scale, rescale = sampler.per_label(labels)
+    conditions = labels_for(np.full(generator.num_conditions, syn.quality_per_class))
+    classes = conditions % facts.num_classes
+    scale, rescale = sampler.per_label(classes)
     started = time.time()
-    images = generator.sample(labels, guidance_scale=scale, num_inference_steps=syn.ddim_steps, seed=cfg.seed,
+    images = generator.sample(conditions, guidance_scale=scale, num_inference_steps=syn.ddim_steps, seed=cfg.seed,
                               progress=True, guidance_rescale=rescale)
-    per_second = len(labels) / max(time.time() - started, 1e-9)
-    sample_grid(images, labels, facts.num_classes, run_dir / "synthetic_grid.png")
+    per_second = len(conditions) / max(time.time() - started, 1e-9)
+    row_names = [f"{d}/{c}" for d in generator.domains for c in range(facts.num_classes)] or None
+    sample_grid(images, conditions, generator.num_conditions, run_dir / "synthetic_grid.png", class_names=row_names)
     judge = _judge(cfg, facts)
-    scores = [math.nan] * facts.num_classes if judge is None else recognisability(judge, images, labels,
+    scores = [math.nan] * facts.num_classes if judge is None else recognisability(judge, images, classes,
                                                                                     facts.num_classes)
-    return {"recognisability": scores, "mean_recognisability": float(np.mean(scores)),
-            "min_recognisability": float(np.min(scores)), "sampling_images_per_s": per_second,
-            **_judge_field(facts), **_sampler_fields(syn)}
+    report = {"recognisability": scores, "mean_recognisability": float(np.mean(scores)),
+              "min_recognisability": float(np.min(scores)), "sampling_images_per_s": per_second,
+              **_judge_field(facts), **_sampler_fields(syn)}
+    if generator.domains:
+        in_domain = conditions // facts.num_classes
+        report["generator_domains"] = list(generator.domains)
+        report["recognisability_per_domain"] = {
+            name: [math.nan] * facts.num_classes if judge is None else
+            recognisability(judge, images[in_domain == d], classes[in_domain == d], facts.num_classes)
+            for d, name in enumerate(generator.domains)}
+    return report
 
 
 def _judge_field(facts: DataFacts) -> dict[str, str]:
@@ -207,27 +254,43 @@ def _send_topups(grid: Grid, partition_of: dict[int, int], content_of: Callable[
     return sorted(replies, key=lambda m: int(m.content[protocol.METRICS][protocol.PARTITION_ID]))
 
 
-def deliver(grid: Grid, cfg: ExperimentConfig, generator: Generator, partition_of: dict[int, int], counts: np.ndarray,
-            config_text: str, cache: Path, sampler: ClassSampler) -> list[int]:
+def deliver(grid: Grid, cfg: ExperimentConfig, generator: Generator, partition_of: dict[int, int], needs: np.ndarray,
+            config_text: str, cache: Path, sampler: ClassSampler, loop_round: int = 0) -> list[int]:
     """Send every client its top-up (a pool or the generator); returns synthetic samples per client.
 
-    ``sampler`` samples the pools, or goes with the generator.
+    ``needs`` (partition id x generator label, :func:`~fedimb.synthetic.allocation.plan_topups`):
+    how many samples of each class, or (class, domain) pair. ``sampler`` samples the pools, or goes
+    with the generator. ``loop_round`` > 0: the closed loop's top-up after that round (its own seeds
+    and pool names; the clients replace their pools). A client sampling a static class-only top-up
+    computes its needs itself, as it always has; any other is sent its row of ``needs``.
     """
     syn = cfg.synthetic
+    send_needs = bool(generator.domains) or loop_round > 0
 
     def content_of(pid: int) -> RecordDict:
-        config = {protocol.EXPERIMENT_CONFIG: config_text, protocol.GENERATOR_RANGE: list(generator.data_range)}
+        config = {protocol.EXPERIMENT_CONFIG: config_text, protocol.GENERATOR_RANGE: list(generator.data_range),
+                  protocol.SERVER_ROUND: loop_round}
         if syn.policy == "client_sample":
             config.update(sampler.to_config())
+            if send_needs:
+                config[protocol.TOPUP_COUNTS] = [int(v) for v in needs[pid]]
         content = RecordDict({protocol.CONFIG: ConfigRecord(config)})
         if syn.policy == "server_pool":
-            content[protocol.POOL] = _server_pool(generator, counts[pid], cfg, cache, pid, sampler)
+            content[protocol.POOL] = _server_pool(generator, needs[pid], cfg, cache, pid, sampler, loop_round)
         else:
             content[protocol.GENERATOR] = ArrayRecord(generator.state_dict())
         return content
 
     replies = _send_topups(grid, partition_of, content_of)
     return [int(m.content[protocol.METRICS][protocol.NUM_SYNTHETIC]) for m in replies]
+
+
+def static_needs(cfg: ExperimentConfig, counts: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+    """Every client's top-up per generator label (its classes, or its (class, domain) pairs), from the
+    hello round's ``counts`` (partition id x class); ``weights``: the closed loop's, per label."""
+    syn = cfg.synthetic
+    domains = client_domain_indices(cfg) if generator_domains(cfg) else None
+    return plan_topups(counts, domains, len(cfg.domains.names), syn.target_per_class, syn.max_ratio, weights)
 
 
 def local_generators(grid: Grid, cfg: ExperimentConfig, partition_of: dict[int, int], facts: DataFacts,
@@ -269,25 +332,31 @@ def local_generators(grid: Grid, cfg: ExperimentConfig, partition_of: dict[int, 
             "synthetic_per_client": [int(r[protocol.NUM_SYNTHETIC]) for r in replies]}
 
 
-def pool_name(syn: SyntheticConfig, pid: int) -> str:
-    """The cached pool's file name: the top-up and sampler knobs that made it, and the client."""
+def pool_name(syn: SyntheticConfig, pid: int, need: np.ndarray | None = None, loop_round: int = 0) -> str:
+    """The cached pool's file name: the top-up and sampler knobs that made it, and the client.
+
+    A closed-loop pool (``loop_round`` > 0) is named by its round and a hash of its ``need``: the
+    errors that set it depend on everything the run did.
+    """
     # Knobs added later join the name only when set, so pools made before them keep their names.
     rescale = f"-g{syn.guidance_rescale}" if syn.guidance_rescale else ""
     tail = "" if syn.tail_guidance_scale is None and syn.tail_guidance_rescale is None else \
         f"-tail{syn.tail_guidance_scale}g{syn.tail_guidance_rescale}"
     sampler = f"w{syn.guidance_scale}-s{syn.ddim_steps}{rescale}{tail}"
+    if loop_round > 0:
+        digest = hashlib.sha256(np.asarray(need, dtype=np.int64).tobytes()).hexdigest()[:12]
+        return f"pool-loop{loop_round}-{digest}-{sampler}-c{pid}.pt"
     return f"pool-t{syn.target_per_class}-r{syn.max_ratio}-{sampler}-c{pid}.pt"
 
 
-def _server_pool(generator: Generator, client_counts: np.ndarray, cfg: ExperimentConfig, cache: Path, pid: int,
-                 sampler: ClassSampler) -> ArrayRecord:
+def _server_pool(generator: Generator, need: np.ndarray, cfg: ExperimentConfig, cache: Path, pid: int,
+                 sampler: ClassSampler, loop_round: int = 0) -> ArrayRecord:
     syn = cfg.synthetic
-    path = cache / pool_name(syn, pid)
+    path = cache / pool_name(syn, pid, need, loop_round)
     if path.is_file():
         x, y = torch.load(path)
     else:
-        need = topup_counts(client_counts, syn.target_per_class, syn.max_ratio)
-        x, y = sample_pool(generator, need, syn, seed=derive_seed(cfg.seed, "topup", client=pid), sampler=sampler)
+        x, y = sample_pool(generator, need, syn, seed=topup_seed(cfg.seed, pid, loop_round), sampler=sampler)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save((x, y), tmp)
@@ -295,9 +364,19 @@ def _server_pool(generator: Generator, client_counts: np.ndarray, cfg: Experimen
     return pool_record(x, y)
 
 
+@dataclass
+class Topups:
+    """What a later top-up needs (the closed loop's): the generator, its sampler and where pools are kept."""
+
+    generator: Generator
+    sampler: ClassSampler
+    cache: Path
+
+
 def prepare_synthetic(grid: Grid, cfg: ExperimentConfig, partition_of: dict[int, int], counts: np.ndarray,
-                      facts: DataFacts, config_text: str, run_dir: Path) -> dict[str, Any]:
-    """The synthetic phase: generator, quality report and delivery; returns the ``synthetic`` block of summary.json.
+                      facts: DataFacts, config_text: str, run_dir: Path) -> tuple[dict[str, Any], Topups | None]:
+    """The synthetic phase: generator, quality report and delivery; returns the ``synthetic`` block of
+    summary.json, and what later top-ups need (None for local generators: the server holds none).
 
     ``counts`` (partition id x class) come from the clients' hello replies.
     """
@@ -307,14 +386,15 @@ def prepare_synthetic(grid: Grid, cfg: ExperimentConfig, partition_of: dict[int,
         report = {**local_generators(grid, cfg, partition_of, facts, config_text, cache, sampler), **sampler.summary()}
         console.print(f"synthetic: local generators, mean recognisability {report['mean_recognisability']:.3f}, "
                       f"per client {report['synthetic_per_client']}", highlight=False)
-        return report
+        return report, None
     generator, train_seconds, reused = obtain_generator(grid, cfg, partition_of, counts, facts, config_text, cache)
     report = {**quality_report(generator, cfg, facts, run_dir, sampler), **sampler.summary()}
     report["generator_training_s"] = train_seconds  # of the cached generator when it was reused
     report["generator_reused"] = reused
     report["generator_params"] = generator.num_parameters
     report["generator_dir"] = str(cache / "generator")
-    report["synthetic_per_client"] = deliver(grid, cfg, generator, partition_of, counts, config_text, cache, sampler)
+    report["synthetic_per_client"] = deliver(grid, cfg, generator, partition_of, static_needs(cfg, counts),
+                                             config_text, cache, sampler)
     console.print(f"synthetic: mean recognisability {report['mean_recognisability']:.3f}, "
                   f"per client {report['synthetic_per_client']}", highlight=False)
-    return report
+    return report, Topups(generator, sampler, cache)

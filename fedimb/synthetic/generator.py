@@ -1,10 +1,17 @@
 """The class-conditional generator: a diffusers ``UNet2DModel``, its ``DDPMScheduler`` and its metadata.
 
 The class embedding has ``num_classes + 1`` rows; the last id is the null ("unconditional")
-token that classifier-free guidance needs. The scheduler's config holds the noise schedule
+token that classifier-free guidance needs. A generator conditioned on (class, acquisition
+domain) pairs keeps the same single table, one row per pair: ``num_classes · num_domains + 1``
+rows, pair id ``domain · num_classes + class`` (:meth:`Generator.condition_ids`), the null id
+last. One table is what ``UNet2DModel`` supports natively (``num_class_embeds``), so saving,
+loading, FedAvg and the class-aware aggregation of its rows work on pairs unchanged; the price
+is that a pair no client holds has an untrained row (the top-up skips such pairs), where summed
+class and domain embeddings might compose them. The scheduler's config holds the noise schedule
 (T steps, linear betas) and what the UNet predicts (``epsilon`` or ``v_prediction``).
 :class:`GeneratorMeta` holds what diffusers has no field for:
 
+* the domain names the pair ids refer to (none: conditioned on the class alone);
 * the data range ``(lo, hi)`` of the training images in the classifier's normalised space; the
   diffusion itself runs on ``[-1, 1]``;
 * the image shape ``(C, H, W)`` and the patch p of the space-to-depth step. With p > 1 the UNet
@@ -28,6 +35,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -81,13 +89,16 @@ class GeneratorMeta:
     patch: int = 1  # p of the space-to-depth step (1: the UNet sees full resolution)
     data_range: tuple[float, float] | None = None  # (lo, hi) mapped to [-1, 1]; None before training
     size: str | None = None  # the GENERATOR_SIZES name; None in folders saved before it was kept
+    # the acquisition domains of the pair ids (domains.names order); () = conditioned on the class alone
+    domains: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> GeneratorMeta:
-        """The metadata from its JSON form (lists back to tuples)."""
+        """The metadata from its JSON form (lists back to tuples; folders without ``domains`` are class-only)."""
         lo_hi = values.get("data_range")
         return cls(image_shape=tuple(int(v) for v in values["image_shape"]), patch=int(values.get("patch", 1)),
-                   data_range=None if lo_hi is None else (float(lo_hi[0]), float(lo_hi[1])), size=values.get("size"))
+                   data_range=None if lo_hi is None else (float(lo_hi[0]), float(lo_hi[1])), size=values.get("size"),
+                   domains=tuple(str(d) for d in values.get("domains", ())))
 
     @classmethod
     def from_legacy(cls, config: dict[str, Any]) -> GeneratorMeta:
@@ -119,8 +130,12 @@ class Generator:
 
     @classmethod
     def build(cls, size: str, image_shape: tuple[int, int, int], num_classes: int, seed: int = 0,
-              data_range: tuple[float, float] | None = None, prediction: str = "epsilon") -> Generator:
+              data_range: tuple[float, float] | None = None, prediction: str = "epsilon",
+              domains: Sequence[str] = ()) -> Generator:
         """A fresh generator for ``image_shape`` (C, H, W) and ``num_classes`` (+1 null id), seeded init.
+
+        ``domains`` (names) conditions it on (class, domain) pairs instead: one label row per
+        pair (:meth:`condition_ids`) and the null row.
 
         ``prediction`` is what the network outputs: ``epsilon`` (the noise) or ``v_prediction``
         (``v = sqrt(a) eps - sqrt(1 - a) x0``, Salimans & Ho 2022). ``data_range`` (lo, hi) of
@@ -147,25 +162,56 @@ class Generator:
                 sample_size=inner_h if inner_h == inner_w else (inner_h, inner_w),
                 in_channels=channels * patch * patch,
                 out_channels=channels * patch * patch,
-                num_class_embeds=num_classes + 1,
+                num_class_embeds=num_classes * max(1, len(domains)) + 1,
                 num_train_timesteps=NUM_TRAIN_TIMESTEPS,  # a UNet field read only by learned time embeddings
                 **unet_kwargs,
             )
         scheduler = DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, prediction_type=prediction)
-        generator = cls(unet, scheduler, GeneratorMeta((channels, height, width), patch, size=size))
+        generator = cls(unet, scheduler, GeneratorMeta((channels, height, width), patch, size=size,
+                                                       domains=tuple(str(d) for d in domains)))
         if data_range is not None:
             generator.set_data_range(*data_range)
         return generator
 
     @property
-    def num_classes(self) -> int:
-        """Real classes; the label table has one more row, the null class."""
+    def num_conditions(self) -> int:
+        """Label ids the generator samples: its classes, or its (class, domain) pairs; the null id is one more."""
         return int(self.unet.config.num_class_embeds) - 1
 
     @property
+    def domains(self) -> tuple[str, ...]:
+        """The domain names of the pair ids, in order; () for a generator conditioned on the class alone."""
+        return self.meta.domains
+
+    @property
+    def num_classes(self) -> int:
+        """Real classes (per domain, for a pair-conditioned generator)."""
+        return self.num_conditions // max(1, len(self.domains))
+
+    @property
     def null_class(self) -> int:
-        """The class id that means "no class" (classifier-free guidance's unconditional token)."""
-        return self.num_classes
+        """The label id that means "no class" (classifier-free guidance's unconditional token), the last."""
+        return self.num_conditions
+
+    def condition_ids(self, classes: torch.Tensor, domains: torch.Tensor | int | None = None) -> torch.Tensor:
+        """The label ids of ``classes`` (in ``domains``, indices into :attr:`domains`) as the UNet takes them.
+
+        ``domain · num_classes + class`` for a pair-conditioned generator (``domains`` required,
+        one index or one per class); the classes themselves for a class-conditional one.
+        """
+        classes = torch.as_tensor(classes).long()
+        if not self.domains:
+            if domains is not None:
+                raise ValueError("this generator is conditioned on the class alone; pass no domains")
+            return classes
+        if domains is None:
+            raise ValueError(f"this generator is conditioned on (class, domain): pass a domain of {list(self.domains)}")
+        index = torch.as_tensor(domains).long().expand_as(classes)
+        if classes.numel() and (int(classes.min()) < 0 or int(classes.max()) >= self.num_classes):
+            raise ValueError(f"classes must lie in [0, {self.num_classes - 1}]")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= len(self.domains)):
+            raise ValueError(f"domain indices must lie in [0, {len(self.domains) - 1}] ({list(self.domains)})")
+        return index * self.num_classes + classes
 
     @property
     def prediction(self) -> str:

@@ -27,18 +27,27 @@ if TYPE_CHECKING:
     from fedimb.synthetic.generator import Generator
 
 
-def topup_counts(counts: np.ndarray, target_per_class: int, max_ratio: float, only_held: bool = False) -> np.ndarray:
+def topup_counts(counts: np.ndarray, target_per_class: int | np.ndarray, max_ratio: float, only_held: bool = False,
+                 allowed: np.ndarray | None = None) -> np.ndarray:
     """Synthetic samples per class: up to the target (0 = largest local class), capped at max_ratio × real.
 
     When the cap binds, every class's need is scaled down by the same factor (floored) and the
     leftover units go to the largest fractional parts, lower class first on ties. ``only_held``
     tops up only the classes with a real sample (a client's own generator never saw the others).
+    ``target_per_class`` may also be one target per class (the closed loop's); ``allowed`` (bool
+    per class) tops up only those classes (the (class, domain) pairs the generator learned).
+    ``counts`` may be per (class, domain) pair as well: every entry is treated as a class.
     """
     counts = np.asarray(counts, dtype=np.int64)
-    target = int(target_per_class) if target_per_class > 0 else int(counts.max(initial=0))
+    if np.ndim(target_per_class):
+        target = np.asarray(target_per_class, dtype=np.int64)
+    else:
+        target = int(target_per_class) if target_per_class > 0 else int(counts.max(initial=0))
     need = np.clip(target - counts, 0, None)
     if only_held:
         need[counts == 0] = 0
+    if allowed is not None:
+        need[~np.asarray(allowed, dtype=bool)] = 0
     cap = int(np.floor(max_ratio * counts.sum()))
     if need.sum() <= cap:
         return need
@@ -48,6 +57,14 @@ def topup_counts(counts: np.ndarray, target_per_class: int, max_ratio: float, on
     for c in order[: cap - int(out.sum())]:
         out[c] += 1
     return out
+
+
+def topup_seed(seed: int, partition_id: int, loop_round: int = 0) -> int:
+    """The seed of one client's pool: the static top-up's (``loop_round`` 0), or the closed loop's after
+    that round (fresh noise each time, the same on server and client alike)."""
+    if loop_round <= 0:
+        return protocol.derive_seed(seed, "topup", client=partition_id)
+    return protocol.derive_seed(seed, "topup-loop", loop_round, partition_id)
 
 
 def labels_for(counts: np.ndarray) -> torch.Tensor:
@@ -120,17 +137,21 @@ def pool_tensors(record: ArrayRecord, device: torch.device | str = "cpu") -> tup
 
 def sample_pool(generator: Generator, counts: np.ndarray, syn: SyntheticConfig, seed: int,
                 sampler: ClassSampler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sample ``counts[c]`` images of each class c with ``syn.ddim_steps`` DDIM steps.
+    """Sample ``counts[i]`` images of each generator label i with ``syn.ddim_steps`` DDIM steps.
 
-    ``sampler`` None samples every class with ``syn.guidance_scale`` / ``syn.guidance_rescale``.
+    The labels are the classes, or for a (class, domain) generator the pair ids
+    ``domain · C + class`` (:meth:`~fedimb.synthetic.generator.Generator.condition_ids`); the
+    returned labels are always the classes, what the classifier trains on. ``sampler`` None
+    samples every class with ``syn.guidance_scale`` / ``syn.guidance_rescale``.
     """
-    labels = labels_for(counts)
-    if len(labels) == 0:
-        return torch.empty(0), labels
-    scale, rescale = (syn.guidance_scale, syn.guidance_rescale) if sampler is None else sampler.per_label(labels)
-    images = generator.sample(labels, guidance_scale=scale, num_inference_steps=syn.ddim_steps, seed=seed,
+    conditions = labels_for(counts)
+    if len(conditions) == 0:
+        return torch.empty(0), conditions
+    classes = conditions % generator.num_classes  # the identity for a class-conditional generator
+    scale, rescale = (syn.guidance_scale, syn.guidance_rescale) if sampler is None else sampler.per_label(classes)
+    images = generator.sample(conditions, guidance_scale=scale, num_inference_steps=syn.ddim_steps, seed=seed,
                               guidance_rescale=rescale)
-    return images, labels
+    return images, classes
 
 
 def judge_hits(generator: Generator, judge: torch.nn.Module, held: np.ndarray, syn: SyntheticConfig, seed: int,
