@@ -290,3 +290,14 @@ def test_a_pair_generator_federation_with_a_closed_loop(tmp_path):
     saved = Generator.from_pretrained(next((tmp_path / "cache").rglob("generator")))
     assert saved.domains == ("clean", "invert") and saved.num_conditions == 20
     assert any((tmp_path / "cache").rglob("pool-loop1-*-c0.pt"))
+
+
+def test_knobs_left_at_their_defaults_keep_the_generator_cache_keys_of_earlier_runs():
+    from fedimb.app.synthetic import cache_key
+    from fedimb.config import load_config
+
+    # the key the quick-start generator had before partition.noise_sigma, domains.* and synthetic.condition
+    cfg = load_config("experiments/quickstart.yaml", ["synthetic.enabled=true"])
+    assert cache_key(cfg) == "c76112333422c796"
+    assert cache_key(load_config("experiments/quickstart.yaml", ["synthetic.enabled=true",
+                                                                 "partition.noise_sigma=0.1"])) != "c76112333422c796"

@@ -81,8 +81,11 @@ def cache_key(cfg: ExperimentConfig) -> str:
         syn.pop(knob)
     if syn["condition"] == "class":
         syn.pop("condition")  # the default joins no key: generators cached before the knob keep theirs
+    partition = asdict(cfg.partition)
+    if not partition["noise_sigma"]:
+        partition.pop("noise_sigma")  # off, it joins no key either: generators cached before it keep theirs
     made_of = {"seed": cfg.seed, "data": asdict(cfg.data), "imbalance": asdict(cfg.imbalance),
-               "partition": asdict(cfg.partition), "num_clients": cfg.federation.num_clients, "synthetic": syn}
+               "partition": partition, "num_clients": cfg.federation.num_clients, "synthetic": syn}
     if cfg.domains.names:  # the clients' images pass through their devices: another generator
         made_of["domains"] = asdict(cfg.domains)
     return hashlib.sha256(json.dumps(made_of, sort_keys=True).encode()).hexdigest()[:16]
