@@ -119,13 +119,17 @@ def _site_session(cfg: ExperimentConfig, context: Context, partition_id: int) ->
 
 
 def _local_test(session: ClientSession) -> tuple[torch.Tensor, torch.Tensor]:
-    """The client's local test split: a site's own, or in simulation test samples in its label mix."""
+    """The client's test split: a site's own; in simulation test samples in its label mix, or
+    (``eval.client_test=balanced``) the whole balanced test set."""
     if session.site is not None:
         return to_tensors(session.site.test_x, session.site.test_y, session.device)
     cfg = session.cfg
     data = build_federated_data(cfg)
-    idx = local_test_indices(data.splits.test_y, data.counts[session.partition_id],
-                             cfg.federation.num_clients, cfg.seed, session.partition_id)
+    if cfg.eval.client_test == "balanced":
+        idx = np.arange(len(data.splits.test_y))
+    else:
+        idx = local_test_indices(data.splits.test_y, data.counts[session.partition_id],
+                                 cfg.federation.num_clients, cfg.seed, session.partition_id)
     return to_tensors(client_test_images(data, cfg, session.partition_id, idx), data.splits.test_y[idx], session.device)
 
 

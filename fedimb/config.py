@@ -26,6 +26,7 @@ PARTITIONS = ("iid", "dirichlet", "shards", "quantity", "inner_dirichlet", "dir_
 LOCAL_DATASETS = ("fmnist", "digits")
 DEVICES = ("auto", "cpu", "cuda")
 SERVER_DATA = ("none", "dataset")
+CLIENT_TESTS = ("local", "balanced")
 EVAL_SPLITS = ("test", "validation")
 HEADS = ("auto", "linear", "cosine")
 # the losses that score s·cos(feature, class weight) (LDAM, Cao et al. 2019): model.head=auto takes the cosine head
@@ -170,6 +171,10 @@ class EvalConfig:
     # The test set a deployed server is given (under ``flwr run``): "none", so evaluation is
     # federated; "dataset" the config's own test split. A simulation's server always has it.
     server_data: str = "none"
+    # A simulated client's evaluation set: "local", test samples in its own label mix; "balanced",
+    # the whole balanced test set (so a method without a global model, FedProto, is scored like
+    # the others' global model). A deployed site always uses its own.
+    client_test: str = "local"
 
 
 @dataclass

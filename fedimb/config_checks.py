@@ -6,8 +6,8 @@ from pathlib import Path
 
 from fedimb.config import (DEVICES, DOMAIN_TRANSFORM_NAMES, EVAL_SPLITS, GENERATOR_AGGREGATIONS,
                            GENERATOR_CONDITIONS, GENERATOR_PREDICTIONS, HEADS, LOCAL_DATASETS,
-                           LONG_TAIL_PROFILES, PARTITIONS, SERVER_DATA, SYNTHETIC_POLICIES, SYNTHETIC_TRAINING,
-                           DomainsConfig, ExperimentConfig)
+                           LONG_TAIL_PROFILES, PARTITIONS, SERVER_DATA, CLIENT_TESTS, SYNTHETIC_POLICIES,
+                           SYNTHETIC_TRAINING, DomainsConfig, ExperimentConfig)
 from fedimb.config_input import check_finite
 from fedimb.errors import ConfigError
 from fedimb.hostile import check_faults, check_min_replies, check_robust
@@ -77,6 +77,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _check_positive("eval.every", cfg.eval.every)
     _check_positive("eval.client_every", cfg.eval.client_every, strict=False)
     _check_choice("eval.server_data", cfg.eval.server_data, SERVER_DATA)
+    _check_choice("eval.client_test", cfg.eval.client_test, CLIENT_TESTS)
     if cfg.eval.federated and cfg.eval.client_every == 0:
         raise ConfigError("eval.federated", "needs client-side evaluation; set eval.client_every >= 1")
     _check_positive("eval.batch_size", cfg.eval.batch_size)

@@ -140,7 +140,8 @@ def _with_params(name: str, params: dict[str, Any]) -> str:
 def method_label(config: dict[str, Any], summary: dict[str, Any]) -> str:
     """Strategy name with the params set in the config (``cafedcl(inference=prototype)``), plus
     ``+<loss>`` (with its params set) when the client loss is not ``ce``, ``+synthetic`` with a
-    generator top-up, and ``/<sampler>`` in active learning."""
+    generator top-up, ``@balanced-test`` when the clients score on the balanced test set, and
+    ``/<sampler>`` in active learning."""
     strategy = (config.get("strategy") or {}).get("name") or summary.get("strategy") or "unknown"
     strategy = _with_params(str(strategy), (config.get("strategy") or {}).get("params") or {})
     loss_config = (config.get("train") or {}).get("loss") or {}
@@ -148,6 +149,8 @@ def method_label(config: dict[str, Any], summary: dict[str, Any]) -> str:
     label = f"{strategy}+{_with_params(loss, loss_config.get('params') or {})}" if loss and loss != "ce" else strategy
     if (config.get("synthetic") or {}).get("enabled"):
         label += "+synthetic"
+    if (config.get("eval") or {}).get("client_test") == "balanced":  # scored otherwise: another row
+        label += "@balanced-test"
     active = config.get("active_learning") or {}
     return f"{label}/{active.get('sampler', '?')}" if active.get("enabled") else label
 

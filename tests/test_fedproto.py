@@ -119,3 +119,26 @@ def test_client_predicts_by_the_nearest_global_prototype_and_by_its_head_before_
         "has": Array(np.array([1.0, 1.0, 0.0], dtype=np.float32))})})
     scores = FedProtoClient.evaluation_logits(model, x, content, batch_size=1)
     assert scores.argmax(1).tolist() == [1, 1]  # class 2 is nearest to the second sample but has no prototype
+
+
+def test_a_balanced_client_test_is_its_own_method_label_and_a_checked_choice():
+    from fedimb.report import method_label
+
+    assert method_label({"strategy": {"name": "fedproto"}, "eval": {"client_test": "balanced"}}, {}) == \
+        "fedproto@balanced-test"
+    assert method_label({"strategy": {"name": "fedproto"}, "eval": {"client_test": "local"}}, {}) == "fedproto"
+    with pytest.raises(ConfigError, match="eval.client_test"):
+        load_config(None, DIGITS_SMALL + ["eval.client_test=global"])
+
+
+def test_a_balanced_client_test_is_the_whole_test_set():
+    from clients.app import ClientSession, _local_test
+    from fedimb.data import build_federated_data
+
+    empty = torch.zeros(0)
+    for client_test, whole in (("local", False), ("balanced", True)):
+        cfg = load_config(None, DIGITS_SMALL + [f"eval.client_test={client_test}"])
+        data = build_federated_data(cfg)
+        session = ClientSession(cfg, 1, torch.device("cpu"), empty, empty, empty, 10, (1, 8, 8))
+        _, y = _local_test(session)
+        assert (len(y) == len(data.splits.test_y)) == whole
