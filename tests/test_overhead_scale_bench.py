@@ -97,17 +97,3 @@ def test_overhead_runs_each_side_in_its_own_process(tmp_path):
     assert {r["side"]: r["peak_processes"] > 1 for r in records} == {"bare": False, "plain": True, "fedimb": True}
     assert "## 1 round x 1 local epoch" in doc.read_text()
     _rebuilds_the_same(bench, doc)
-
-
-@pytest.mark.slow
-def test_scale_measures_both_sides_of_a_size(tmp_path):
-    bench = load_benchmark("scale")
-    doc = tmp_path / "docs" / "scale.md"
-    assert bench.main(["--clients", "20", "--per-round", "10", "--rounds", "1", "--out", str(tmp_path / "out"),
-                       "--doc", str(doc), "data.dataset=digits"]) == 0
-    _, records = _records(doc.with_suffix("") / "records.jsonl.gz")
-    assert [(r["clients"], r["side"]) for r in records] == [(20, "plain"), (20, "fedimb")]
-    for r in records:
-        assert r["exit_code"] == 0 and all(k in r for k in TIMED) and r["per_round"] == 10, r
-        assert r["peak_processes"] > 1  # Ray's processes are counted
-    _rebuilds_the_same(bench, doc)
