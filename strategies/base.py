@@ -230,6 +230,7 @@ class ReproducibleSampling:
         """Client-side evaluation every ``eval.client_every`` rounds and at the last round."""
         every = self.client_eval_every
         if every <= 0 or (server_round % every and server_round != self.rounds):
+            self.asked = {**self.asked, "evaluate": []}  # a round that asks nobody waits for nobody
             return []
         with _seeded_random(self.seed, server_round, 2):
             messages = list(super().configure_evaluate(  # type: ignore[misc]

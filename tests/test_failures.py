@@ -190,3 +190,19 @@ def test_an_error_the_superlink_writes_for_an_unreachable_node_names_that_node()
     error = Message(Error(code=5, reason="node unavailable"), reply_to=sent[1])
     error.metadata.__dict__["_src_node_id"] = 0  # the SuperLink's own id, not the site's
     assert [m.metadata.src_node_id for m in attribute_errors([error], sent)] == [102]
+
+
+def test_a_round_without_client_evaluation_does_not_wait_for_the_last_ones():
+    from flwr.app import ConfigRecord
+
+    from tests.test_resume import FakeGrid
+
+    strategy, _ = make("fedavg")
+    log = guard(strategy, START, min_replies=1.0)
+    strategy.client_eval_every, strategy.rounds = 2, 4
+    asked = list(strategy.configure_evaluate(2, ArrayRecord(), ConfigRecord(), FakeGrid()))
+    assert asked  # round 2 evaluates
+    strategy.aggregate_evaluate(2, [reply(m.metadata.dst_node_id, {}, 5, accuracy=0.5, loss=1.0) for m in asked])
+    assert list(strategy.configure_evaluate(3, ArrayRecord(), ConfigRecord(), FakeGrid())) == []
+    strategy.aggregate_evaluate(3, [])  # round 3 asked nobody: no failure, nothing missing
+    assert log.failures == []
