@@ -159,6 +159,9 @@ def check_synthetic_loop(cfg: ExperimentConfig) -> None:
     if cfg.active_learning.enabled:
         raise ConfigError("synthetic.closed_loop_every", "is for the rounds of one federation; "
                                                          "switch active_learning off or set it to 0")
+    if cfg.eval.split != "validation":  # the errors steer training: the test set must not
+        raise ConfigError("synthetic.closed_loop_every", "reads the global model's errors to steer training, so "
+                                                         "it needs eval.split=validation (never the test set)")
     if syn.closed_loop_every % cfg.eval.every:
         raise ConfigError("synthetic.closed_loop_every",
                           f"must be a multiple of eval.every ({cfg.eval.every}): the top-up reads that round's "

@@ -24,6 +24,7 @@ SYN = ["synthetic.enabled=true", "synthetic.rounds=1", "synthetic.local_steps=5"
        "synthetic.ddim_steps=4", "imbalance.factor=10", "partition.name=dir_balance", "partition.alpha=0.3",
        "federation.num_clients=3", "federation.rounds=1", "eval.client_every=0"]
 PAIRS = ["domains.names=[clean,invert]", "domains.shares=[0.67,0.33]", "synthetic.condition=class_domain"]
+VALIDATION = ["eval.split=validation", "data.validation_fraction=0.2"]  # the closed loop never reads the test set
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -163,7 +164,7 @@ def test_closed_loop_plans_every_k_th_round_but_the_last():
     from fedimb.app.closed_loop import ClosedLoop
     from fedimb.app.synthetic import static_needs
 
-    cfg = load_config(None, DIGITS_SMALL + PAIRS + ["synthetic.closed_loop_every=2", "federation.rounds=5"])
+    cfg = load_config(None, DIGITS_SMALL + PAIRS + VALIDATION + ["synthetic.closed_loop_every=2", "federation.rounds=5"])
     counts = np.array([[30, 5, 0], [0, 10, 10], [8, 8, 8], [1, 2, 3]])
     loop = ClosedLoop(None, cfg, {}, counts, "", None)  # planning needs neither a grid nor a generator
     assert [r for r in range(6) if loop.due(r)] == [2, 4]
@@ -241,7 +242,8 @@ def test_a_client_trains_pair_rows_of_its_domain_and_samples_the_sent_pairs():
     (["domains.names=[clean,invert]", "synthetic.condition=class_domain", "synthetic.training=local",
       "synthetic.policy=client_sample"], "synthetic.condition"),
     (["synthetic.closed_loop_every=-1"], "synthetic.closed_loop_every"),
-    (["synthetic.closed_loop_every=3", "eval.every=2"], "synthetic.closed_loop_every"),
+    (["synthetic.closed_loop_every=2"], "synthetic.closed_loop_every"),  # eval.split=test: errors from the test set
+    (["synthetic.closed_loop_every=3", "eval.every=2", *VALIDATION], "synthetic.closed_loop_every"),
     (["synthetic.closed_loop_every=2", "synthetic.training=local", "synthetic.policy=client_sample"],
      "synthetic.closed_loop_every"),
     (["synthetic.closed_loop_every=2", "active_learning.enabled=true"], "synthetic.closed_loop_every"),
@@ -271,7 +273,7 @@ def test_a_pair_generator_federation_with_a_closed_loop(tmp_path):
     from fedimb.app.synthetic import static_needs
     from fedimb.data import build_federated_data
 
-    cfg = load_config(None, DIGITS_SMALL + SYN + PAIRS + ["synthetic.closed_loop_every=1", "federation.rounds=2",
+    cfg = load_config(None, DIGITS_SMALL + SYN + PAIRS + VALIDATION + ["synthetic.closed_loop_every=1", "federation.rounds=2",
                                                           f"synthetic.cache_dir={tmp_path / 'cache'}"])
     summary = run_experiment(cfg, tmp_path / "run")["synthetic"]
     counts = build_federated_data(cfg).counts

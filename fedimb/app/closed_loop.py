@@ -3,8 +3,8 @@
 The static top-up is computed once, before training, from counts. With
 ``synthetic.closed_loop_every: K`` the server reads, after every K-th round, the errors of that
 round's global model as the run logged them (``per_class_recall`` and, with domains,
-``balanced_accuracy_domain_<name>``: the server's evaluation set, or federated evaluation when it
-holds none) and sends every client a fresh pool (``query.topup``, the same message as the static
+``balanced_accuracy_domain_<name>``: the server's validation split, which the config check
+insists on, so the test set never steers training) and sends every client a fresh pool (``query.topup``, the same message as the static
 top-up): targets proportional to the errors (:func:`~fedimb.synthetic.allocation.condition_weights`),
 within the same target total and synthetic:real cap. A class-conditional generator follows the
 class errors only; a (class, domain) one the class error times the domain error. The clients
