@@ -211,9 +211,9 @@ def _wait_for_round(runs: Path, round_: int, run: subprocess.Popen, timeout: flo
         time.sleep(1)
 
 
-# a round may finish with 2 of the 3 sites, and waits at most 45 s for one that is gone (a site's
+# a round may finish with 2 of the 3 sites, and waits at most 30 s for one that is gone (a site's
 # ClientApp process per message takes seconds to start on a busy machine)
-DROPOUT = ["federation.rounds=4", "federation.min_replies=2", "federation.round_timeout=45"]
+DROPOUT = ["federation.rounds=4", "federation.min_replies=2", "federation.round_timeout=30"]
 
 
 @pytest.mark.slow
