@@ -90,7 +90,7 @@ def floors(groups: list[dict], rows: list[dict], cafedcl: str, fedprotos: list[s
                  f"{pts(g, 'balanced_accuracy'):.2f} ± {100 * g['balanced_accuracy_std']:.2f} balanced accuracy. "
                  "The other rows score one global model on the balanced test set: not the same quantity.")
     return (f"Floors on {KEY_SETTING}, `{cafedcl}` (n = {ours['n']}) against `fedavg` (n = {base['n']}) "
-            f"and the prototype baselines, means over seeds:\n\n{text}"), ok and not not_run and not apart
+            f"and the prototype baselines, means over seeds:\n\n{text}"), ok and not not_run
 
 
 def plateau(groups: list[dict], window: int, rounds: dict[str, list[dict]]) -> str:
