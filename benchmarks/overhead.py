@@ -29,6 +29,7 @@ least 1.9x the bare loop's throughput with 10 local epochs and 2x the plain app'
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -45,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from fedimb.app.cli import guarded
-from fedimb.app.pages import bench_parser, floors_table, parse, save_records, table
+from fedimb.app.pages import bench_parser, floors_table, floors_verdict, parse, save_records, table
 from fedimb.config import ConfigError, ExperimentConfig, load_config
 from fedimb.report import read_records
 
@@ -361,10 +362,19 @@ def build_page(header: dict[str, Any], records: list[dict[str, Any]], folder: st
         + table(["workload", "measure", "fedimb ÷ plain Flower app", "fedimb ÷ bare loop"], ratio_rows)
         + "\n\n## Floors\n\nThroughput of the rounds: the other side's rounds seconds ÷ fedimb's (the same rounds "
         "either side).\n\n" + (floor_text + "\n\n" if floor_text else "")
-        + (f"Not measured in these records: {', '.join(missing)}.\n\n" if missing else "")
-        + f"All floors hold: {verdict}.\n\n" + (notes if notes else "")
+        + floors_verdict(missing, verdict, notes)
     )
     return text.rstrip("\n") + "\n", floor_text
+
+
+def add_side_arguments(parser: argparse.ArgumentParser, sides: tuple[str, ...], out: str, timeout: float) -> None:
+    """The options every measuring benchmark takes: sides, timeout, output folder, --table-only, overrides."""
+    parser.add_argument("--sides", nargs="+", choices=sides, default=list(sides))
+    parser.add_argument("--timeout", type=float, default=timeout, help="seconds one side may run")
+    parser.add_argument("--out", default=out,
+                        help="measurements.jsonl and, per call, a timestamped folder of run directories and logs")
+    parser.add_argument("--table-only", action="store_true", help="run nothing: the page from the measurements so far")
+    parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every side")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -372,12 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = bench_parser("overhead", __doc__, DOC)
     parser.add_argument("--config", default=CONFIG)
     parser.add_argument("--workloads", nargs="+", default=["3x1", "1x10"], help="ROUNDSxLOCAL_EPOCHS each")
-    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
-    parser.add_argument("--timeout", type=float, default=3600, help="seconds one side may run")
-    parser.add_argument("--out", default="runs/bench/overhead",
-                        help="measurements.jsonl and, per call, a timestamped folder of run directories and logs")
-    parser.add_argument("--table-only", action="store_true", help="run nothing: the page from the measurements so far")
-    parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every side")
+    add_side_arguments(parser, SIDES, "runs/bench/overhead", timeout=3600)
     args, header, page = parse(parser, sys.argv[1:] if argv is None else argv)
     measurements = Path(args.out) / "measurements.jsonl"
     if not args.from_records:

@@ -32,7 +32,7 @@ from typing import Any
 
 from fedimb.app.bench import load_benchmark
 from fedimb.app.cli import guarded
-from fedimb.app.pages import bench_parser, floors_table, parse, save_records, table
+from fedimb.app.pages import bench_parser, floors_table, floors_verdict, parse, save_records, table
 from fedimb.config import ConfigError, load_config
 from fedimb.report import read_records
 
@@ -146,8 +146,7 @@ def build_page(header: dict[str, Any], records: list[dict[str, Any]], folder: st
         + (table(["clients", "start-up", "later rounds", "whole process", "peak RSS"], ratio_rows)
            if ratio_rows else "No size where both sides finished.")
         + "\n\n## Floors\n\n" + (floor_text + "\n\n" if floor_text else "")
-        + (f"Not measured in these records: {', '.join(missing)}.\n\n" if missing else "")
-        + f"All floors hold: {verdict}.\n\n" + (notes if notes else "")
+        + floors_verdict(missing, verdict, notes)
     )
     return text.rstrip("\n") + "\n", floor_text
 
@@ -159,12 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", nargs="+", type=int, default=[100, 1_000, 10_000, 100_000])
     parser.add_argument("--per-round", type=int, default=100, help="clients that train (and evaluate) each round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES))
-    parser.add_argument("--timeout", type=float, default=7200, help="seconds one side may run")
-    parser.add_argument("--out", default="runs/bench/scale",
-                        help="measurements.jsonl and, per call, a timestamped folder of run directories and logs")
-    parser.add_argument("--table-only", action="store_true", help="run nothing: the page from the measurements so far")
-    parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every side")
+    overhead.add_side_arguments(parser, SIDES, "runs/bench/scale", timeout=7200)
     args, header, page = parse(parser, sys.argv[1:] if argv is None else argv)
     measurements = Path(args.out) / "measurements.jsonl"
     if not args.from_records:

@@ -109,7 +109,7 @@ def make_node_key() -> ec.EllipticCurvePrivateKey:
 
 
 def write_file(path: Path, data: bytes, mode: int) -> None:
-    """Create ``path`` with ``mode`` from the start (a private key is never readable by others, even briefly)."""
+    """Create ``path`` with ``mode`` from the start (a private key is never readable by others, not even for a moment)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         os.fchmod(fd, mode)  # the umask may have taken bits away; set exactly what was asked

@@ -34,7 +34,7 @@ def halves(n: int, size: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Te
 
 @pytest.fixture(scope="module")
 def trained() -> Generator:
-    """The "cpu" generator trained briefly on the two half-bright classes (8×8)."""
+    """The "cpu" generator trained for a few steps on the two half-bright classes (8×8)."""
     generator = Generator.build("cpu", (1, 8, 8), num_classes=2)
     images, labels = halves(64)
     loss = generator.train(images, labels, steps=300, batch_size=32)

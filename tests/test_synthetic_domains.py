@@ -89,7 +89,7 @@ def test_a_pool_feeds_the_unet_the_pair_ids_and_keeps_the_classes():
 
 @pytest.fixture(scope="module")
 def pair_generator(tmp_path_factory) -> Generator:
-    """The "cpu" generator trained briefly on the four (class, domain) pairs, saved and loaded back."""
+    """The "cpu" generator trained for a few steps on the four (class, domain) pairs, saved and loaded back."""
     generator = Generator.build("cpu", (1, 8, 8), num_classes=2, domains=("clean", "invert"))
     images, classes, domains = pair_images(128)
     generator.train(images, generator.condition_ids(classes, domains), steps=400, batch_size=32)

@@ -205,6 +205,12 @@ def floors_table(header: list[str], checks: list[tuple[list[str], float, str, fl
     return table(header, rows), ok
 
 
+def floors_verdict(missing: list[str], verdict: str, notes: str) -> str:
+    """What a measuring page says after its floors: what its records lack, the verdict, its notes."""
+    return ((f"Not measured in these records: {', '.join(missing)}.\n\n" if missing else "")
+            + f"All floors hold: {verdict}.\n\n" + (notes if notes else ""))
+
+
 def floors_section(text: str, ok: bool) -> str:
     """``## Floors``: the floor tables and the one-line verdict."""
     return f"## Floors\n\n{text}\n\nAll floors hold: {'yes' if ok else 'no'}.\n\n"
