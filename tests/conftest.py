@@ -30,3 +30,18 @@ def digits_cfg() -> ExperimentConfig:
 def _task_identity():
     """Messages built outside a running app need an identity."""
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def assert_quick_start_refused(args: list[str], field: str, out, capsys) -> None:
+    """``fedimb run`` of the quick start on digits with ``args`` stops with exit 2 and one line naming
+    ``field``, before writing anything to ``out``."""
+    from pathlib import Path
+
+    from fedimb.app.cli import main
+
+    quickstart = Path(__file__).resolve().parents[1] / "experiments/quickstart.yaml"
+    code = main(["run", str(quickstart), "data.dataset=digits", *args, "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith(f"config error: {field}:") and len(err.splitlines()) == 1
+    assert not out.exists()

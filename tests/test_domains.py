@@ -12,7 +12,6 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from fedimb.app.cli import main
 from fedimb.app.observer import RoundObserver
 from fedimb.config import DOMAIN_TRANSFORM_NAMES, DomainsConfig, ExperimentConfig, load_config
 from fedimb.data import build_federated_data, client_test_images, client_train_data, partition_stats
@@ -24,9 +23,8 @@ from fedimb.data.local_testset import local_test_indices
 from fedimb.metrics import classification_metrics, domain_metrics, metrics_from_confusion
 from fedimb.models import build_configured_model, get_weights
 from fedimb.records import RunRecorder
-from tests.conftest import DIGITS_SMALL
+from tests.conftest import DIGITS_SMALL, assert_quick_start_refused
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def image(rows: list[list[float]]) -> np.ndarray:
@@ -275,12 +273,7 @@ def test_domain_test_sets_are_deterministic():
     (["partition.noise_sigma=-0.1"], "partition.noise_sigma"),
 ])
 def test_bad_domain_config_is_one_line_exit_2(args, field, tmp_path, capsys):
-    out = tmp_path / "run"
-    code = main(["run", str(ROOT / "experiments/quickstart.yaml"), "data.dataset=digits", *args, "--out", str(out)])
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert err.startswith(f"config error: {field}:") and len(err.splitlines()) == 1
-    assert not out.exists()
+    assert_quick_start_refused(args, field, tmp_path / "run", capsys)
 
 
 @pytest.mark.slow

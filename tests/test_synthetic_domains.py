@@ -4,22 +4,19 @@ from __future__ import annotations
 
 import csv
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
-from fedimb.app.cli import main
 from fedimb.config import load_config, to_yaml
 from fedimb.synthetic.allocation import (condition_counts, condition_weights, error_weights, errors_from_row,
                                          plan_topups, topup_targets)
 from fedimb.synthetic.generator import EMBEDDING_KEY, Generator
 from fedimb.synthetic.topup import sample_pool, topup_counts
-from tests.conftest import DIGITS_SMALL
+from tests.conftest import DIGITS_SMALL, assert_quick_start_refused
 
-ROOT = Path(__file__).resolve().parents[1]
 SYN = ["synthetic.enabled=true", "synthetic.rounds=1", "synthetic.local_steps=5", "synthetic.quality_per_class=4",
        "synthetic.ddim_steps=4", "imbalance.factor=10", "partition.name=dir_balance", "partition.alpha=0.3",
        "federation.num_clients=3", "federation.rounds=1", "eval.client_every=0"]
@@ -249,12 +246,7 @@ def test_a_client_trains_pair_rows_of_its_domain_and_samples_the_sent_pairs():
     (["synthetic.closed_loop_every=2", "active_learning.enabled=true"], "synthetic.closed_loop_every"),
 ])
 def test_bad_synthetic_config_is_one_line_exit_2(args, field, tmp_path, capsys):
-    out = tmp_path / "run"
-    code = main(["run", str(ROOT / "experiments/quickstart.yaml"), "data.dataset=digits", *args, "--out", str(out)])
-    err = capsys.readouterr().err.strip()
-    assert code == 2
-    assert err.startswith(f"config error: {field}:") and len(err.splitlines()) == 1
-    assert not out.exists()
+    assert_quick_start_refused(args, field, tmp_path / "run", capsys)
 
 
 def test_unknown_condition_names_the_allowed_values():
