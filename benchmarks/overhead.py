@@ -43,6 +43,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from fedimb.app.cli import guarded
@@ -377,6 +378,14 @@ def add_side_arguments(parser: argparse.ArgumentParser, sides: tuple[str, ...], 
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every side")
 
 
+def write_measured_page(page: Any, build: Callable[..., tuple[str, str]]) -> int:
+    """Write the page ``build`` makes from the page's records; print its floors; exit code 0."""
+    header, records = read_records(page.records)
+    text, floor_text = build(header, records, page.folder.name, page.notes())
+    print(f"{floor_text}\nwrote {page.write(text)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Measure the chosen workloads and sides (unless --table-only / --from-records), then write the page."""
     parser = bench_parser("overhead", __doc__, DOC)
@@ -405,10 +414,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("records", f"no measurement in {measurements}; {page.doc} is left as it is")
         header = {**header, **machine(), "config": args.config, "overrides": list(args.overrides)}
         save_records(page, header, records)
-    header, records = read_records(page.records)
-    text, floor_text = build_page(header, records, page.folder.name, page.notes())
-    print(f"{floor_text}\nwrote {page.write(text)}")
-    return 0
+    return write_measured_page(page, build_page)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ from fedimb.app.bench import load_benchmark
 from fedimb.app.cli import guarded
 from fedimb.app.pages import bench_parser, floors_table, floors_verdict, parse, save_records, table
 from fedimb.config import ConfigError, load_config
-from fedimb.report import read_records
 
 overhead = load_benchmark("overhead")  # the measuring: one process and its tree, its rounds
 
@@ -180,10 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         header = {**header, **overhead.machine(), "config": args.config, "per_round": args.per_round,
                   "overrides": [*DATA, *args.overrides]}
         save_records(page, header, sorted(records, key=lambda r: (r["clients"], SIDES.index(r["side"]))))
-    header, records = read_records(page.records)
-    text, floor_text = build_page(header, records, page.folder.name, page.notes())
-    print(f"{floor_text}\nwrote {page.write(text)}")
-    return 0
+    return overhead.write_measured_page(page, build_page)
 
 
 if __name__ == "__main__":
