@@ -152,9 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     write_report(runs, page.folder, last_rounds=args.last_rounds)
     rows = collect_runs(runs, last_rounds=args.last_rounds)
     groups = aggregate(rows)
+    federated = {run["run_dir"] for run in runs if run["summary"].get("evaluation") == "federated"}
     personalised = {r["strategy"] for r in rows if r["partition"] == KEY_SETTING  # own models on their own test splits
-                    and not r["strategy"].endswith("@balanced-test")
-                    and next(run for run in runs if run["run_dir"] == r["run_dir"])["summary"].get("evaluation") == "federated"}
+                    and not r["strategy"].endswith("@balanced-test") and r["run_dir"] in federated}
     floor_text, ok = floors(groups, rows, args.cafedcl, args.fedproto, personalised)
     notes = page.notes()
     tuning = (results_markdown(aggregate(collect_runs(tuning_runs, last_rounds=args.last_rounds)),

@@ -157,11 +157,10 @@ def _algorithm(content: RecordDict) -> type[ClientAlgorithm]:
     return CLIENT_ALGORITHMS[str(config.get(protocol.CLIENT_ALGORITHM, protocol.DEFAULT_CLIENT_ALGORITHM))]
 
 
-def _round_model(session: ClientSession, content: RecordDict,
-                 context: Context) -> tuple[FeatureClassifier, dict[str, torch.Tensor]]:
+def _round_model(session: ClientSession, content: RecordDict, context: Context,
+                 algorithm_cls: type[ClientAlgorithm]) -> tuple[FeatureClassifier, dict[str, torch.Tensor]]:
     """The model this round starts from and its weights: the server's global model, or the client's
     own where the algorithm keeps one (FedProto)."""
-    algorithm_cls = _algorithm(content)
     if not algorithm_cls.owns_model:
         return _model(session, content[protocol.ARRAYS])
     model = algorithm_cls.own_model(session.cfg, content, context.state, session.input_shape, session.num_classes,
@@ -204,7 +203,7 @@ def train(message: Message, context: Context) -> Message:
     cfg = session.cfg
     config = message.content[protocol.CONFIG]
     algorithm_cls = _algorithm(message.content)
-    model, global_weights = _round_model(session, message.content, context)
+    model, global_weights = _round_model(session, message.content, context, algorithm_cls)
     server_round = int(config.get(protocol.SERVER_ROUND, 0))
     faults = FaultPlan.for_round(cfg.faults, cfg.seed, cfg.federation.num_clients, server_round, session.partition_id)
     faults.before_training()  # an injected crash, departure or delay (faults:, simulation only)
@@ -335,9 +334,10 @@ def evaluate(message: Message, context: Context) -> Message:
     FaultPlan.for_round(cfg.faults, cfg.seed, cfg.federation.num_clients,  # a client that left answers nothing
                         int(message.content[protocol.CONFIG].get(protocol.SERVER_ROUND, 0)),
                         session.partition_id).before_evaluation()
-    model, _ = _round_model(session, message.content, context)
+    algorithm_cls = _algorithm(message.content)
+    model, _ = _round_model(session, message.content, context, algorithm_cls)
     x, y = _local_test(session)
-    logits = _algorithm(message.content).evaluation_logits(model, x, message.content, cfg.eval.batch_size)
+    logits = algorithm_cls.evaluation_logits(model, x, message.content, cfg.eval.batch_size)
     predicted = logits.argmax(1)
     correct = int((predicted == y).sum()) if len(y) else 0
     loss = float(torch.nn.functional.cross_entropy(logits, y)) if len(y) else 0.0

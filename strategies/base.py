@@ -116,6 +116,14 @@ def take_records(replies: list[Message], key: str) -> list[dict[str, np.ndarray]
     return taken
 
 
+def attach_prototypes(messages: list[Message], prototypes: np.ndarray | None, has: np.ndarray | None) -> list[Message]:
+    """Put the global prototypes (C×D) and which classes have one into every message, once they exist."""
+    if prototypes is not None:
+        attach_record(messages, protocol.PROTOTYPES, {protocol.PROTOTYPE_MATRIX: prototypes.astype(np.float32),
+                                                      protocol.PROTOTYPE_PRESENT: has.astype(np.float32)})
+    return messages
+
+
 def reweight_replies(replies: list[Message], weights: list[float], key: str) -> None:
     """Replace each reply's weighting metric, so Flower's weighted mean uses our weights."""
     for message, weight in zip(replies, weights):

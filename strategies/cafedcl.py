@@ -28,7 +28,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedimb import protocol
 from fedimb.config import ConfigError
-from strategies.base import (ReproducibleSampling, StrategyContext, StrategySpec, attach_record, reweight_replies,
+from strategies.base import (ReproducibleSampling, StrategyContext, StrategySpec, attach_prototypes, reweight_replies,
                              take_records)
 from strategies.validation import Signature
 
@@ -109,11 +109,8 @@ class PrototypeStrategy(ReproducibleSampling, FedAvg):
         config[protocol.PROTO_LAMBDA] = self.params.lambda_proto
         config[protocol.GEO_LAMBDA] = self.params.lambda_geo
         config[protocol.PROTO_TAU] = self.params.tau
-        messages = list(super().configure_train(server_round, arrays, config, grid))
-        if self.prototypes is not None:
-            attach_record(messages, protocol.PROTOTYPES, {protocol.PROTOTYPE_MATRIX: self.prototypes.astype(np.float32),
-                                                          protocol.PROTOTYPE_PRESENT: self.has.astype(np.float32)})
-        return messages
+        return attach_prototypes(list(super().configure_train(server_round, arrays, config, grid)),
+                                 self.prototypes, self.has)
 
     def evaluation_arrays(self, arrays: ArrayRecord) -> ArrayRecord:
         """The global model as evaluated (central and client side); training always uses ``arrays``.

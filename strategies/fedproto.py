@@ -24,7 +24,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedimb import protocol
 from fedimb.config import ConfigError
 from fedimb.models import MODELS
-from strategies.base import ReproducibleSampling, StrategyContext, StrategySpec, attach_record, take_records
+from strategies.base import ReproducibleSampling, StrategyContext, StrategySpec, attach_prototypes, take_records
 from strategies.validation import Signature
 
 
@@ -64,26 +64,22 @@ class FedProtoStrategy(ReproducibleSampling, FedAvg):
         self.prototypes: np.ndarray | None = None
         self.has: np.ndarray | None = None
 
-    def _attach(self, messages: list[Message]) -> list[Message]:
-        if self.prototypes is not None:
-            attach_record(messages, protocol.PROTOTYPES, {protocol.PROTOTYPE_MATRIX: self.prototypes.astype(np.float32),
-                                                          protocol.PROTOTYPE_PRESENT: self.has.astype(np.float32)})
-        return messages
-
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """No weights go out: λ, the client models and, once they exist, the global prototypes."""
         config[protocol.PROTO_LAMBDA] = self.params.lambda_proto
         if self.params.models:
             config[protocol.CLIENT_MODELS] = list(self.params.models)
-        return self._attach(list(super().configure_train(server_round, ArrayRecord(), config, grid)))
+        return attach_prototypes(list(super().configure_train(server_round, ArrayRecord(), config, grid)),
+                                 self.prototypes, self.has)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         """The clients evaluate their own models against the global prototypes."""
         if self.params.models:
             config[protocol.CLIENT_MODELS] = list(self.params.models)
-        return self._attach(list(super().configure_evaluate(server_round, ArrayRecord(), config, grid)))
+        return attach_prototypes(list(super().configure_evaluate(server_round, ArrayRecord(), config, grid)),
+                                 self.prototypes, self.has)
 
     def reply_records(self, weights: Signature | None) -> dict[str, Signature | None]:
         """Per-class mean features (C×D) and counts (C), once the prototypes' shape is known."""

@@ -19,22 +19,13 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 
 from clients.algorithms.base import ClientAlgorithm, ClientRound
+from clients.algorithms.prototypes import global_prototypes
 from fedimb import protocol
 from fedimb.config import ExperimentConfig
 from fedimb.models import FeatureClassifier, build_model, get_weights
 
 STATE_KEY = "fedproto-model"
 UNREACHABLE = -1e9  # the score of a class nobody has a prototype of
-
-
-def global_prototypes(content: RecordDict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(C×D prototypes, C booleans: which classes have one) from the server's message, or None."""
-    record = content.get(protocol.PROTOTYPES)
-    if record is None:
-        return None
-    protos = torch.from_numpy(record[protocol.PROTOTYPE_MATRIX].numpy().copy()).to(device)
-    has = torch.from_numpy(record[protocol.PROTOTYPE_PRESENT].numpy().copy()).to(device).bool()
-    return protos, has
 
 
 def prototype_distance_loss(features: torch.Tensor, targets: torch.Tensor, protos: torch.Tensor,

@@ -43,6 +43,16 @@ def class_statistics(features: torch.Tensor, logits: torch.Tensor, labels: torch
             protocol.STAT_UNCERTAINTY: uncertainty, protocol.CONFIDENCE: 1.0 - entropy.mean()}
 
 
+def global_prototypes(content: RecordDict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(C×D prototypes, C booleans: which classes have one) from the server's message, or None."""
+    record = content.get(protocol.PROTOTYPES)
+    if record is None:
+        return None
+    protos = torch.from_numpy(record[protocol.PROTOTYPE_MATRIX].numpy().copy()).to(device)
+    has = torch.from_numpy(record[protocol.PROTOTYPE_PRESENT].numpy().copy()).to(device).bool()
+    return protos, has
+
+
 def prototype_infonce(features: torch.Tensor, targets: torch.Tensor, prototypes: torch.Tensor,
                       has: torch.Tensor, tau: float) -> torch.Tensor | None:
     """−log softmax over available global prototypes at the sample's own class."""
@@ -97,10 +107,7 @@ class PrototypeClient(ClientAlgorithm):
 
     def __init__(self, rnd: ClientRound) -> None:
         super().__init__(rnd)
-        record = rnd.content.get(protocol.PROTOTYPES)
-        device = rnd.x.device
-        self.prototypes = torch.from_numpy(record[protocol.PROTOTYPE_MATRIX].numpy().copy()).to(device) if record else None
-        self.has = torch.from_numpy(record[protocol.PROTOTYPE_PRESENT].numpy().copy()).to(device).bool() if record else None
+        self.prototypes, self.has = global_prototypes(rnd.content, rnd.x.device) or (None, None)
         self.lambda_proto = float(rnd.config_value(protocol.PROTO_LAMBDA, protocol.PROTOTYPE_LOSS.lambda_proto))
         self.lambda_geo = float(rnd.config_value(protocol.GEO_LAMBDA, protocol.PROTOTYPE_LOSS.lambda_geo))
         self.tau = float(rnd.config_value(protocol.PROTO_TAU, protocol.PROTOTYPE_LOSS.tau))
