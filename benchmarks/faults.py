@@ -36,7 +36,7 @@ from fedimb.app.pages import (PageRun, bench_parser, floors_section, floors_tabl
                               save_records, table)
 from fedimb.app.sweep import PlannedRun, choose, execute, failure, is_finished, plan_sweep, result_knobs
 from fedimb.config import ConfigError, ExperimentConfig, load_config
-from fedimb.failures import FAILURES_FILE, required_replies
+from fedimb.failures import DROPPED_FILE, FAILURES_FILE, required_replies
 from fedimb.faults import FaultPlan, hostile_partitions
 from fedimb.records import save_figure
 from fedimb.report import REPORT_METRICS, last_rounds_mean, read_records, record_of_run
@@ -45,7 +45,10 @@ DOC = "docs/results/faults.md"
 ROOT = Path(__file__).resolve().parent.parent
 MAX_COST = 2.0  # points of balanced accuracy a floor cell may lose against clean
 EQUAL = 0.01  # points: the NaN run and its crash run agree to the digits the page shows
-ROBUST_CASES = {"x100_trimmed": "trimmed mean", "signflip_multikrum": "Multi-Krum"}  # the rule each floor checks
+# the rule each floor checks; the sign flips' was Multi-Krum on the raw updates (signflip_multikrum) until
+# its seed-2 run, see the page's Reading
+ROBUST_CASES = {"x100_trimmed": "trimmed mean", "signflip_multikrum_dir": "Multi-Krum on directions"}
+SELECTION_RULES = ("krum", "multikrum", "bulyan")
 DATASETS = {"fmnist": "Fashion-MNIST"}
 FAULT_WORDS = {"crash": "crash", "straggle": "straggle", "nan": "send NaN weights", "inf": "send Inf weights",
                "wrong_shape": "send a wrongly shaped array", "sign_flip": "send their update sign-flipped",
@@ -91,14 +94,19 @@ def stopped_here(run: PlannedRun) -> bool:
 
 
 def record_of(run_dir: Path) -> dict[str, Any]:
-    """A run's record with its failures.csv; a stopped run's summary is empty and its rounds are those it logged."""
-    failures = run_dir / FAILURES_FILE
-    text = failures.read_text(encoding="utf-8") if failures.is_file() else ""
+    """A run's record with its failures.csv and robust_dropped.csv (None: the run wrote no such file though
+    its rule selects, made before runs kept one); a stopped run's summary is empty and its rounds are those it
+    logged."""
+    def text_of(name: str) -> str | None:
+        path = run_dir / name
+        return path.read_text(encoding="utf-8") if path.is_file() else None
+
+    config = (run_dir / "config.yaml").read_text(encoding="utf-8")
+    selects = load_config(run_dir / "config.yaml").strategy.robust.name in SELECTION_RULES
+    extra = {"failures": text_of(FAILURES_FILE) or "", "dropped": text_of(DROPPED_FILE) or ("" if not selects else None)}
     if (run_dir / "summary.json").is_file():
-        return record_of_run(run_dir, failures=text)
-    rounds = run_dir / "rounds.csv"
-    return {"name": run_dir.name, "failures": text, "config": (run_dir / "config.yaml").read_text(encoding="utf-8"),
-            "summary": {}, "rounds": rounds.read_text(encoding="utf-8") if rounds.is_file() else ""}
+        return record_of_run(run_dir, **extra)
+    return {"name": run_dir.name, **extra, "config": config, "summary": {}, "rounds": text_of("rounds.csv") or ""}
 
 
 def run_cells(args: Any) -> tuple[list[Path], list[str], int]:
@@ -129,15 +137,29 @@ def short_reason(reason: str) -> str:
     return re.sub(r"\d+", "N", reason)
 
 
-def figures(run: PageRun, failures_text: str, last_rounds: int) -> dict[str, Any]:
-    """Metrics (points), failures by reason and the round a run stopped in (None: it finished)."""
+def dropped_counts(run: PageRun, dropped_text: str | None) -> tuple[int, int, int] | None:
+    """A selection rule's drops: (hostile replies dropped, hostile replies sent, honest replies dropped);
+    None when the run's rule selects nothing or its drops were not recorded."""
+    if run.cfg.strategy.robust.name not in SELECTION_RULES or dropped_text is None:
+        return None
+    hostile = set(hostile_partitions(run.cfg.faults, run.cfg.federation.num_clients, run.seed))
+    rows = list(csv.DictReader(io.StringIO(dropped_text)))
+    rounds = max((int(r["round"]) for r in run.run["rounds"]), default=0)
+    bad = sum(int(r["partition"]) in hostile for r in rows)
+    return bad, rounds * len(hostile), len(rows) - bad
+
+
+def figures(run: PageRun, failures_text: str, last_rounds: int, dropped_text: str | None = "") -> dict[str, Any]:
+    """Metrics (points), failures by reason, the selection rule's drops and the round a run stopped in
+    (None: it finished)."""
     rows = list(csv.DictReader(io.StringIO(failures_text)))
     reasons: dict[str, int] = {}
     for row in rows:
         reasons[short_reason(row["reason"])] = reasons.get(short_reason(row["reason"]), 0) + 1
     stopped = None if run.summary else max(int(r["round"]) for r in rows)
     metrics = {m: 100 * last_rounds_mean(run.run["rounds"], m, max(last_rounds, 1)) for m in REPORT_METRICS}
-    return {**metrics, "failures": rows, "reasons": reasons, "stopped": stopped, "rounds": run.run["rounds"]}
+    return {**metrics, "failures": rows, "reasons": reasons, "stopped": stopped, "rounds": run.run["rounds"],
+            "dropped": dropped_counts(run, dropped_text)}
 
 
 def nan_checks(nan: dict[int, dict], crash: dict[int, dict], cfg: ExperimentConfig) -> tuple[int, float]:
@@ -179,8 +201,9 @@ def describe(cfg: ExperimentConfig, seeds: list[int]) -> list[str]:
             if getattr(faults, kind) > 0]
     rule = cfg.strategy.robust
     robust = rule.name.replace("_", " ") + (f", trim {rule.trim:g}" if rule.name == "trimmed_mean" else
-                                            f", f = {rule.byzantine}" if rule.name in ("krum", "multikrum", "bulyan")
-                                            else "")
+                                            f", f = {rule.byzantine}" if rule.name in SELECTION_RULES else "")
+    if rule.directions and rule.name in SELECTION_RULES:
+        robust += ", scored on directions"
     return [f"{count} of {n}", ", ".join(acts) + " in every round", robust, f"{cfg.federation.min_replies:g}"]
 
 
@@ -219,8 +242,20 @@ def results_rows(cells: dict[str, dict[int, dict]], labels: list[str]) -> list[l
         cell.append(f"{per_run:g}" + (f" ({', '.join(sorted(reasons))})" if reasons else ""))
         stops = sorted((s, r["stopped"]) for s, r in runs.items() if r["stopped"] is not None)
         cell.append(", ".join(f"s{s}: round {rnd}" for s, rnd in stops) or "–")
+        cell.append(dropped_cell(runs))
         rows.append(cell)
     return rows
+
+
+def dropped_cell(runs: dict[int, dict]) -> str:
+    """Per seed, the hostile replies a selection rule dropped of those sent, and the honest ones it dropped."""
+    parts = []
+    for seed, run in sorted(runs.items()):
+        if run["dropped"] is not None:
+            bad, sent, honest = run["dropped"]
+            parts.append(f"s{seed}: {bad}/{sent}, {honest}")
+    recorded = sum(run["dropped"] is not None for run in runs.values())
+    return "; ".join(parts) + ("" if recorded == len(runs) or not parts else "; others not recorded") if parts else "–"
 
 
 def floor_checks(cells: dict[str, dict[int, dict]], methods: list[str],
@@ -308,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     cells: dict[str, dict[int, dict]] = {label: {} for label in labels}
     configs: dict[str, ExperimentConfig] = {}
     for run, record in zip(runs, records, strict=True):
-        cells[run.label][run.seed] = figures(run, record["failures"], args.last_rounds)
+        cells[run.label][run.seed] = figures(run, record["failures"], args.last_rounds, record.get("dropped"))
         configs.setdefault(run.label, run.cfg)
     seeds = sorted({r.seed for r in runs})
     cases = list(dict.fromkeys(label.split("_", 1)[1] for label in labels))
@@ -317,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
                        [[case, *describe(case_cfg[case], seeds)] for case in cases])
     hostile = hostile_text([case_cfg[c] for c in cases], seeds)
     results = table(["method", "case", "seeds", "balanced acc.", "Δ bal. acc. to clean", "Δ per seed",
-                     "tail recall", "Δ tail recall to clean", "failures per run", "stopped"],
+                     "tail recall", "Δ tail recall to clean", "failures per run", "stopped",
+                     "dropped by the rule: hostile/sent, honest"],
                     results_rows(cells, labels))
     floor_text, ok = floor_checks(cells, methods, configs)
     plot_curves(cells, methods, page.folder / "curves.png")

@@ -7,7 +7,8 @@
 
 ``--config`` (experiments/quickstart.yaml: Fashion-MNIST, LeNet, 1 local epoch) with the data
 kept whole and split evenly (``imbalance.factor=1 partition.name=iid``, before the positional
-overrides, which may change them), for each size N in ``--clients``: ``--per-round`` clients
+overrides, which may change them; past 60,000 clients ``partition.copies`` puts every sample in
+more than one client's share), for each size N in ``--clients``: ``--per-round`` clients
 train and as many evaluate in each of ``--rounds`` rounds (``federation.fraction`` and
 ``federation.fraction_evaluate`` = per-round / N), the server scores the test set before and
 after each round. Two sides, each in a fresh process, as in ``benchmarks/overhead.py``: the
@@ -47,10 +48,14 @@ FLOOR_CLIENTS, BIG_CLIENTS = 10_000, 100_000
 GB = 1024**3
 
 
+TRAIN_SAMPLES = 60_000  # Fashion-MNIST's training set, kept whole (DATA)
+
+
 def size_overrides(clients: int, per_round: int, rounds: int, extra: list[str]) -> list[str]:
-    """The overrides of one federation size."""
+    """The overrides of one federation size; past 60,000 clients every sample enters the split more than once (``partition.copies``)."""
     share = repr(min(1.0, per_round / clients))
-    return [*DATA, *extra, f"name=scale_{clients}", f"federation.num_clients={clients}",
+    copies = -(-clients // TRAIN_SAMPLES)  # every client holds at least one sample
+    return [*DATA, f"partition.copies={copies}", *extra, f"name=scale_{clients}", f"federation.num_clients={clients}",
             f"federation.fraction={share}", f"federation.fraction_evaluate={share}",
             f"federation.rounds={rounds}", "train.local_epochs=1", "eval.every=1", "eval.client_every=1"]
 

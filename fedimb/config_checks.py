@@ -41,6 +41,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _check_positive("partition.min_size", cfg.partition.min_size, strict=False)
     _check_positive("partition.classes_per_client", cfg.partition.classes_per_client)
     _check_positive("partition.noise_sigma", cfg.partition.noise_sigma, strict=False)
+    _check_positive("partition.copies", cfg.partition.copies)
     check_domains(cfg.domains)
     _check_positive("federation.num_clients", cfg.federation.num_clients)
     _check_positive("federation.rounds", cfg.federation.rounds)

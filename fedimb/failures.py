@@ -18,6 +18,7 @@ from typing import Union
 from fedimb.records import atomic_write_text
 
 FAILURES_FILE = "failures.csv"
+DROPPED_FILE = "robust_dropped.csv"  # the valid replies a selection rule (krum, multikrum, bulyan) left out
 COLUMNS = ("round", "node", "partition", "phase", "reason")
 
 
@@ -50,11 +51,15 @@ def describe(failures: list[Failure]) -> str:
 
 @dataclass
 class FailureLog:
-    """The run's failures, written to ``run_dir/failures.csv`` (no run directory: kept in memory only)."""
+    """The run's failures, written to ``run_dir/failures.csv`` (no run directory: kept in memory only).
+
+    With ``file_name=DROPPED_FILE`` the same log holds the replies a robust selection rule dropped.
+    """
 
     run_dir: Path | None = None
     on_count: Callable[[int], None] | None = None  # each round's count, for the rounds.csv row
     failures: list[Failure] = field(default_factory=list)
+    file_name: str = FAILURES_FILE
 
     def record(self, phase_failures: list[Failure], count_round: bool = True) -> None:
         """Add one phase's failures of a round (possibly none) and rewrite the file when any."""
@@ -66,7 +71,7 @@ class FailureLog:
 
     def restore(self, up_to_round: int) -> None:
         """A resumed run: keep the rows of the rounds the checkpoint holds, drop the later ones."""
-        path = None if self.run_dir is None else self.run_dir / FAILURES_FILE
+        path = None if self.run_dir is None else self.run_dir / self.file_name
         if path is None or not path.is_file():
             return
         with path.open(newline="", encoding="utf-8") as fh:
@@ -81,7 +86,7 @@ class FailureLog:
         writer.writerow(COLUMNS)
         for f in self.failures:
             writer.writerow([f.round, f.node, f.partition, f.phase, f.reason])
-        atomic_write_text(self.run_dir / FAILURES_FILE, buf.getvalue())
+        atomic_write_text(self.run_dir / self.file_name, buf.getvalue())
 
 
 FLOWER_TIMEOUT_S = 3600.0  # Flower's Strategy.start default

@@ -51,7 +51,10 @@ class RobustConfig:
 
     byzantine: f, hostile replies assumed per round (krum, multikrum, bulyan); trim: share cut at
     each end of every coordinate (trimmed_mean); select: updates multikrum averages (0 = n − f);
-    max_norm: clip's bound on an update's L2 norm (0 = the round's median update norm).
+    max_norm: clip's bound on an update's L2 norm (0 = the round's median update norm);
+    directions: krum, multikrum and bulyan score each update scaled to unit norm, so under
+    non-IID sizes a long honest update (a client with much data, many local steps) is not taken
+    for the outlier while a flipped one is; the kept replies go on as sent.
     """
 
     name: str = "none"
@@ -59,6 +62,7 @@ class RobustConfig:
     trim: float = 0.1
     select: int = 0
     max_norm: float = 0.0
+    directions: bool = False
 
 
 def _fail(field_name: str, message: str) -> None:

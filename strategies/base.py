@@ -264,7 +264,7 @@ class ReproducibleSampling:
         key = self.weighted_by_key  # type: ignore[attr-defined]
         valid = self.guard.screen(server_round, "train", replies, self._asked_nodes("train"), self._order(),
                                   lambda m: reply_problem(m.content, weights, extras, key), self.round_start)
-        return self.guard.apply_robust(server_round, valid, self.round_start, self.robust_records)
+        return self.guard.apply_robust(server_round, valid, self.round_start, self._order(), self.robust_records)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Screen the replies (:meth:`screen_train`), then aggregate what passed."""

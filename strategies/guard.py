@@ -19,7 +19,7 @@ from flwr.app import ArrayRecord, Message
 from rich.console import Console
 
 from fedimb.config import ExperimentConfig
-from fedimb.failures import Failure, FailureLog, describe, pending_counter, required_replies
+from fedimb.failures import DROPPED_FILE, Failure, FailureLog, describe, pending_counter, required_replies
 from fedimb.hostile import RobustConfig
 from strategies.base import ClientFailed, error_reason
 from strategies.robust import RobustRuleFailed, apply_rule
@@ -41,6 +41,7 @@ class ReplyGuard:
     norm_factor: float = 0.0
     robust: RobustConfig = field(default_factory=RobustConfig)
     log: FailureLog = field(default_factory=FailureLog)
+    dropped: FailureLog = field(default_factory=lambda: FailureLog(file_name=DROPPED_FILE))
 
     def screen(self, server_round: int, phase: str, replies: list[Message], sent: list[int],
                partition_of: dict[int, int], problem: Callable[[Message], str | None] | None = None,
@@ -89,21 +90,34 @@ class ReplyGuard:
         return valid
 
     def apply_robust(self, server_round: int, replies: list[Message], start: ArrayRecord | None,
-                     records: tuple[str, ...] = ()) -> list[Message]:
-        """``strategy.robust`` over the valid replies (:func:`strategies.robust.apply_rule`)."""
+                     partition_of: dict[int, int], records: tuple[str, ...] = ()) -> list[Message]:
+        """``strategy.robust`` over the valid replies (:func:`strategies.robust.apply_rule`).
+
+        The replies a selection rule leaves out are recorded in ``robust_dropped.csv`` and printed.
+        """
         try:
-            return apply_rule(self.robust, replies, start, records)
+            kept = apply_rule(self.robust, replies, start, records)
         except RobustRuleFailed as exc:
             raise RoundFailed(f"round {server_round} train: {exc}") from None
+        kept_ids = {id(m) for m in kept}
+        left_out = [Failure(server_round, m.metadata.src_node_id, partition_of.get(m.metadata.src_node_id, UNKNOWN_PARTITION),
+                            "train", f"dropped by {self.robust.name}") for m in replies if id(m) not in kept_ids]
+        self.dropped.record(left_out)
+        if left_out:
+            console.print(f"round {server_round:>3} train: {self.robust.name} dropped partitions "
+                          f"{sorted(f.partition for f in left_out)}", highlight=False, soft_wrap=True)
+        return kept
 
 
 def reply_guard(cfg: ExperimentConfig, run_dir: Path, observer: object, resumed_after: int | None) -> ReplyGuard:
     """The run's guard: its failure log in ``run_dir`` (a resumed run keeps the rows up to its checkpoint)."""
     log = FailureLog(run_dir, pending_counter(observer))
+    dropped = FailureLog(run_dir, file_name=DROPPED_FILE)
     if resumed_after is not None:
         log.restore(resumed_after)
+        dropped.restore(resumed_after)
     fed = cfg.federation
-    return ReplyGuard(fed.min_replies, fed.norm_factor, cfg.strategy.robust, log)
+    return ReplyGuard(fed.min_replies, fed.norm_factor, cfg.strategy.robust, log, dropped)
 
 
 def refuse_faults_when_deployed(cfg: ExperimentConfig) -> None:

@@ -6,7 +6,9 @@ all apply to what the rule lets through:
 
 - ``krum`` / ``multikrum`` (Blanchard et al. 2017) keep the 1 (resp. ``select``, default n − f)
   replies whose updates are closest to their n − f − 2 nearest neighbours (Flower's
-  ``select_multikrum``); the others are dropped whole.
+  ``select_multikrum``); the others are dropped whole. With ``directions`` the distances are
+  those of the updates scaled to unit norm: Krum's analysis assumes honest updates of one
+  spread, and under non-IID sizes the clients with the most data send the longest updates.
 - ``median``, ``trimmed_mean`` (Yin et al. 2018; Flower's ``trim_mean``) replace every kept
   reply's weights by the coordinate-wise median / trimmed mean, so any weighted mean of them is
   that point. Under FedNova every y_i becomes that point, so its step is the point's scaled by
@@ -51,9 +53,25 @@ def needed_replies(rule: RobustConfig) -> int:
     return {"krum": 2 * f + 3, "multikrum": 2 * f + 3, "bulyan": 4 * f + 3, "median": 1, "trimmed_mean": 1}.get(rule.name, 1)
 
 
-def select_krum(replies: list[Message], byzantine: int, keep: int) -> list[Message]:
-    """The ``keep`` replies with the lowest Krum scores, in their original order."""
-    wrapped = [RecordDict({protocol.ARRAYS: m.content[protocol.ARRAYS]}) for m in replies]
+def unit_updates(replies: list[Message], start: ArrayRecord) -> list[ArrayRecord]:
+    """Each reply's update w_i − w over its float arrays, scaled to unit L2 norm (a zero update stays zero)."""
+    norms = update_norms([m.content for m in replies], start)
+    units = []
+    for message, norm in zip(replies, norms):
+        scale = 1.0 / norm if norm > 0 else 0.0
+        units.append(ArrayRecord({key: Array(np.ascontiguousarray(
+            (array.numpy().astype(np.float64) - start[key].numpy()) * scale))
+            for key, array in message.content[protocol.ARRAYS].items() if np.issubdtype(array.numpy().dtype, np.floating)}))
+    return units
+
+
+def select_krum(replies: list[Message], byzantine: int, keep: int, start: ArrayRecord | None = None) -> list[Message]:
+    """The ``keep`` replies with the lowest Krum scores, in their original order.
+
+    With ``start`` the scores are those of the unit-norm updates (:func:`unit_updates`), not of the weights.
+    """
+    scored = unit_updates(replies, start) if start is not None else [m.content[protocol.ARRAYS] for m in replies]
+    wrapped = [RecordDict({protocol.ARRAYS: arrays}) for arrays in scored]
     chosen = {id(c) for c in select_multikrum(wrapped, num_malicious_nodes=byzantine, num_nodes_to_select=keep)}
     return [m for m, c in zip(replies, wrapped) if id(c) in chosen]
 
@@ -106,12 +124,13 @@ def apply_rule(rule: RobustConfig, replies: list[Message], start: ArrayRecord | 
             clip_updates(replies, start, rule.max_norm)
         return replies
     combine: Combine | None = None
+    directions = start if rule.directions else None
     if rule.name == "krum":
-        replies = select_krum(replies, f, 1)
+        replies = select_krum(replies, f, 1, directions)
     elif rule.name == "multikrum":
-        replies = select_krum(replies, f, rule.select or n - f)
+        replies = select_krum(replies, f, rule.select or n - f, directions)
     elif rule.name == "bulyan":
-        replies = select_krum(replies, f, n - 2 * f)
+        replies = select_krum(replies, f, n - 2 * f, directions)
         combine = _bulyan_combine(n - 4 * f)
     elif rule.name == "median":
         combine = lambda stack: np.median(stack, axis=0)  # noqa: E731 - one-line rule

@@ -274,6 +274,16 @@ def test_build_federated_data_digits(digits):
     assert build_federated_data(cfg) is fed  # cached on the config's values
 
 
+def test_copies_let_more_clients_than_samples_split_every_sample_k_times(digits):
+    cfg = ExperimentConfig(data=DataConfig(dataset="digits"), partition=_cfg("iid", copies=3),
+                           federation=FederationConfig(num_clients=4000))  # digits' training set has < 1,800
+    fed = build_federated_data(cfg)
+    assert fed.train_indices.size == 3 * digits.train_y.size
+    assert np.bincount(fed.train_indices).tolist() == [3] * digits.train_y.size  # each sample three times
+    assert np.array_equal(np.sort(np.concatenate(fed.client_indices)), fed.train_indices)
+    assert min(len(idx) for idx in fed.client_indices) >= 1
+
+
 def test_build_federated_data_fmnist_lt():
     cfg = ExperimentConfig(
         imbalance=ImbalanceConfig(factor=20), partition=_cfg("dir_balance", alpha=0.1),
@@ -310,3 +320,14 @@ def test_unit_scaling_matches_to_tensor_and_standard_is_centred():
     standard = load_dataset(DataConfig(dataset="digits"))
     assert abs(float(standard.train_x.mean())) < 1e-4
     np.testing.assert_allclose(unit.train_x * 16.0, np.round(unit.train_x * 16.0), atol=1e-5)
+
+
+def test_a_client_whose_test_shares_round_to_nothing_still_gets_a_test_sample():
+    from fedimb.data.local_testset import local_test_indices
+
+    test_labels = np.array([0, 0, 1, 1, 2, 2])
+    # one test sample per client (6 // 10 → 1); shares 2/7, 2/7, 3/7 all round to 0: its most frequent class
+    idx = local_test_indices(test_labels, np.array([2, 2, 3]), num_clients=10, seed=0, client_id=4)
+    assert idx.size == 1 and test_labels[idx[0]] == 2
+    # shares that do round up keep their proportional draw
+    assert test_labels[local_test_indices(test_labels, np.array([1, 4, 1]), 10, 0, 4)].tolist() == [1]

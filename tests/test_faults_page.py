@@ -20,12 +20,30 @@ def test_the_cells_run_seed_by_seed_and_share_their_hostile_client(tmp_path):
     runs, _ = plan_sweep(SUITE, out=tmp_path)
     labels = list(dict.fromkeys(r.label for r in runs))
     ordered = choose(runs, labels, seeds_outermost=True)
-    assert len(ordered) == 54 and [r.cfg.seed for r in ordered] == [0] * 18 + [1] * 18 + [2] * 18
+    assert len(ordered) == 60 and [r.cfg.seed for r in ordered] == [0] * 20 + [1] * 20 + [2] * 20
     by_label = {r.label: r.cfg for r in runs if r.cfg.seed == 1}
     one = {hostile_partitions(by_label[f"fedavg_{case}"].faults, 10, 1) for case in ("crash10", "nan", "x100")}
     assert len(one) == 1 and len(next(iter(one))) == 1  # the NaN run can be set against that client's crash
     assert by_label["cafedcl_signflip_trimmed"].strategy.robust.trim == 0.2
     assert by_label["fedavg_signflip_multikrum"].strategy.robust.byzantine == 2
+    assert by_label["fedavg_signflip_multikrum_dir"].strategy.robust.directions
+
+
+def test_the_drops_of_a_selection_rule_are_split_into_hostile_and_honest():
+    from fedimb.app.pages import PageRun
+
+    bench = load_benchmark("faults")
+    cfg = load_config(SUITE.parent.parent / "quickstart.yaml", ["faults.fraction=0.2", "faults.sign_flip=1.0",
+                                                                "strategy.robust.name=multikrum", "seed=2"])
+    hostile = sorted(hostile_partitions(cfg.faults, 10, 2))  # [0, 6] on the page
+    run = PageRun("fedavg_signflip_multikrum", cfg, {"rounds": [{"round": r} for r in range(4)]})
+    dropped = ("round,node,partition,phase,reason\n"
+               f"1,11,{hostile[0]},train,dropped by multikrum\n1,18,8,train,dropped by multikrum\n"
+               f"2,11,{hostile[0]},train,dropped by multikrum\n2,17,{hostile[1]},train,dropped by multikrum\n")
+    assert bench.dropped_counts(run, dropped) == (3, 6, 1)  # 3 of the 2 x 3 hostile replies, 1 honest
+    assert bench.dropped_counts(run, None) is None  # not recorded
+    cells = {0: {"dropped": (3, 6, 1)}, 1: {"dropped": None}}
+    assert bench.dropped_cell(cells) == "s0: 3/6, 1; others not recorded"
 
 
 def test_differences_say_within_noise_and_reasons_drop_numbers():

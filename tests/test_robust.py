@@ -44,6 +44,31 @@ def test_multikrum_averages_the_best_scored():
     np.testing.assert_allclose(aggregate("multikrum", KRUM_POINTS, byzantine=1, select=3), [2 / 3, 1 / 3], rtol=1e-6)
 
 
+# Three short honest updates, a long honest one (a client with ten times the data) and a flipped one,
+# from start 0, f = 1 (Multi-Krum keeps n − f = 4, scores over the 2 nearest squared distances):
+# raw: (1,±.2): .04 + .16 = .20, (1,0): .08, (10,0): 81 + 81.04, (−1,0): 4 + 4.04 → drops the long one;
+# unit updates: (1,±.2)/1.0198: .0388 + .0388, (1,0) and (10,0) both (1,0): 0 + .0388, (−1,0): 3.96 + 3.96
+# → drops the flipped one; the kept replies are averaged as sent.
+NON_IID_POINTS = [[1.0, 0.2], [1.0, -0.2], [1.0, 0.0], [10.0, 0.0], [-1.0, 0.0]]
+
+
+def test_multikrum_on_directions_keeps_a_long_honest_update_and_drops_the_flipped_one():
+    np.testing.assert_allclose(aggregate("multikrum", NON_IID_POINTS, byzantine=1), [0.5, 0.0], atol=1e-6)
+    np.testing.assert_allclose(aggregate("multikrum", NON_IID_POINTS, byzantine=1, directions=True), [3.25, 0.0],
+                               atol=1e-6)
+
+
+def test_the_replies_a_selection_rule_drops_are_recorded_with_their_partitions():
+    s, _ = make("fedavg")
+    guard(s, {"w": [0.0, 0.0]}, min_replies=1, robust={"name": "multikrum", "byzantine": 1, "select": 3})
+    s.aggregate_train(4, [reply(101 + i, {"w": p}, 1) for i, p in enumerate(KRUM_POINTS)])
+    # scores above: (0,2) and (10,10), nodes 103 and 104 = partitions 2 and 3, are left out
+    dropped = s.guard.dropped.failures
+    assert [(f.round, f.node, f.partition, f.reason) for f in dropped] == [
+        (4, 103, 2, "dropped by multikrum"), (4, 104, 3, "dropped by multikrum")]
+    assert s.guard.log.failures == []  # a dropped reply is not a failure
+
+
 def test_bulyan_drops_the_outlier_and_averages_around_the_median():
     # f = 1, n = 7: multikrum keeps θ = 5 (scores 0:30 1:15 2:10 3:15 4:18 6:54 100:huge → 0..4);
     # then the β = 3 values closest to their median 2 (1, 2, 3) are averaged

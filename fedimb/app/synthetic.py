@@ -84,6 +84,8 @@ def cache_key(cfg: ExperimentConfig) -> str:
     partition = asdict(cfg.partition)
     if not partition["noise_sigma"]:
         partition.pop("noise_sigma")  # off, it joins no key either: generators cached before it keep theirs
+    if partition["copies"] == 1:
+        partition.pop("copies")  # likewise
     made_of = {"seed": cfg.seed, "data": asdict(cfg.data), "imbalance": asdict(cfg.imbalance),
                "partition": partition, "num_clients": cfg.federation.num_clients, "synthetic": syn}
     if cfg.domains.names:  # the clients' images pass through their devices: another generator

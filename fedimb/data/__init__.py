@@ -40,7 +40,8 @@ __all__ = [
 class FederatedData:
     """A dataset split over clients.
 
-    ``train_indices``: samples kept by the long tail and not held out (indices into ``splits.train_x``);
+    ``train_indices``: samples kept by the long tail and not held out (indices into ``splits.train_x``;
+    each ``partition.copies`` times);
     ``client_indices[k]``: client k's samples, also indices into ``splits.train_x``;
     ``counts``: K x C class counts; ``validation_indices``: held-out training samples
     (``data.validation_fraction`` of each class, for tuning without the test set).
@@ -79,7 +80,9 @@ def _build_cached(
         splits.train_y, imb.factor, imb.profile, imb.step_minor_fraction, seed, splits.num_classes
     )
     kept, validation = hold_out(splits.train_y, kept, data_cfg.validation_fraction, seed)
-    parts = partition_indices(splits.train_y[kept], num_clients, PartitionConfig(*partition), seed)
+    partition_cfg = PartitionConfig(*partition)
+    kept = np.repeat(kept, partition_cfg.copies)  # still sorted: each sample's copies side by side
+    parts = partition_indices(splits.train_y[kept], num_clients, partition_cfg, seed)
     # kept is sorted, so mapping sorted positions through it keeps each client's list sorted
     client_indices = [kept[p] for p in parts]
     counts = client_class_counts(splits.train_y, client_indices, splits.num_classes)

@@ -250,7 +250,7 @@ def partition_indices(
         raise ConfigError(
             "federation.num_clients",
             f"more clients ({num_clients}) than training samples ({labels.size}); "
-            "lower federation.num_clients or imbalance.factor",
+            "lower federation.num_clients or imbalance.factor, or raise partition.copies",
         )
     if cfg.name not in PARTITIONERS:
         allowed = ", ".join(PARTITIONERS)
