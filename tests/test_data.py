@@ -257,6 +257,17 @@ def test_plot_written(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["partition.png"]  # no temp file left
 
 
+def test_plot_of_many_clients_keeps_a_bounded_canvas(tmp_path):
+    import struct
+
+    from fedimb.data.report import MAX_PLOT_HEIGHT_IN
+
+    path = tmp_path / "partition.png"
+    plot_partition(np.ones((20_000, 10), dtype=np.int64), path)
+    width, height = struct.unpack(">II", path.read_bytes()[16:24])  # the PNG's IHDR chunk
+    assert height <= MAX_PLOT_HEIGHT_IN * 100 and width < 1000  # 100 dpi: not 0.35 in per client
+
+
 # ---------------------------------------------------------------- end to end
 
 

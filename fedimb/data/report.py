@@ -11,6 +11,9 @@ from typing import Any
 import numpy as np
 
 ANNOTATE_MAX_CELLS = 400  # above this many cells the numbers become unreadable
+# Inches of heatmap height: a row per client reads up to about 40 clients; past that the height
+# stays put and rows merge into pixels (100,000 rows at 0.35 in each were a 10 GB canvas)
+MAX_PLOT_HEIGHT_IN = 15.0
 
 
 def client_class_counts(labels: np.ndarray, parts: Sequence[np.ndarray], num_classes: int) -> np.ndarray:
@@ -104,7 +107,7 @@ def plot_partition(counts: np.ndarray, path: str | os.PathLike[str], title: str 
 
     counts = np.asarray(counts)
     num_clients, num_classes = counts.shape
-    fig = Figure(figsize=(max(4.0, 0.5 * num_classes + 2), max(3.0, 0.35 * num_clients + 1.5)))
+    fig = Figure(figsize=(max(4.0, 0.5 * num_classes + 2), min(MAX_PLOT_HEIGHT_IN, max(3.0, 0.35 * num_clients + 1.5))))
     ax = fig.add_subplot()
     image = ax.imshow(counts, aspect="auto", cmap="viridis", interpolation="nearest")
     fig.colorbar(image, ax=ax, label="samples")
