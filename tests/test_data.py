@@ -342,3 +342,33 @@ def test_a_client_whose_test_shares_round_to_nothing_still_gets_a_test_sample():
     assert idx.size == 1 and test_labels[idx[0]] == 2
     # shares that do round up keep their proportional draw
     assert test_labels[local_test_indices(test_labels, np.array([1, 4, 1]), 10, 0, 4)].tolist() == [1]
+
+
+def test_split_cache_reads_back_what_was_built_and_rebuilds_a_broken_file(tmp_path, monkeypatch):
+    from fedimb.data import split_cache
+
+    monkeypatch.setenv(split_cache.ENV, str(tmp_path))
+    labels = np.array([0, 1, 1, 2, 2, 2])
+    built = (np.arange(6), [np.array([0, 3]), np.array([], dtype=np.int64), np.array([1, 2, 4, 5])], np.zeros(0, np.int64))
+    calls = []
+
+    def build():
+        calls.append(1)
+        return built
+
+    first = split_cache.cached_split({"seed": 0}, labels, build)
+    again = split_cache.cached_split({"seed": 0}, labels, build)
+    assert len(calls) == 1  # the second came from the file
+    for a, b in ((first, again), (built, again)):
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[2], b[2])
+        assert [c.tolist() for c in a[1]] == [c.tolist() for c in b[1]]
+    split_cache.cached_split({"seed": 1}, labels, build)  # another config
+    split_cache.cached_split({"seed": 0}, labels[::-1].copy(), build)  # other labels (a changed dataset file)
+    assert len(calls) == 3
+    (path,) = [p for p in tmp_path.iterdir() if p.name.startswith(split_cache.split_key({"seed": 0}, labels))]
+    path.write_bytes(b"cut off")
+    assert [c.tolist() for c in split_cache.cached_split({"seed": 0}, labels, build)[1]] == [[0, 3], [], [1, 2, 4, 5]]
+    assert len(calls) == 4
+    monkeypatch.setenv(split_cache.ENV, "off")
+    split_cache.cached_split({"seed": 0}, labels, build)
+    assert len(calls) == 5

@@ -7,7 +7,7 @@ cached per process because every simulated client process calls it.
 from __future__ import annotations
 
 import functools
-from dataclasses import astuple, dataclass
+from dataclasses import asdict, astuple, dataclass
 
 import numpy as np
 
@@ -17,6 +17,7 @@ from fedimb.data.domains import LOCAL_TEST, TRAIN, client_images
 from fedimb.data.longtail import apply_long_tail, long_tail_counts
 from fedimb.data.partitions import PARTITIONERS, partition_indices
 from fedimb.data.report import client_class_counts, format_partition_table, partition_stats, plot_partition
+from fedimb.data.split_cache import Split, cached_split
 
 __all__ = [
     "PARTITIONERS",
@@ -69,22 +70,28 @@ def hold_out(labels: np.ndarray, indices: np.ndarray, fraction: float, seed: int
     return np.setdiff1d(indices, held_out), held_out
 
 
+def _split(labels: np.ndarray, num_classes: int, seed: int, data_cfg: DataConfig, imb: ImbalanceConfig,
+           partition_cfg: PartitionConfig, num_clients: int) -> Split:
+    """Long tail, hold-out and partition: (kept indices, each client's indices, held-out indices)."""
+    kept = apply_long_tail(labels, imb.factor, imb.profile, imb.step_minor_fraction, seed, num_classes)
+    kept, validation = hold_out(labels, kept, data_cfg.validation_fraction, seed)
+    kept = np.repeat(kept, partition_cfg.copies)  # still sorted: each sample's copies side by side
+    parts = partition_indices(labels[kept], num_clients, partition_cfg, seed)
+    # kept is sorted, so mapping sorted positions through it keeps each client's list sorted
+    return kept, [kept[p] for p in parts], validation
+
+
 @functools.lru_cache(maxsize=4)
 def _build_cached(
     seed: int, data: tuple, imbalance: tuple, partition: tuple, num_clients: int
 ) -> FederatedData:
-    data_cfg = DataConfig(*data)
+    data_cfg, imb, partition_cfg = DataConfig(*data), ImbalanceConfig(*imbalance), PartitionConfig(*partition)
     splits = load_dataset(data_cfg)
-    imb = ImbalanceConfig(*imbalance)
-    kept = apply_long_tail(
-        splits.train_y, imb.factor, imb.profile, imb.step_minor_fraction, seed, splits.num_classes
-    )
-    kept, validation = hold_out(splits.train_y, kept, data_cfg.validation_fraction, seed)
-    partition_cfg = PartitionConfig(*partition)
-    kept = np.repeat(kept, partition_cfg.copies)  # still sorted: each sample's copies side by side
-    parts = partition_indices(splits.train_y[kept], num_clients, partition_cfg, seed)
-    # kept is sorted, so mapping sorted positions through it keeps each client's list sorted
-    client_indices = [kept[p] for p in parts]
+    # the split depends on the dataset's labels (hashed into the key), not on where the files lie
+    made_of = {"seed": seed, "data": {k: v for k, v in asdict(data_cfg).items() if k != "root"},
+               "imbalance": asdict(imb), "partition": asdict(partition_cfg), "num_clients": num_clients}
+    kept, client_indices, validation = cached_split(made_of, splits.train_y, lambda: _split(
+        splits.train_y, splits.num_classes, seed, data_cfg, imb, partition_cfg, num_clients))
     counts = client_class_counts(splits.train_y, client_indices, splits.num_classes)
     return FederatedData(splits, kept, client_indices, counts, validation)
 
