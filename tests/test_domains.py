@@ -12,7 +12,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord
 
-from fedimb.app.observer import RoundObserver
+from fedimb.app.observer import HeldOutTest, RoundObserver, evaluation_set
 from fedimb.config import DOMAIN_TRANSFORM_NAMES, DomainsConfig, ExperimentConfig, load_config
 from fedimb.data import build_federated_data, client_test_images, client_train_data, partition_stats
 from fedimb.data.datasets import Normalisation
@@ -20,7 +20,7 @@ from fedimb.data.domains import (DOMAIN_TRANSFORMS, apply_domain, assign_domains
                                  domain_test_sets, feature_skew_report, gamma_curve, gaussian_blur, invert,
                                  lower_contrast, noise_level, rotate, sensor_noise)
 from fedimb.data.local_testset import local_test_indices
-from fedimb.metrics import classification_metrics, domain_metrics, metrics_from_confusion
+from fedimb.metrics import classification_metrics, confusion, domain_metrics, metrics_from_confusion
 from fedimb.models import build_configured_model, get_weights
 from fedimb.records import RunRecorder
 from tests.conftest import DIGITS_SMALL, assert_quick_start_refused
@@ -246,6 +246,36 @@ def test_without_domains_nothing_changes(tmp_path):
     expected = classification_metrics(splits.test_y, preds, 10)["balanced_accuracy"]
     assert row["balanced_accuracy"] == pytest.approx(expected)
     assert math.isfinite(row["accuracy"])
+
+
+def test_a_validation_run_scores_the_test_set_once_after_its_last_round(tmp_path):
+    cfg = digits("domains.names=[clean,invert]", "domains.shares=[0.5,0.5]", "eval.split=validation",
+                 "data.validation_fraction=0.2", "federation.rounds=2")
+    val_x, val_y, splits = evaluation_set(cfg)
+    counts = build_federated_data(cfg).counts.sum(0)
+    views = {n: torch.from_numpy(x) for n, x in domain_test_sets(val_x, cfg, splits.normalisation).items()}
+    observer = RoundObserver(cfg, RunRecorder(tmp_path), torch.from_numpy(val_x), val_y, train_counts=counts,
+                             input_shape=splits.input_shape, rounds_per_stage=2, domain_x=views,
+                             held_out=HeldOutTest.of(cfg, splits))
+    model = build_configured_model(cfg, splits.input_shape, splits.num_classes, cfg.seed).eval()
+    arrays = ArrayRecord(get_weights(model))
+
+    def scored(x: np.ndarray, y: np.ndarray) -> dict:
+        with torch.no_grad():
+            return domain_metrics({n: confusion(y, model(torch.from_numpy(v)).argmax(1).numpy(), 10)
+                                   for n, v in domain_test_sets(x, cfg, splits.normalisation).items()}, counts)
+
+    for server_round in (0, 1):
+        observer.central_evaluate(server_round, arrays)
+        assert observer.test_metrics == {}  # the test set is read after the last round only
+    observer.central_evaluate(2, arrays)
+    test, validation = scored(splits.test_x, splits.test_y), scored(val_x, val_y)
+    assert observer.test_metrics.keys() == test.keys() and "worst_domain_balanced_accuracy" in test
+    for key, value in test.items():
+        assert observer.test_metrics[key] == pytest.approx(value)
+    row = observer.recorder.rounds[-1]  # the rounds (what the closed loop reads) stay the validation split's
+    assert row["worst_domain_balanced_accuracy"] == pytest.approx(validation["worst_domain_balanced_accuracy"])
+    assert row["balanced_accuracy"] != pytest.approx(test["balanced_accuracy"])
 
 
 def test_domain_test_sets_are_deterministic():

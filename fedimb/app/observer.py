@@ -15,12 +15,28 @@ from fedimb import protocol
 from fedimb.app.metering import MeteredGrid
 from fedimb.config import ExperimentConfig
 from fedimb.data import DatasetSplits, build_federated_data, load_dataset
+from fedimb.data.domains import domain_test_sets
 from fedimb.metrics import (WORST_DOMAIN_COLUMN, classification_metrics, client_fairness, confusion, domain_metrics,
                             metrics_from_confusion)
 from fedimb.models import build_configured_model, set_weights
 from fedimb.records import RunRecorder
 
 console = Console(stderr=True)
+
+
+@dataclass(frozen=True)
+class HeldOutTest:
+    """The balanced test set (and its view in every acquisition domain) that a run evaluated on the
+    validation split scores once, after its last round: the summary's ``test`` block, read by no phase."""
+
+    x: torch.Tensor
+    y: np.ndarray
+    domain_x: dict[str, torch.Tensor]
+
+    @classmethod
+    def of(cls, cfg: ExperimentConfig, splits: DatasetSplits) -> HeldOutTest:
+        views = domain_test_sets(splits.test_x, cfg, splits.normalisation)
+        return cls(torch.from_numpy(splits.test_x), splits.test_y, {n: torch.from_numpy(v) for n, v in views.items()})
 
 
 @dataclass
@@ -30,6 +46,9 @@ class RoundObserver:
     The central evaluation needs a test set on the server (``test_x`` / ``test_y``); federated
     evaluation sums the clients' confusion matrices. With both, the federated metrics are the
     ``federated_*`` columns; with federated evaluation only, they are the main columns.
+
+    ``held_out``: under ``eval.split=validation`` the rounds score the validation split; the
+    last round's global model is also scored once on the test set, into :attr:`test_metrics`.
     """
 
     cfg: ExperimentConfig
@@ -42,6 +61,8 @@ class RoundObserver:
     meter: MeteredGrid | None = None  # bytes on the wire: each row gets those since the previous row
     # the test set as every acquisition domain takes it (domains.names); empty: scored as it is
     domain_x: dict[str, torch.Tensor] = field(default_factory=dict)
+    held_out: HeldOutTest | None = None
+    test_metrics: dict[str, Any] = field(default_factory=dict)  # held_out scored after the last round
     rounds_per_stage: int = 0  # rounds of one strategy.start (all rounds unless active learning)
     round_offset: int = 0  # rounds of earlier active-learning stages
     pending: dict[str, Any] = field(default_factory=dict)
@@ -90,27 +111,36 @@ class RoundObserver:
             return None
         if self.test_x is None and "accuracy" not in self.pending:
             return None  # no evaluation at all this round (before the first client evaluation)
-        metrics = {} if self.test_x is None else self._central_metrics(arrays)
+        metrics = {} if self.test_x is None else self._central_metrics(arrays, server_round)
         if self.meter is not None:
             self.pending.update(self.meter.take())
         row = {**metrics, **self.pending}
         self.pending = {}
         self.recorder.log_round(self.round_offset + server_round, row)
         self._print(self.round_offset + server_round, row)
+        if self.test_metrics and self.round_offset + server_round == total_rounds(self.cfg):
+            self._print_test(self.test_metrics)
         return MetricRecord({k: float(v) for k, v in metrics.items() if not isinstance(v, list)})
 
-    def _central_metrics(self, arrays: ArrayRecord) -> dict[str, Any]:
-        """The global model on the test set; with domains, on the test set in every domain (the main
-        metrics pooled over them, each domain's balanced accuracy and the worst one's)."""
+    def _central_metrics(self, arrays: ArrayRecord, server_round: int) -> dict[str, Any]:
+        """The global model on the evaluation set; after the run's last round also on the held-out
+        test set (:attr:`test_metrics`), when the rounds score the validation split."""
         model = build_configured_model(self.cfg, self.input_shape, self.num_classes, self.cfg.seed)
         set_weights(model, arrays.to_torch_state_dict())
         model.eval()
-        if self.domain_x:
-            matrices = {name: confusion(self.test_y, self._predict(model, x), self.num_classes)
-                        for name, x in self.domain_x.items()}
+        if self.held_out is not None and self.round_offset + server_round == total_rounds(self.cfg):
+            self.test_metrics = self._scores(model, self.held_out.x, self.held_out.y, self.held_out.domain_x)
+        return self._scores(model, self.test_x, self.test_y, self.domain_x)
+
+    def _scores(self, model: torch.nn.Module, x: torch.Tensor, y: np.ndarray,
+                domain_x: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Metrics of ``model`` on (x, y); with domains, on (x, y) in every domain (the main metrics
+        pooled over them, each domain's balanced accuracy and the worst one's)."""
+        if domain_x:
+            matrices = {name: confusion(y, self._predict(model, view), self.num_classes)
+                        for name, view in domain_x.items()}
             return domain_metrics(matrices, self.train_counts)
-        return classification_metrics(self.test_y, self._predict(model, self.test_x), self.num_classes,
-                                      self.train_counts)
+        return classification_metrics(y, self._predict(model, x), self.num_classes, self.train_counts)
 
     def _predict(self, model: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
         batch = self.cfg.eval.batch_size
@@ -127,6 +157,12 @@ class RoundObserver:
             parts.append(f"client-std {row['client_accuracy_std']:.4f}")
         parts.append(f"{time.time() - self.started:7.1f}s")
         console.print("  ".join(parts), highlight=False, soft_wrap=True)
+
+    def _print_test(self, metrics: dict[str, Any]) -> None:
+        """The held-out test set's line, after the last round's."""
+        worst = f"  worst-domain {metrics[WORST_DOMAIN_COLUMN]:.4f}" if WORST_DOMAIN_COLUMN in metrics else ""
+        console.print(f"test set after the last round: bal {metrics['balanced_accuracy']:.4f}  "
+                      f"tail {metrics['tail_recall']:.4f}{worst}", highlight=False)
 
 
 def evaluation_set(cfg: ExperimentConfig) -> tuple[np.ndarray, np.ndarray, DatasetSplits]:

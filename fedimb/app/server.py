@@ -18,7 +18,7 @@ from rich.console import Console
 
 from fedimb.app.gpus import recording_gpus
 from fedimb.app.metering import MeteredGrid, PartitionAssigner
-from fedimb.app.observer import RoundObserver, evaluation_set, total_rounds
+from fedimb.app.observer import HeldOutTest, RoundObserver, evaluation_set, total_rounds
 from fedimb.app.phases import RunFailed, ServerRun, cannot_resume, phases_for
 from fedimb.app.process import flwr_log_level
 from fedimb.checkpoint import Checkpoint, load_checkpoint, written_for
@@ -82,7 +82,10 @@ def open_run(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: bool, hol
     if eval_x is not None and cfg.domains.names:
         views = domain_test_sets(eval_np_x, cfg, splits.normalisation)
         domain_x = {name: torch.from_numpy(x) for name, x in views.items()}
-    observer = RoundObserver(cfg, recorder, eval_x, eval_y, meter=grid, rounds_per_stage=per_stage, domain_x=domain_x)
+    # rounds scored on the validation split: the test set once more after the last round, for the summary only
+    held_out = HeldOutTest.of(cfg, splits) if eval_x is not None and cfg.eval.split == "validation" else None
+    observer = RoundObserver(cfg, recorder, eval_x, eval_y, meter=grid, rounds_per_stage=per_stage, domain_x=domain_x,
+                             held_out=held_out)
     if checkpoint is not None:
         recorder.restore(checkpoint.rows, checkpoint.elapsed_s)
         observer.pending = dict(checkpoint.pending)
@@ -120,6 +123,7 @@ def run_federation(grid: Grid, cfg: ExperimentConfig, run_dir: Path, resume: boo
         "evaluation": ("central and federated" if cfg.eval.federated else "central")
                       if central_evaluation(cfg, holds_dataset) else "federated",
         **run.summary,
+        **({"test": run.observer.test_metrics} if run.observer.test_metrics else {}),
     })
     recorder.plot_curves()
 

@@ -33,8 +33,12 @@ def sample_grid(
     path: str | os.PathLike[str],
     per_class: int = 8,
     class_names: list[str] | None = None,
+    column_names: list[str] | None = None,
 ) -> Path:
-    """Write a PNG grid, one row per class, the first ``per_class`` images of that class."""
+    """Write a PNG grid, one row per class, the first ``per_class`` images of that class.
+
+    ``column_names``: a title over each column ("" for none), e.g. the domain of a group of columns.
+    """
     labels = labels.reshape(-1).cpu()
     lo, hi = (float(images.min()), float(images.max())) if len(images) else (0.0, 1.0)
     fig = Figure(figsize=(0.9 * per_class + 1.2, 0.9 * num_classes + 0.3))
@@ -50,6 +54,8 @@ def sample_grid(
                 shown = _displayable(images[idx[j]], lo, hi)
                 ax.imshow(shown, vmin=0.0, vmax=1.0, cmap="gray", interpolation="nearest")
         axes[c][0].set_ylabel(class_names[c] if class_names else str(c), rotation=0, ha="right", va="center")
+    for ax, title in zip(axes[0], column_names or []):
+        ax.set_title(title, fontsize="small", loc="left")
     fig.subplots_adjust(wspace=0.05, hspace=0.05)
     return save_figure(fig, path)
 
