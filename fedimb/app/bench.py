@@ -75,6 +75,11 @@ PAGES = (
     Listed("deploy.md", "The quick-start experiment (fedavg and cafedcl, 20 rounds) simulated and deployed on 10 "
                         "loopback SuperNodes with TLS and node authentication: final metrics, seconds, CPU and bytes "
                         "per round side by side, and why a deployed round costs more", benchmark="deploy"),
+    Listed("overhead.md", "What fedimb costs against a plain Flower 1.42 app and a bare PyTorch loop doing the same "
+                          "work (10 clients, 3 rounds x 1 epoch and 1 round x 10 epochs): whole process, fixed cost, "
+                          "rounds, memory, ratios and the floors", benchmark="overhead"),
+    Listed("scale.md", "100 to 100,000 clients at 100 per round against a plain Flower 1.42 app: start-up, seconds "
+                       "per round, peak memory of the whole process tree, ratios and the floors", benchmark="scale"),
     Listed("quickstart/", "The quick-start federation the README shows: its config, rounds, summary, curves and "
                           "partition heatmap", made_by="`make demo` (`fedimb run experiments/quickstart.yaml --out "
                                                        "runs/quickstart`), files copied from runs/quickstart",
