@@ -34,7 +34,8 @@ from fedimb.protocol import derive_seed
 from fedimb.data import build_federated_data, client_test_images, client_train_data
 from fedimb.data.datasets import DatasetSplits
 from fedimb.data.local_testset import local_test_indices
-from fedimb.data.sites import SiteSpec, node_site, site_spec
+from fedimb.data.domains import client_domains
+from fedimb.data.sites import SiteSpec, node_site, site_domain, site_spec
 from fedimb.faults import FaultPlan
 from fedimb.metrics import confusion
 from fedimb.models import FeatureClassifier, build_configured_model, build_model, get_weights, set_weights
@@ -64,6 +65,7 @@ class ClientSession:
     input_shape: tuple[int, int, int]
     site: DatasetSplits | None = None  # a deployed site's own data (``data-path``); None in simulation
     gpu_ids: list[int] = dataclasses.field(default_factory=list)  # assigned by Ray ([]: none)
+    domain: str | None = None  # the acquisition domain of its images (None: not named)
 
 
 def _config_of(message: Message, context: Context) -> ExperimentConfig:
@@ -92,8 +94,9 @@ def _session(message: Message, context: Context) -> ClientSession:
     device, gpu_ids = client_device(cfg.simulation.device)
     x, y = to_tensors(*client_train_data(data, cfg, partition_id), device)  # through its domain and noise level
     counts = torch.tensor(data.counts[partition_id], dtype=torch.float32, device=device)
+    domains = client_domains(cfg)
     return ClientSession(cfg, partition_id, device, x, y, counts, data.splits.num_classes,
-                         data.splits.input_shape, gpu_ids=gpu_ids)
+                         data.splits.input_shape, gpu_ids=gpu_ids, domain=None if domains is None else domains[partition_id])
 
 
 def _site_spec(cfg: ExperimentConfig, state: RecordDict) -> SiteSpec:
@@ -115,7 +118,8 @@ def _site_session(cfg: ExperimentConfig, context: Context, partition_id: int) ->
     device, gpu_ids = client_device(cfg.simulation.device)
     x, y = to_tensors(site.train_x, site.train_y, device)
     counts = torch.bincount(y, minlength=site.num_classes).float()
-    return ClientSession(cfg, partition_id, device, x, y, counts, site.num_classes, site.input_shape, site, gpu_ids)
+    return ClientSession(cfg, partition_id, device, x, y, counts, site.num_classes, site.input_shape, site, gpu_ids,
+                         site_domain(context.node_config))
 
 
 def _local_test(session: ClientSession) -> tuple[torch.Tensor, torch.Tensor]:
@@ -349,4 +353,7 @@ def evaluate(message: Message, context: Context) -> Message:
         protocol.PARTITION_ID: session.partition_id,
         protocol.CONFUSION: [int(v) for v in matrix.ravel()],
     })
-    return Message(RecordDict({protocol.METRICS: metrics}), reply_to=message)
+    reply = RecordDict({protocol.METRICS: metrics})
+    if session.domain is not None:
+        reply[protocol.CONFIG] = ConfigRecord({protocol.DOMAIN: session.domain})
+    return Message(reply, reply_to=message)

@@ -88,6 +88,11 @@ ACCURACY = "accuracy"
 LOSS = "loss"
 CONFUSION = "confusion"  # evaluation: the C×C confusion matrix on the local test split, row-major
 CONFIDENCE = "confidence"  # prototype clients: mean 1 − normalised entropy on their data
+
+# ---- config values (ConfigRecord keys of a reply's CONFIG record), client → server ------------
+# evaluation: the acquisition domain of the client's images (a simulated client's device, a
+# site's own name), so federated evaluation can score every domain
+DOMAIN = "domain"
 CLIMB_LOSS = "climb-loss"
 FEDNOVA_FACTOR = "fednova-a"  # FedNova's normalising factor a_i
 GENERATOR_LOSS = "generator_loss"
@@ -107,6 +112,7 @@ SAMPLING_IMAGES_PER_S = "sampling-images-per-s"
 NODE_PARTITION_ID = "partition-id"  # Flower's simulation sets it; a deployed node names it
 NODE_DATA_ROOT = "data-root"
 NODE_DATA_PATH = "data-path"  # a deployed site's own data (fedimb/data/sites.py): used as it is, no partition
+NODE_DOMAIN = "domain"  # a deployed site's acquisition domain (its scanner, its device): its own name
 
 
 @dataclass(frozen=True)

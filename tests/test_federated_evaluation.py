@@ -49,6 +49,34 @@ def test_observer_without_a_test_set_records_the_federated_metrics(tmp_path):
     assert row["client_accuracy_mean"] == pytest.approx((3 / 4 + 2 / 3) / 2)
 
 
+def test_federated_evaluation_scores_every_domain_the_clients_name(tmp_path):
+    from flwr.app import ConfigRecord
+
+    def named(reply: RecordDict, domain: str) -> RecordDict:
+        reply[protocol.CONFIG] = ConfigRecord({protocol.DOMAIN: domain})
+        return reply
+
+    cfg = load_config(None, DIGITS_SMALL)
+    observer = RoundObserver(cfg, RunRecorder(tmp_path), None, None, train_counts=np.array([5, 3, 1]),
+                             input_shape=(1, 8, 8), rounds_per_stage=3)
+    observer.evaluate_metrics([named(_eval_reply([0, 0, 1, 2], [0, 1, 1, 2], 3), "scanner-b"),  # recalls 1/2, 1, 1
+                               named(_eval_reply([2, 2, 1], [2, 0, 1], 3), "site_a"),  # recalls -, 1, 1/2
+                               named(_eval_reply([0, 1], [0, 0], 3), "site_a")],  # with it: 1, 1/2, 1/2
+                              protocol.NUM_EXAMPLES)
+    observer.central_evaluate(1, None)
+    row = observer.recorder.rounds[-1]
+    assert row["balanced_accuracy_domain_scanner-b"] == pytest.approx((1 / 2 + 1 + 1) / 3)
+    assert row["balanced_accuracy_domain_site_a"] == pytest.approx((1 + 1 / 2 + 1 / 2) / 3)
+    assert row["worst_domain_balanced_accuracy"] == pytest.approx(2 / 3)
+    assert row["accuracy"] == pytest.approx(6 / 9)  # the pooled metrics stay those of all the replies
+    # a client that names none joins an "unnamed" domain when others do name theirs
+    observer.evaluate_metrics([named(_eval_reply([0], [0], 3), "site_a"), _eval_reply([1], [0], 3)],
+                              protocol.NUM_EXAMPLES)
+    observer.central_evaluate(2, None)
+    assert observer.recorder.rounds[-1]["worst_domain_balanced_accuracy"] == pytest.approx(0.0)
+    assert "balanced_accuracy_domain_unnamed" in observer.recorder.rounds[-1]
+
+
 @pytest.mark.slow
 def test_simulation_records_central_and_federated_metrics_side_by_side(tmp_path):
     from fedimb.app.simulation import run_experiment

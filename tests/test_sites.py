@@ -15,7 +15,7 @@ from fedimb.data import build_federated_data
 from fedimb.data.datasets import Normalisation
 from fedimb.data.local_testset import local_test_indices
 from fedimb.data.site_export import export_sites
-from fedimb.data.sites import SiteDataError, SiteSpec, class_counts, load_site, node_site, site_spec
+from fedimb.data.sites import SiteDataError, SiteSpec, class_counts, load_site, node_site, site_domain, site_spec
 
 # 3 classes of 8x8 grey images; raw scale 0..16 (as sklearn digits), standardised around 8 ± 4
 SPEC = SiteSpec(3, (1, 8, 8), Normalisation("standard", 16.0, (8.0,), (4.0,)))
@@ -190,6 +190,20 @@ def test_exported_site_holds_exactly_its_simulation_partition(tmp_path: Path, sc
         np.testing.assert_array_equal(site.test_x, data.splits.test_x[test_idx])
         np.testing.assert_array_equal(site.test_y, data.splits.test_y[test_idx])
     assert len({len(s.train_y) for s in (load_site(w.path, spec) for w in written)}) > 1  # non-IID sizes differ
+
+
+def test_a_site_names_its_domain_in_its_node_config_or_its_exported_site_json(tmp_path: Path) -> None:
+    from fedimb.config import ConfigError
+
+    cfg = load_config(None, [*DIGITS_SPLIT, "domains.names=[clean,invert]", "domains.shares=[0.67,0.33]"])
+    export_sites(cfg, tmp_path / "sites")
+    exported = {site_domain({"data-path": str(tmp_path / "sites" / f"site-{pid}")}) for pid in range(3)}
+    assert exported == {"clean", "invert"}  # from each site.json, as the simulation assigned them
+    assert site_domain({"data-path": str(tmp_path / "sites" / "site-0" / "site.npz"), "domain": "scanner-b"}) == "scanner-b"
+    assert site_domain({"partition-id": 0}) is None and site_domain({"data-path": str(tmp_path / "x.npz")}) is None
+    with pytest.raises(ConfigError) as err:
+        site_domain({"domain": "scanner b/2"})  # it becomes part of a column name
+    assert err.value.field_name == "domain" and "'scanner b/2' is not a domain name" in str(err.value)
 
 
 def test_partition_export_cli(tmp_path: Path) -> None:

@@ -91,10 +91,12 @@ class RoundObserver:
         fairness = client_fairness(accs)
         self.pending.update(fairness)
         if self.federated and records:
-            matrices = [np.asarray(r[protocol.METRICS][protocol.CONFUSION], dtype=np.int64) for r in records]
-            pooled = np.sum(matrices, axis=0).reshape(self.num_classes, self.num_classes)
+            by_domain = confusions_by_domain(records, self.num_classes)
             prefix = "federated_" if self.test_x is not None else ""
-            metrics = metrics_from_confusion(pooled, self.train_counts)
+            if list(by_domain) == [None]:  # no client named a domain
+                metrics = metrics_from_confusion(by_domain[None], self.train_counts)
+            else:
+                metrics = domain_metrics({name or UNNAMED_DOMAIN: m for name, m in by_domain.items()}, self.train_counts)
             self.pending.update({prefix + k: v for k, v in metrics.items()})
         return MetricRecord({k: float(v) for k, v in fairness.items()})
 
@@ -163,6 +165,21 @@ class RoundObserver:
         worst = f"  worst-domain {metrics[WORST_DOMAIN_COLUMN]:.4f}" if WORST_DOMAIN_COLUMN in metrics else ""
         console.print(f"test set after the last round: bal {metrics['balanced_accuracy']:.4f}  "
                       f"tail {metrics['tail_recall']:.4f}{worst}", highlight=False)
+
+
+UNNAMED_DOMAIN = "unnamed"  # the clients that named no domain, when others did
+
+
+def confusions_by_domain(records: list[RecordDict], num_classes: int) -> dict[str | None, np.ndarray]:
+    """The clients' summed confusion matrices per domain their evaluation replies name (None: named none),
+    in name order, unnamed last: federated evaluation scores each acquisition domain, a deployed site's too."""
+    sums: dict[str | None, np.ndarray] = {}
+    for record in records:
+        config = record.get(protocol.CONFIG)
+        name = None if config is None or protocol.DOMAIN not in config else str(config[protocol.DOMAIN])
+        matrix = np.asarray(record[protocol.METRICS][protocol.CONFUSION], dtype=np.int64).reshape(num_classes, num_classes)
+        sums[name] = sums.get(name, 0) + matrix
+    return {name: sums[name] for name in sorted(sums, key=lambda n: (n is None, n or ""))}
 
 
 def evaluation_set(cfg: ExperimentConfig) -> tuple[np.ndarray, np.ndarray, DatasetSplits]:

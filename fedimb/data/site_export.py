@@ -22,9 +22,10 @@ from fedimb.data import FederatedData, build_federated_data, client_test_images,
 from fedimb.data.datasets import Normalisation
 from fedimb.data.domains import client_domains, noise_level
 from fedimb.data.local_testset import local_test_indices
+from fedimb.data.sites import SITE_META_FILE
 
 SITE_FILE = "site.npz"
-META_FILE = "site.json"
+META_FILE = SITE_META_FILE
 
 
 @dataclass(frozen=True)

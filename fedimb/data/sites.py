@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from fedimb.config import ConfigError, DataConfig
-from fedimb.protocol import NODE_DATA_PATH
+from fedimb.protocol import NODE_DATA_PATH, NODE_DOMAIN
 from fedimb.data.datasets import DatasetSplits, Normalisation, guess_column, load_dataset
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -138,6 +139,38 @@ def node_site(node_config: Mapping[str, Any], spec: SiteSpec) -> DatasetSplits |
     if path is None or str(path) == "":
         return None
     return _load_site_cached(str(path), spec)
+
+
+DOMAIN_NAME = re.compile(r"[A-Za-z0-9_.-]{1,40}")  # it becomes part of column names
+SITE_META_FILE = "site.json"  # what ``fedimb partition --export`` writes beside a site's data
+
+
+def site_domain(node_config: Mapping[str, Any]) -> str | None:
+    """The acquisition domain a site names: its node config's ``domain``, else the ``domain`` of the
+    ``site.json`` beside its data (an exported site's); None when neither names one.
+
+    A real site is its own domain (its scanner, its device); the name must be 1-40 letters,
+    digits, ``_``, ``.`` or ``-``, since it becomes part of the per-domain column names.
+    """
+    name = node_config.get(NODE_DOMAIN)
+    where = f"node config '{NODE_DOMAIN}'"
+    if name is None or str(name) == "":
+        path = node_config.get(NODE_DATA_PATH)
+        folder = Path(str(path)) if path else None
+        meta = None if folder is None else (folder if folder.is_dir() else folder.parent) / SITE_META_FILE
+        if meta is None or not meta.is_file():
+            return None
+        try:
+            name = json.loads(meta.read_text(encoding="utf-8")).get("domain")
+        except (OSError, ValueError, AttributeError):
+            raise SiteDataError(str(path), meta, "is not a JSON object") from None
+        if name is None:
+            return None
+        where = str(meta)
+    if not DOMAIN_NAME.fullmatch(str(name)):
+        raise ConfigError(NODE_DOMAIN, f"{where}: '{name}' is not a domain name; use 1-40 letters, digits, "
+                                       "'_', '.' or '-'")
+    return str(name)
 
 
 def class_counts(labels: np.ndarray, num_classes: int) -> np.ndarray:
