@@ -7,7 +7,8 @@
 Runs the cells of experiments/suites/faults_fmnist.yaml (the quick-start federation for 20
 rounds: clean; 10% and 30% of the clients crashing in every round; one client sending NaN
 weights; one sending its update × 100 (with and without a trimmed mean); two sending it
-sign-flipped (without a rule, with Multi-Krum, with a trimmed mean)) through the sweep runner, all cells of a seed before the next seed, so
+sign-flipped (without a rule, with a trimmed mean, with Multi-Krum on the raw updates and on their
+directions)) through the sweep runner, all cells of a seed before the next seed, so
 an interrupted call leaves whole seeds and a later call reuses every finished run (an
 interrupted one resumes from its checkpoint). A run the federation stops because a round got
 too few valid replies (a diverged model: every reply non-finite) is kept as such and not retried.
@@ -16,7 +17,8 @@ The page gives, per cell, balanced accuracy and tail recall (mean of each run's 
 and the failures recorded; the per-seed differences to the clean run of the same method and
 seed (mean ± std); the floors: 30% crashing costs at most 2 points of balanced accuracy, no NaN
 reply is ever averaged and the NaN run equals the run where that client crashes, and with its
-rule (a trimmed mean for x100, Multi-Krum for the sign flips) each attack stays within 2 points of clean. It builds from any
+rule (a trimmed mean for x100, Multi-Krum on directions for the sign flips) each attack stays within 2 points of
+clean; a selection rule's drops are split into hostile and honest replies. It builds from any
 subset of the runs and says how many seeds each row has.
 """
 
