@@ -109,3 +109,15 @@ def test_round_lr_steps_down_after_each_milestone():
     two = load_config(ROOT / "experiments/quickstart.yaml", ["train.lr=1", "train.lr_decay_at=[0.5,0.8]",
                                                              "train.lr_decay_factor=0.5"]).train
     assert [round_lr(two, r, 10) for r in (5, 6, 8, 9)] == [1.0, 0.5, 0.5, 0.25]
+
+
+def test_the_closing_table_says_what_the_final_metrics_were_scored_on(capsys):
+    from fedimb.app.cli import print_summary, summary_title
+
+    base = {"final": {"balanced_accuracy": 0.5}, "best": {"balanced_accuracy": 0.6}, "wall_time_s": 1.0}
+    assert summary_title({**base, "evaluation": "central"}) == "final metrics (balanced test set)"
+    assert "local test splits" in summary_title({**base, "evaluation": "federated"})
+    held_out = {**base, "evaluation": "central", "test": {"balanced_accuracy": 0.4321}}
+    assert summary_title(held_out).startswith("final metrics (validation split")
+    print_summary(held_out)
+    assert "test_balanced_accuracy" in capsys.readouterr().out.replace("\n", "")

@@ -83,12 +83,21 @@ def _resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def summary_title(summary: dict) -> str:
+    """What the final metrics of a run were scored on."""
+    if summary.get("evaluation") == "federated":
+        return "final metrics (the clients' local test splits, pooled)"
+    if "test" in summary:
+        return "final metrics (validation split; test set: the test_ rows)"
+    return "final metrics (balanced test set)"
+
+
 def print_summary(summary: dict) -> None:
     """The results table of one run."""
     from rich.table import Table
 
     final, best = summary["final"], summary["best"]
-    table = Table(title="final metrics (balanced test set)")
+    table = Table(title=summary_title(summary))
     for col in ("metric", "final", "best"):
         table.add_column(col, justify="right" if col != "metric" else "left")
     for key in ("accuracy", "balanced_accuracy", "macro_f1", "tail_recall", "head_recall"):
@@ -97,6 +106,10 @@ def print_summary(summary: dict) -> None:
     for key in ("client_accuracy_mean", "client_accuracy_std", "worst_client_accuracy"):
         if key in final:
             table.add_row(key, f"{final[key]:.4f}", "")
+    test = summary.get("test", {})  # eval.split=validation: the last round's model on the test set
+    for key in ("accuracy", "balanced_accuracy", "tail_recall", "worst_domain_balanced_accuracy"):
+        if key in test:
+            table.add_row(f"test_{key}", f"{test[key]:.4f}", "")
     table.add_row("wall time (s)", f"{summary['wall_time_s']:.1f}", "")
     Console().print(table)
 
