@@ -110,6 +110,20 @@ def _no_temp_files(run_dir: Path) -> bool:
     return not [p for p in run_dir.iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
 
 
+def test_partition_json_is_indented_for_people_and_one_line_for_many_clients(tmp_path: Path) -> None:
+    import json
+
+    from fedimb.data import partition_stats
+    from fedimb.records import INDENTED_CLIENTS_MAX
+
+    rec = RunRecorder(tmp_path / "run")
+    for clients, lines in ((3, "many"), (INDENTED_CLIENTS_MAX + 1, 1)):
+        stats = partition_stats(np.ones((clients, 4), dtype=np.int64))
+        text = rec.write_partition(stats).read_text()
+        assert json.loads(text)["num_clients"] == clients
+        assert (len(text.splitlines()) > 10) if lines == "many" else len(text.splitlines()) == 1
+
+
 def test_run_recorder_writes_run_dir(tmp_path: Path) -> None:
     rec = RunRecorder(tmp_path / "run")
     rec.write_config("name: t\nseed: 3\nstrategy:\n  name: fedavg\n")

@@ -42,20 +42,27 @@ def partition_stats(counts: np.ndarray) -> dict[str, Any]:
     global_counts = counts.sum(axis=0)
     total = int(global_counts.sum())
     p_global = global_counts / total if total else np.zeros_like(global_counts, dtype=float)
-    clients = []
-    for k, row in enumerate(counts):
-        size = int(row.sum())
-        missing = [int(c) for c in np.flatnonzero(row == 0)]
-        tv = float(0.5 * np.abs(row / size - p_global).sum()) if size else None
-        clients.append({
-            "id": k,
-            "size": size,
-            "counts": [int(v) for v in row],
-            "imbalance_ratio": _ratio(row),
-            "missing_classes": missing,
-            "missing_count": len(missing),
-            "distance_to_global": tv,
-        })
+    # whole-matrix arithmetic, then plain lists: 100,000 clients row by row took seconds
+    sizes = counts.sum(axis=1)
+    held = counts > 0
+    largest = counts.max(axis=1, initial=0)
+    smallest = np.where(held, counts, np.iinfo(np.int64).max).min(axis=1, initial=np.iinfo(np.int64).max)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratios = np.where(held.any(axis=1), largest / smallest, np.nan)
+        tvs = 0.5 * np.abs(counts / sizes[:, None] - p_global).sum(axis=1)
+    missing_of = [[] for _ in range(len(counts))]
+    for k, c in zip(*np.nonzero(~held)):
+        missing_of[k].append(int(c))
+    clients = [{
+        "id": k,
+        "size": size,
+        "counts": row,
+        "imbalance_ratio": None if np.isnan(ratio) else ratio,
+        "missing_classes": missing,
+        "missing_count": len(missing),
+        "distance_to_global": tv if size else None,
+    } for k, (size, row, ratio, missing, tv) in enumerate(zip(sizes.tolist(), counts.tolist(), ratios.tolist(),
+                                                              missing_of, tvs.tolist()))]
     return {
         "num_clients": int(counts.shape[0]),
         "num_classes": int(counts.shape[1]),
