@@ -33,6 +33,11 @@ class RoundFailed(ClientFailed):
     """Fewer valid replies than ``federation.min_replies``; the message names every failed node and why."""
 
 
+def node_failure(server_round: int, node: int, partition_of: dict[int, int], phase: str, reason: str) -> Failure:
+    """A row of ``failures.csv`` (or ``robust_dropped.csv``) for ``node``, named by its partition when known."""
+    return Failure(server_round, node, partition_of.get(node, UNKNOWN_PARTITION), phase, reason)
+
+
 @dataclass
 class ReplyGuard:
     """The run's rules for replies; one per run, shared by every strategy instance it builds."""
@@ -57,7 +62,7 @@ class ReplyGuard:
         failures: list[Failure] = []
 
         def fail(node: int, reason: str) -> None:
-            failures.append(Failure(server_round, node, partition_of.get(node, UNKNOWN_PARTITION), phase, reason))
+            failures.append(node_failure(server_round, node, partition_of, phase, reason))
 
         replied = {m.metadata.src_node_id for m in replies}
         for node in sent:
@@ -100,8 +105,8 @@ class ReplyGuard:
         except RobustRuleFailed as exc:
             raise RoundFailed(f"round {server_round} train: {exc}") from None
         kept_ids = {id(m) for m in kept}
-        left_out = [Failure(server_round, m.metadata.src_node_id, partition_of.get(m.metadata.src_node_id, UNKNOWN_PARTITION),
-                            "train", f"dropped by {self.robust.name}") for m in replies if id(m) not in kept_ids]
+        left_out = [node_failure(server_round, m.metadata.src_node_id, partition_of, "train", f"dropped by {self.robust.name}")
+                    for m in replies if id(m) not in kept_ids]
         self.dropped.record(left_out)
         if left_out:
             console.print(f"round {server_round:>3} train: {self.robust.name} dropped partitions "

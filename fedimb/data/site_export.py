@@ -25,7 +25,6 @@ from fedimb.data.local_testset import local_test_indices
 from fedimb.data.sites import SITE_META_FILE
 
 SITE_FILE = "site.npz"
-META_FILE = SITE_META_FILE
 
 
 @dataclass(frozen=True)
@@ -91,6 +90,6 @@ def export_sites(cfg: ExperimentConfig, out: Path, data: FederatedData | None = 
             meta["domain"] = domains[pid]
         if cfg.partition.noise_sigma > 0:
             meta["noise_std"] = noise_level(pid, cfg.federation.num_clients, cfg.partition.noise_sigma)
-        (folder / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        (folder / SITE_META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
         written.append(ExportedSite(pid, folder, int(len(idx)), int(len(test_idx))))
     return written
