@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from fedimb.app.cli import guarded
-from fedimb.app.pages import (PageRun, bench_parser, floors_section, floors_table, mean_std, paired_text, parse,
+from fedimb.app.pages import (PageRun, add_option, bench_parser, floors_section, floors_table, mean_std, paired_text, parse,
                               store_runs, table)
 from fedimb.app.sweep import choose, execute, failure, is_finished, plan_sweep
 from fedimb.config import DomainsConfig, ExperimentConfig
@@ -287,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite", default="experiments/suites/domains_fmnist.yaml")
     parser.add_argument("--out", default="runs/sweeps/domains_fmnist")
     parser.add_argument("--table-only", action="store_true", help="train nothing: the page from the finished runs")
+    add_option(parser)
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args, header, page = parse(parser, sys.argv[1:] if argv is None else argv)
 
@@ -298,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             finished = [r for r in chosen if is_finished(r)]
         else:
             finished, failed = execute(chosen, sweep_dir, resume=True)
-        store_runs(page, header, [r.run_dir for r in finished], failed, len(chosen))
+        store_runs(page, header, [r.run_dir for r in finished], failed, len(chosen), add=args.add)
     runs = page.runs()
     if not args.from_records and draw_grid(runs, page.folder / GRID):
         print(f"wrote {page.folder / GRID}")

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from fedimb.app.cli import guarded
-from fedimb.app.pages import (PageRun, bench_parser, floors_section, floors_table, page_runs, paired_text, parse,
+from fedimb.app.pages import (PageRun, add_option, bench_parser, floors_section, floors_table, page_runs, paired_text, parse,
                               save_records, table)
 from fedimb.app.sweep import PlannedRun, choose, execute, failure, is_finished, plan_sweep, result_knobs
 from fedimb.config import ConfigError, ExperimentConfig, load_config
@@ -48,9 +48,9 @@ ROOT = Path(__file__).resolve().parent.parent
 MAX_COST = 2.0  # points of balanced accuracy a floor cell may lose against clean
 EQUAL = 0.01  # points: the NaN run and its crash run agree to the digits the page shows
 # the rule each floor checks; the sign flips' was Multi-Krum on the raw updates (signflip_multikrum) until
-# its seed-2 run, see the page's Reading
-ROBUST_CASES = {"x100_trimmed": "trimmed mean", "signflip_multikrum_dir": "Multi-Krum on directions"}
-SELECTION_RULES = ("krum", "multikrum", "bulyan")
+# its seed-2 run, then Multi-Krum on directions until its fresh seeds 3 and 4, see the page's Reading
+ROBUST_CASES = {"x100_trimmed": "trimmed mean", "signflip_cosine": "cosine to the median direction"}
+SELECTION_RULES = ("krum", "multikrum", "bulyan", "cosine")
 DATASETS = {"fmnist": "Fashion-MNIST"}
 FAULT_WORDS = {"crash": "crash", "straggle": "straggle", "nan": "send NaN weights", "inf": "send Inf weights",
                "wrong_shape": "send a wrongly shaped array", "sign_flip": "send their update sign-flipped",
@@ -210,6 +210,8 @@ def describe(cfg: ExperimentConfig, seeds: list[int]) -> list[str]:
             if getattr(faults, kind) > 0]
     rule = cfg.strategy.robust
     robust = rule.name.replace("_", " ") + (f", trim {rule.trim:g}" if rule.name == "trimmed_mean" else
+                                            f" to the median direction, drops at most {rule.min_cosine:g}"
+                                            if rule.name == "cosine" else
                                             f", f = {rule.byzantine}" if rule.name in SELECTION_RULES else "")
     if rule.directions and rule.name in SELECTION_RULES:
         robust += ", scored on directions"
@@ -335,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--last-rounds", type=int, default=5, metavar="K",
                         help="average each run's last K rounds (0: final round only)")
     parser.add_argument("--table-only", action="store_true", help="train nothing: the page from the finished runs")
+    add_option(parser)
     parser.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args, header, page = parse(parser, sys.argv[1:] if argv is None else argv)
 
@@ -344,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         if not run_dirs:
             raise failure(failed, total, None) if failed else ConfigError(
                 "runs", f"none of the {total} chosen runs has finished; {page.doc} is left as it is")
-        save_records(page, header, [record_of(d) for d in run_dirs])
+        save_records(page, header, [record_of(d) for d in run_dirs], add=args.add)
     records = read_records(page.records)[1]
     runs = page_runs(records, page.records)
     labels = list(dict.fromkeys(r.label for r in runs))

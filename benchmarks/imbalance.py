@@ -26,20 +26,14 @@ from typing import Any
 import numpy as np
 
 from fedimb.app.cli import guarded
-from fedimb.app.pages import (bench_parser, floors_section, floors_table, noise_note, paired_text, parse, records_of,
-                              save_records, table)
+from fedimb.app.pages import (add_option, bench_parser, floors_section, floors_table, noise_note, paired_text, parse,
+                              records_of, save_records, table)
 from fedimb.report import (aggregate, collect_runs, find_run_dirs, read_records, results_markdown, run_of_record,
                            write_report)
 
 DOC = "docs/results/imbalance.md"
 KEY_SETTING = "dir_balance(0.1), LT rho=100"
 TABLE_METRICS = ("balanced_accuracy", "tail_recall", "macro_f1", "client_accuracy_std", "accuracy")
-
-
-def merged_records(kept: list[dict], added: list[dict]) -> list[dict]:
-    """``kept`` with ``added`` appended; an added record replaces a kept one of the same name and group."""
-    names = {(r["name"], r["group"]) for r in added}
-    return [r for r in kept if (r["name"], r["group"]) not in names] + added
 
 
 def paired(rows: list[dict], ours: str, other: str, metric: str) -> np.ndarray:
@@ -130,9 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "fedavg_proto(inference=prototype,lambda_proto=2,tau=0.1)"],
                         help="method labels of the prototype baselines: FedProto, and the ablation (FedAvg with "
                              "count-weighted prototypes) at its own and at cafedcl's loss knobs")
-    parser.add_argument("--add", action="store_true",
-                        help="add the finished runs under --sweep to the page's records (a run of the same name "
-                             "replaces its record) instead of recording those runs alone")
+    add_option(parser, "the finished runs under --sweep")
     parser.add_argument("--last-rounds", type=int, default=5, metavar="K",
                         help="average each run's last K rounds (0: final round only)")
     args, header, page = parse(parser, sys.argv[1:] if argv is None else argv)
@@ -143,9 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         tuning_runs = find_run_dirs(args.tuning) if Path(args.tuning).is_dir() else []
         fresh = records_of(sweep_runs, group="sweep") + records_of(tuning_runs, group="tuning")
-        if args.add:
-            fresh = merged_records(read_records(page.records)[1], fresh)
-        save_records(page, header, fresh)
+        save_records(page, header, fresh, add=args.add)
     records = read_records(page.records)[1]
     runs = [run_of_record(r, page.records) for r in records if r["group"] == "sweep"]
     tuning_runs = [run_of_record(r, page.records) for r in records if r["group"] == "tuning"]

@@ -18,7 +18,7 @@ from fedimb.errors import ConfigError
 # Fault kinds drawn per round, in the order their draws are made (so adding one at the end keeps
 # every earlier draw): the crash and the straggler act before training, the rest on the reply.
 ROUND_FAULTS = ("crash", "straggle", "nan", "inf", "wrong_shape", "scale", "sign_flip", "label_flip")
-ROBUST_RULES = ("none", "trimmed_mean", "median", "krum", "multikrum", "bulyan", "clip")
+ROBUST_RULES = ("none", "trimmed_mean", "median", "krum", "multikrum", "bulyan", "clip", "cosine")
 
 
 @dataclass
@@ -54,7 +54,8 @@ class RobustConfig:
     max_norm: clip's bound on an update's L2 norm (0 = the round's median update norm);
     directions: krum, multikrum and bulyan score each update scaled to unit norm, so under
     non-IID sizes a long honest update (a client with much data, many local steps) is not taken
-    for the outlier while a flipped one is; the kept replies go on as sent.
+    for the outlier while a flipped one is; the kept replies go on as sent; min_cosine: cosine drops
+    a reply whose update's cosine with the median direction is at most this, in [-1, 1).
     """
 
     name: str = "none"
@@ -63,6 +64,7 @@ class RobustConfig:
     select: int = 0
     max_norm: float = 0.0
     directions: bool = False
+    min_cosine: float = 0.0
 
 
 def _fail(field_name: str, message: str) -> None:
@@ -99,6 +101,8 @@ def check_robust(robust: RobustConfig) -> None:
         _fail("strategy.robust.select", f"must be >= 0 (0 = n - f), got {robust.select}")
     if not (math.isfinite(robust.max_norm) and robust.max_norm >= 0):
         _fail("strategy.robust.max_norm", f"must be >= 0 (0 = the round's median norm), got {robust.max_norm}")
+    if not (math.isfinite(robust.min_cosine) and -1.0 <= robust.min_cosine < 1.0):
+        _fail("strategy.robust.min_cosine", f"must be in [-1, 1), got {robust.min_cosine}")
 
 
 def check_min_replies(value: Any, num_clients: int) -> None:

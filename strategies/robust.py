@@ -16,8 +16,15 @@ all apply to what the rule lets through:
 - ``bulyan`` (El Mhamdi et al. 2018): multikrum keeps θ = n − 2f replies, then each coordinate
   is the mean of the β = θ − 2f values closest to its median (Flower's ``aggregate_n_closest_weights``).
 - ``clip``: every update w_i − w is scaled down to norm ``max_norm`` (0: the round's median norm).
+- ``cosine``: FLTrust's trust score (Cao et al. 2021), ReLU of the cosine between a reply's update and
+  a reference direction, with the coordinate-wise median of the unit-norm updates as the reference,
+  since the server holds no root data to train one; a reply whose cosine is at most ``min_cosine``
+  (default 0) is dropped whole, the others go on as sent (unlike FLTrust, neither rescaled nor
+  weighted by their score, so the strategy's own weighting applies). Unlike Multi-Krum it keeps
+  no fixed count: an honest reply that points away from the others in a non-IID round is still
+  averaged as long as it does not point against their median, while a sign-flipped reply does.
 
-Beyond the weights: a reply that a selection rule (krum, multikrum, bulyan) drops takes all its
+Beyond the weights: a reply that a selection rule (krum, multikrum, bulyan, cosine) drops takes all its
 records with it (SCAFFOLD's control variate, the prototype statistics, its metrics). The
 coordinate-wise rules also apply to the records a strategy lists in ``robust_records``
 (SCAFFOLD: its control-variate deltas, each replaced by their median / trimmed mean / Bulyan
@@ -76,6 +83,25 @@ def select_krum(replies: list[Message], byzantine: int, keep: int, start: ArrayR
     return [m for m, c in zip(replies, wrapped) if id(c) in chosen]
 
 
+def median_cosines(replies: list[Message], start: ArrayRecord) -> np.ndarray:
+    """Each reply's cosine with the coordinate-wise median of the unit-norm updates (all 0 when that median is 0)."""
+    units = unit_updates(replies, start)
+    stack = np.stack([np.concatenate([u[k].numpy().ravel() for k in u.keys()]) for u in units])
+    reference = np.median(stack, axis=0)
+    length = float(np.linalg.norm(reference))
+    return stack @ reference / length if length > 0 else np.zeros(len(replies))
+
+
+def select_cosine(replies: list[Message], start: ArrayRecord, min_cosine: float) -> list[Message]:
+    """The replies whose update's cosine with the median direction exceeds ``min_cosine``, in their order."""
+    cosines = median_cosines(replies, start)
+    kept = [m for m, c in zip(replies, cosines) if c > min_cosine]
+    if not kept:
+        raise RobustRuleFailed(f"strategy.robust.name=cosine left no reply: every cosine with the median direction "
+                               f"is at most min_cosine={min_cosine:g} (highest {cosines.max():.3f})")
+    return kept
+
+
 def _combine_record(replies: list[Message], key: str, combine: Combine) -> None:
     """Replace record ``key`` of every reply by the coordinate-wise ``combine`` of them all."""
     first = replies[0].content[key]
@@ -123,6 +149,8 @@ def apply_rule(rule: RobustConfig, replies: list[Message], start: ArrayRecord | 
         if start is not None:
             clip_updates(replies, start, rule.max_norm)
         return replies
+    if rule.name == "cosine":
+        return select_cosine(replies, start, rule.min_cosine) if start is not None else replies
     combine: Combine | None = None
     directions = start if rule.directions else None
     if rule.name == "krum":

@@ -51,7 +51,9 @@ def test_generator_floors_are_checked_per_seed_and_sampler():
 
 
 def test_added_runs_replace_their_records_and_keep_the_others():
-    merged = load_benchmark("imbalance").merged_records(
+    from fedimb.app.pages import merged_records
+
+    merged = merged_records(
         [{"name": "a", "group": "sweep", "v": 1}, {"name": "b", "group": "sweep", "v": 1},
          {"name": "a", "group": "tuning", "v": 1}],
         [{"name": "a", "group": "sweep", "v": 2}, {"name": "c", "group": "sweep", "v": 2}])

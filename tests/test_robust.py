@@ -58,6 +58,33 @@ def test_multikrum_on_directions_keeps_a_long_honest_update_and_drops_the_flippe
                                atol=1e-6)
 
 
+# NON_IID_POINTS with an honest update at right angles to most, (0.2, 1): unit updates a (.9806, .1961),
+# b (.9806, −.1961), c = d (1, 0), e (.1961, .9806), g (−1, 0); coordinate-wise median (.9806, 0), so the
+# cosines are .98, .98, 1, 1, .20 and −1: only g is dropped, and the mean of the rest as sent is
+# ((1 + 1 + 1 + 10 + .2) / 5, (.2 − .2 + 1) / 5) = (2.64, .2). Multi-Krum on directions keeping four
+# (f = 1) leaves out e as well: its 3 nearest squared distances 1.23 + 1.61 + 2.0 are the second highest.
+SIDEWAYS_POINTS = [*NON_IID_POINTS[:4], [0.2, 1.0], NON_IID_POINTS[4]]
+
+
+def test_cosine_drops_only_the_update_against_the_median_direction():
+    np.testing.assert_allclose(aggregate("cosine", SIDEWAYS_POINTS), [2.64, 0.2], atol=1e-6)
+    np.testing.assert_allclose(aggregate("multikrum", SIDEWAYS_POINTS, byzantine=1, select=4, directions=True), [3.25, 0.0],
+                               atol=1e-6)
+
+
+def test_cosine_threshold_and_its_drops():
+    s, _ = make("fedavg")
+    guard(s, {"w": [0.0, 0.0]}, min_replies=1, robust={"name": "cosine", "min_cosine": 0.5})
+    out, _ = s.aggregate_train(2, [reply(101 + i, {"w": p}, 1) for i, p in enumerate(SIDEWAYS_POINTS[:4])])
+    # over a, b, c and d the median direction is (.9903, 0) (x: the mean of .9806 and 1): cosines .98, .98, 1, 1
+    np.testing.assert_allclose(weights_of(out), [3.25, 0.0], atol=1e-6)
+    s, _ = make("fedavg")
+    guard(s, {"w": [0.0, 0.0]}, min_replies=1, robust={"name": "cosine", "min_cosine": 0.99})
+    s.aggregate_train(2, [reply(101 + i, {"w": p}, 1) for i, p in enumerate(SIDEWAYS_POINTS[:4])])
+    assert [(f.node, f.partition, f.reason) for f in s.guard.dropped.failures] == [
+        (101, 0, "dropped by cosine"), (102, 1, "dropped by cosine")]
+
+
 def test_the_replies_a_selection_rule_drops_are_recorded_with_their_partitions():
     s, _ = make("fedavg")
     guard(s, {"w": [0.0, 0.0]}, min_replies=1, robust={"name": "multikrum", "byzantine": 1, "select": 3})

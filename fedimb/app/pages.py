@@ -97,8 +97,23 @@ def parse(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[argparse.Na
     return stored, header, page
 
 
-def store_runs(page: Page, header: dict[str, Any], run_dirs: list[Path], failed: list[str], total: int) -> None:
-    """Keep the finished runs as the page's records; with none, leave the page and its records as they are."""
+def add_option(parser: argparse.ArgumentParser, what: str = "this call's finished runs") -> None:
+    """The ``--add`` flag: keep the page's earlier records and add ``what`` to them."""
+    parser.add_argument("--add", action="store_true",
+                        help=f"add {what} to the page's records (a run of the same name replaces its record) "
+                             "instead of recording those runs alone")
+
+
+def merged_records(kept: list[dict[str, Any]], added: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``kept`` with ``added`` appended; an added record replaces a kept one of the same name and group."""
+    names = {(r["name"], r.get("group")) for r in added}
+    return [r for r in kept if (r["name"], r.get("group")) not in names] + added
+
+
+def store_runs(page: Page, header: dict[str, Any], run_dirs: list[Path], failed: list[str], total: int,
+               add: bool = False) -> None:
+    """Keep the finished runs as the page's records (``add``: beside its earlier ones); with none, leave the
+    page and its records as they are."""
     from fedimb.app.sweep import failure
 
     if not run_dirs:
@@ -106,12 +121,16 @@ def store_runs(page: Page, header: dict[str, Any], run_dirs: list[Path], failed:
             raise failure(failed, total, None)
         raise ConfigError("runs", f"none of the {total} chosen runs has finished; {page.doc} and its records "
                                   "are left as they are")
-    save_records(page, header, records_of(run_dirs))
+    save_records(page, header, records_of(run_dirs), add=add)
 
 
-def save_records(page: Page | Path, header: dict[str, Any], records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Store ``records`` with the page header (in ``page.records``, or the file given); return them as read back."""
+def save_records(page: Page | Path, header: dict[str, Any], records: list[dict[str, Any]],
+                 add: bool = False) -> list[dict[str, Any]]:
+    """Store ``records`` with the page header (in ``page.records``, or the file given; ``add``: beside the
+    records already there, see :func:`merged_records`); return them as read back."""
     path = page.records if isinstance(page, Page) else page
+    if add and Path(path).is_file():
+        records = merged_records(read_records(path)[1], records)
     write_records(path, header, records)
     return read_records(path)[1]
 
