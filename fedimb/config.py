@@ -37,6 +37,8 @@ GENERATOR_AGGREGATIONS = ("class_aware", "fedavg")
 GENERATOR_PREDICTIONS = ("epsilon", "v_prediction")
 # what the generator is conditioned on: the class, or the (class, domain) pair (domains.names)
 GENERATOR_CONDITIONS = ("class", "class_domain")
+# how the generator's FedAvg weighs the clients: by their size, or each acquisition domain alike
+GENERATOR_DOMAIN_WEIGHTINGS = ("size", "balanced")
 # the acquisition "devices" of fedimb/data/domains.py (its DOMAIN_TRANSFORMS has one entry each)
 DOMAIN_TRANSFORM_NAMES = ("clean", "gamma", "contrast", "blur", "noise", "invert", "rotate")
 
@@ -264,6 +266,10 @@ class SyntheticConfig:
     # the top-up fills each client's missing pairs, the other domains' included, so a client that
     # never saw a device gets samples of it (pairs no client holds were never learned: skipped)
     condition: str = "class"
+    # size: the generator's FedAvg weighs each client by its samples, so a device held by one client of
+    # ten moves the shared UNet by that client's share; balanced (needs domains.names): every domain
+    # in the round gets the same share of the weight, split among its clients by size
+    domain_weighting: str = "size"
     # Closed-loop top-up: every K rounds the global model's per-class error (and per-domain error
     # with domains) on the server's evaluation set (federated evaluation's without one) sets each
     # client's next pool: targets proportional to the error, same total, same caps. 0 = off (the

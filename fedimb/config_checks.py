@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedimb.config import (DEVICES, DOMAIN_TRANSFORM_NAMES, EVAL_SPLITS, GENERATOR_AGGREGATIONS,
+                           GENERATOR_DOMAIN_WEIGHTINGS,
                            GENERATOR_CONDITIONS, GENERATOR_PREDICTIONS, HEADS, LOCAL_DATASETS,
                            LONG_TAIL_PROFILES, PARTITIONS, SERVER_DATA, CLIENT_TESTS, SYNTHETIC_POLICIES,
                            SYNTHETIC_TRAINING, DomainsConfig, ExperimentConfig)
@@ -102,6 +103,10 @@ def validate(cfg: ExperimentConfig) -> None:
     _check_choice("synthetic.policy", syn.policy, SYNTHETIC_POLICIES)
     _check_choice("synthetic.aggregation", syn.aggregation, GENERATOR_AGGREGATIONS)
     _check_choice("synthetic.prediction", syn.prediction, GENERATOR_PREDICTIONS)
+    _check_choice("synthetic.domain_weighting", syn.domain_weighting, GENERATOR_DOMAIN_WEIGHTINGS)
+    if syn.domain_weighting == "balanced" and not cfg.domains.names:
+        raise ConfigError("synthetic.domain_weighting", "balanced needs acquisition domains (domains.names); "
+                                                        "without them use size")
     if syn.training == "local" and syn.policy != "client_sample":
         raise ConfigError("synthetic.policy", f"training=local needs policy=client_sample (the server holds no "
                                               f"generator to sample), got {syn.policy}")

@@ -41,22 +41,37 @@ def class_aware_rows(merged: ArrayRecord, client_tables: list[np.ndarray], clien
     return merged
 
 
+def domain_balanced_weights(sizes: np.ndarray, domains: np.ndarray) -> np.ndarray:
+    """Each reply's aggregation weight when every domain among them weighs alike: size over its domain's
+    total size in the round, over the number of domains in the round (the weights sum to 1)."""
+    sizes, domains = np.asarray(sizes, dtype=np.float64), np.asarray(domains)
+    present = np.unique(domains)
+    totals = {d: sizes[domains == d].sum() for d in present}
+    return np.array([s / totals[d] / len(present) if totals[d] > 0 else 1.0 / len(present) / (domains == d).sum()
+                     for s, d in zip(sizes, domains)])
+
+
 class GeneratorFedAvg(ReproducibleSampling, FedAvg):
     """FedAvg over the generator's weights; its messages go to the ``train.generator`` handler.
 
     With ``class_counts`` (partition id x class) the label table is aggregated class by class
-    (:func:`class_aware_rows`).
+    (:func:`class_aware_rows`); with ``domain_of`` (partition id → domain index) every domain in a
+    round weighs alike in the FedAvg of the weights (:func:`domain_balanced_weights`); a (class, domain)
+    label row is still averaged over the clients holding that pair, all of them of its domain.
     """
 
     def __init__(self, *args: Any, class_counts: np.ndarray | None = None, total_rounds: int = 0,
-                 **kwargs: Any) -> None:
+                 domain_of: np.ndarray | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.class_counts = class_counts
+        self.domain_of = domain_of
         self.total_rounds = total_rounds
         self.started = time.time()
 
     def aggregate_screened(self, server_round: int, replies: list[Message]) -> tuple[ArrayRecord | None, Any]:
         """FedAvg, then the class-aware label table when counts were given; one progress line per round."""
+        if self.domain_of is not None:
+            self._balance_domains(replies)
         arrays, metrics = super().aggregate_screened(server_round, replies)
         losses = [float(m.content[protocol.METRICS][protocol.GENERATOR_LOSS]) for m in replies
                   if protocol.METRICS in m.content and protocol.GENERATOR_LOSS in m.content[protocol.METRICS]]
@@ -68,6 +83,13 @@ class GeneratorFedAvg(ReproducibleSampling, FedAvg):
         tables = [m.content[protocol.ARRAYS][EMBEDDING_KEY].numpy() for m in replies]
         counts = self.class_counts[[self.partition_of[m.metadata.src_node_id] for m in replies]]
         return class_aware_rows(arrays, tables, counts), metrics
+
+    def _balance_domains(self, replies: list[Message]) -> None:
+        """Rewrite each reply's FedAvg weight to its domain-balanced share (:func:`domain_balanced_weights`)."""
+        sizes = [float(m.content[protocol.METRICS][protocol.NUM_EXAMPLES]) for m in replies]
+        domains = self.domain_of[[self.partition_of[m.metadata.src_node_id] for m in replies]]
+        for message, weight in zip(replies, domain_balanced_weights(np.array(sizes), domains)):
+            message.content[protocol.METRICS][protocol.NUM_EXAMPLES] = float(weight)
 
     def _construct_messages(self, record: RecordDict, node_ids: list[int], message_type: str) -> Iterable[Message]:
         kind = protocol.GENERATOR_TRAIN if message_type == MessageType.TRAIN else message_type

@@ -239,6 +239,8 @@ def test_a_client_trains_pair_rows_of_its_domain_and_samples_the_sent_pairs():
     (["domains.names=[clean,invert]", "synthetic.condition=class_domain", "synthetic.training=local",
       "synthetic.policy=client_sample"], "synthetic.condition"),
     (["synthetic.closed_loop_every=-1"], "synthetic.closed_loop_every"),
+    (["synthetic.domain_weighting=even"], "synthetic.domain_weighting"),
+    (["synthetic.domain_weighting=balanced"], "synthetic.domain_weighting"),  # no domains
     (["synthetic.closed_loop_every=2"], "synthetic.closed_loop_every"),  # eval.split=test: errors from the test set
     (["synthetic.closed_loop_every=3", "eval.every=2", *VALIDATION], "synthetic.closed_loop_every"),
     (["synthetic.closed_loop_every=2", "synthetic.training=local", "synthetic.policy=client_sample"],
@@ -256,6 +258,17 @@ def test_unknown_condition_names_the_allowed_values():
         load_config(None, ["synthetic.condition=device"])
 
 
+def test_domain_balanced_weights_give_each_domain_an_equal_share():
+    from strategies.generator import domain_balanced_weights
+
+    # domain 0: 100 + 300 samples share 1/3 by size (1/12, 1/4); domains 1 and 2: one client each, 1/3
+    weights = domain_balanced_weights(np.array([100, 300, 50, 50]), np.array([0, 0, 1, 2]))
+    np.testing.assert_allclose(weights, [1 / 12, 1 / 4, 1 / 3, 1 / 3])
+    # a round without domain 2: the two domains present share the weight
+    np.testing.assert_allclose(domain_balanced_weights(np.array([100, 300, 50]), np.array([0, 0, 1])),
+                               [1 / 8, 3 / 8, 1 / 2])
+
+
 # ---------------------------------------------------------------- one real federation
 
 
@@ -266,6 +279,7 @@ def test_a_pair_generator_federation_with_a_closed_loop(tmp_path):
     from fedimb.data import build_federated_data
 
     cfg = load_config(None, DIGITS_SMALL + SYN + PAIRS + VALIDATION + ["synthetic.closed_loop_every=1", "federation.rounds=2",
+                                                          "synthetic.domain_weighting=balanced",
                                                           f"synthetic.cache_dir={tmp_path / 'cache'}"])
     whole = run_experiment(cfg, tmp_path / "run")
     summary = whole["synthetic"]

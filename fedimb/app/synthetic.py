@@ -81,6 +81,8 @@ def cache_key(cfg: ExperimentConfig) -> str:
         syn.pop(knob)
     if syn["condition"] == "class":
         syn.pop("condition")  # the default joins no key: generators cached before the knob keep theirs
+    if syn["domain_weighting"] == "size":
+        syn.pop("domain_weighting")  # likewise
     partition = asdict(cfg.partition)
     if not partition["noise_sigma"]:
         partition.pop("noise_sigma")  # off, it joins no key either: generators cached before it keep theirs
@@ -138,8 +140,10 @@ def generator_strategy(cfg: ExperimentConfig, partition_of: dict[int, int], coun
     ctx = StrategyContext(num_clients=cfg.federation.num_clients, fraction=cfg.federation.fraction,
                           fraction_evaluate=0.0, min_clients=cfg.federation.min_clients, seed=cfg.seed,
                           client_eval_every=0, rounds=syn.rounds)
+    balanced = syn.domain_weighting == "balanced"
     strategy = GeneratorFedAvg(**ctx.flower_kwargs(), total_rounds=syn.rounds,
-                               class_counts=counts if syn.aggregation == "class_aware" else None)
+                               class_counts=counts if syn.aggregation == "class_aware" else None,
+                               domain_of=client_domain_indices(cfg) if balanced else None)
     strategy.bind(ctx, partition_of)
     return strategy
 
