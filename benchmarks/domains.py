@@ -36,14 +36,16 @@ from fedimb.records import save_figure
 
 DOC = "docs/results/domains.md"
 ROOT = Path(__file__).resolve().parent.parent
-GRID = "grid_pairs_s0.png"
+# the seed-0 sample grid of each pair generator, by synthetic.domain_weighting
+GRIDS = {"size": "grid_pairs_s0.png", "balanced": "grid_pairs_balanced_s0.png"}
 SAMPLES_PER_DOMAIN = 4
 FMNIST_CLASSES = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot")
 # (arm, against it, worst-domain points needed): the issue's floors, each also outside the seed noise
 FLOORS = (("fedavg_pair", "fedavg", 5.0), ("fedavg_pair", "fedavg_class", 2.0))
 LOOP = ("fedavg_pair_loop", "fedavg_pair")  # reported whichever way it comes out
 COMPARISONS = (("fedavg_class", "fedavg"), ("fedavg_pair", "fedavg"), ("fedavg_pair", "fedavg_class"), LOOP,
-               ("cafedcl_pair", "fedavg_pair"), ("cafedcl_pair", "fedavg"))
+               ("cafedcl_pair", "fedavg_pair"), ("cafedcl_pair", "fedavg"),
+               ("fedavg_pair_balanced", "fedavg"), ("fedavg_pair_balanced", "fedavg_pair"))
 WHY = (
     "Why these domains: a domain shift tests the top-up only where fedavg, trained on what the federation holds, "
     "does badly. A probe, fedavg on this federation with every client clean (20 rounds, seed 0, `fedimb run "
@@ -85,6 +87,8 @@ def describe(cfg: ExperimentConfig) -> list[str]:
     syn = cfg.synthetic
     topup = "none" if not syn.enabled else ("per (class, domain) pair" if syn.condition == "class_domain"
                                             else "per class")
+    if syn.enabled and syn.domain_weighting == "balanced":
+        topup += ", generator domain-balanced"
     loop = f"after round {loop_rounds(cfg)}" if syn.enabled and syn.closed_loop_every else "–"
     return [cfg.strategy.name, topup, loop]
 
@@ -192,13 +196,15 @@ def generator_table(runs: list[PageRun]) -> str:
                   "mean recog.", "min recog.", "mean recog. per domain", "synthetic samples (all clients)"], rows)
 
 
-def draw_grid(runs: list[PageRun], path: Path) -> bool:
-    """The seed-0 pair generator, sampled per (class, domain) with the runs' sampler: one row per class,
-    SAMPLES_PER_DOMAIN columns per domain. False when no seed-0 run has that generator on this machine."""
+def draw_grid(runs: list[PageRun], path: Path, weighting: str) -> bool:
+    """The seed-0 pair generator trained with ``weighting``, sampled per (class, domain) with the runs'
+    sampler: one row per class, SAMPLES_PER_DOMAIN columns per domain. False when no seed-0 run has that
+    generator on this machine."""
     from fedimb.synthetic.generator import Generator
     from fedimb.synthetic.quality import sample_grid
 
     run = next((r for r in runs if r.seed == 0 and r.cfg.synthetic.condition == "class_domain"
+                and r.cfg.synthetic.domain_weighting == weighting
                 and Generator.is_saved(r.summary.get("synthetic", {}).get("generator_dir", "/nonexistent"))), None)
     if run is None:
         return False
@@ -260,7 +266,7 @@ def setting_text(cfg: ExperimentConfig, loop: ExperimentConfig | None, seed_minu
         f"clients from the seed); {strengths(dom)}. Suite: `{suite}`, "
         "all arms of a seed before the next seed, the same seeds for every arm (paired).  \n"
         f"Evaluation: every arm holds out {cfg.data.validation_fraction:g} of each training class as a validation "
-        "split (so all five train on the same data) and scores its rounds there, since the closed loop reads those "
+        "split (so all arms train on the same data) and scores its rounds there, since the closed loop reads those "
         "errors and the test set must never steer training; after the last round every run scores the balanced test "
         "set once, in every domain (summary.json `test`). The main tables are that test scoring; the validation "
         "split's final round and curves are at the end. Balanced accuracy pools the domains; worst domain = the "
@@ -268,10 +274,11 @@ def setting_text(cfg: ExperimentConfig, loop: ExperimentConfig | None, seed_minu
         "count, pooled over the domains.  \n"
         f"Generators: diffusion, size {syn.generator_size}, {syn.prediction}, Min-SNR {syn.snr_gamma:g}, trained by "
         f"FedAvg over {syn.rounds} rounds × {syn.local_steps} local steps (lr {syn.lr:g}): the synthetic page's "
-        f"knobs with {syn.rounds} rounds instead of 50, so that a seed's five arms fit in about an hour on 2 cores "
+        f"knobs with {syn.rounds} rounds instead of 50, so that a seed's first five arms fit in about an hour on 2 cores "
         f"(they took {seed_minutes:.0f} min per seed here: the runs' wall times, generator training included). Per seed one "
-        "class-conditional generator (class-only top-up) and one conditioned on (class, domain) pairs, cached by "
-        "what made them and shared by the arms that use each. Top-up: each client up to its largest class "
+        "class-conditional generator (class-only top-up) and one conditioned on (class, domain) pairs (and the "
+        "pair generator trained domain-balanced, for its own arm), cached by what made them and shared by the arms "
+        "that use each. Top-up: each client up to its largest class "
         f"(pair top-up: every (class, domain) pair it lacks that some client holds, other devices included), "
         f"synthetic:real ≤ {syn.max_ratio:g}, a synthetic sample weighs {syn.loss_weight:g}; DDIM {syn.ddim_steps} "
         f"steps, guidance {syn.guidance_scale:g}" + (f", rescale {syn.guidance_rescale:g}" if syn.guidance_rescale else "")
@@ -301,8 +308,9 @@ def main(argv: list[str] | None = None) -> int:
             finished, failed = execute(chosen, sweep_dir, resume=True)
         store_runs(page, header, [r.run_dir for r in finished], failed, len(chosen), add=args.add)
     runs = page.runs()
-    if not args.from_records and draw_grid(runs, page.folder / GRID):
-        print(f"wrote {page.folder / GRID}")
+    for weighting, name in GRIDS.items():
+        if not args.from_records and draw_grid(runs, page.folder / name, weighting):
+            print(f"wrote {page.folder / name}")
     first = runs[0].cfg
     domains = list(first.domains.names)
     labels = list(dict.fromkeys(r.label for r in runs))
@@ -322,8 +330,9 @@ def main(argv: list[str] | None = None) -> int:
     floor_text, ok = floor_checks(cells)
     loop = next((c for c in configs.values() if c.synthetic.enabled and c.synthetic.closed_loop_every), None)
     plot_curves(cells, labels, page.folder / "curves.png")
-    grid = (f"![samples of the seed-0 (class, domain) generator]({page.folder.name}/{GRID})"
-            if (page.folder / GRID).is_file() else "(no seed-0 pair generator in these records)")
+    grid = "\n\n".join(f"![samples of the seed-0 (class, domain) generator, {weighting} weighting]"
+                       f"({page.folder.name}/{name})" for weighting, name in GRIDS.items()
+                       if (page.folder / name).is_file()) or "(no seed-0 pair generator in these records)"
     noise = (f"Within noise (|mean| < std of the paired differences): {'; '.join(within)}.\n\n" if within else "")
     print(test)
     print(differences)

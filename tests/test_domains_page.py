@@ -21,13 +21,14 @@ def test_the_arms_share_their_generators_and_evaluate_on_the_validation_split(tm
 
     runs, _ = plan_sweep(SUITE, out=tmp_path)
     ordered = choose(runs, list(dict.fromkeys(r.label for r in runs)), seeds_outermost=True)
-    assert [r.cfg.seed for r in ordered] == [0] * 5 + [1] * 5 + [2] * 5
-    assert [r.label for r in ordered[:5]] == ["fedavg", "fedavg_class", "fedavg_pair", "fedavg_pair_loop",
-                                              "cafedcl_pair"]
-    seed0 = {r.label: r.cfg for r in ordered[:5]}
+    assert [r.cfg.seed for r in ordered] == [0] * 6 + [1] * 6 + [2] * 6
+    assert [r.label for r in ordered[:6]] == ["fedavg", "fedavg_class", "fedavg_pair", "fedavg_pair_loop",
+                                              "cafedcl_pair", "fedavg_pair_balanced"]
+    seed0 = {r.label: r.cfg for r in ordered[:6]}
     assert {c.eval.split for c in seed0.values()} == {"validation"}  # the same training data for every arm
     pair = {cache_key(seed0[label]) for label in ("fedavg_pair", "fedavg_pair_loop", "cafedcl_pair")}
     assert len(pair) == 1 and cache_key(seed0["fedavg_class"]) not in pair
+    assert cache_key(seed0["fedavg_pair_balanced"]) not in pair  # another generator
     assert list(seed0["fedavg"].domains.shares) == [0.7, 0.2, 0.1]
 
 
@@ -35,7 +36,8 @@ def test_the_arms_share_their_generators_and_evaluate_on_the_validation_split(tm
 # 6.00 ± 0.41 over fedavg (holds) but 2.83 ± 3.06 over the class-only one (within noise: fails); the
 # closed loop 1 point below the static pair top-up on every seed
 WORST = {"fedavg": [40.0, 42.0, 44.0], "fedavg_class": [42.5, 49.5, 43.5], "fedavg_pair": [45.5, 48.5, 50.0],
-         "fedavg_pair_loop": [44.5, 47.5, 49.0], "cafedcl_pair": [46.0, 49.0, 51.0]}
+         "fedavg_pair_loop": [44.5, 47.5, 49.0], "cafedcl_pair": [46.0, 49.0, 51.0],
+         "fedavg_pair_balanced": [47.0, 50.0, 52.0]}
 
 
 def _record(cfg, label: str, seed: int, worst: float) -> dict:
@@ -68,8 +70,10 @@ def test_the_page_reads_the_test_scoring_and_checks_the_floors(tmp_path, capsys)
     assert "All floors hold: no." in text
     assert ("| fedavg | 3 (0, 1, 2) | 62.00 ± 1.63 | 72.00 ± 1.63 | 57.00 ± 1.63 | 42.00 ± 1.63 | 42.00 ± 1.63 | "
             "52.00 ± 1.63 |") in text
-    assert "they took 25 min per seed here" in text
+    assert "they took 30 min per seed here" in text
     assert "| fedavg_pair_loop | fedavg | per (class, domain) pair | after round 10 | 5.0 ± 0.0 |" in text
+    assert "| fedavg_pair_balanced | fedavg | per (class, domain) pair, generator domain-balanced | – |" in text
+    assert "| fedavg_pair_balanced − fedavg_pair | 3 | +1.67 ± 0.24 |" in text
     assert "closed loop is worse than the static top-up" in text and "-1.00 ± 0.00" in text
     assert "Within noise" in text and "fedavg_pair − fedavg_class (worst domain)" in text
     assert (page.folder / "curves.png").is_file()
