@@ -8,7 +8,7 @@ Runs the cells of experiments/suites/faults_fmnist.yaml (the quick-start federat
 rounds: clean; 10% and 30% of the clients crashing in every round; one client sending NaN
 weights; one sending its update × 100 (with and without a trimmed mean); two sending it
 sign-flipped (without a rule, with a trimmed mean, with Multi-Krum on the raw updates and on their
-directions)) through the sweep runner, all cells of a seed before the next seed, so
+directions, with the cosine rule)) through the sweep runner, all cells of a seed before the next seed, so
 an interrupted call leaves whole seeds and a later call reuses every finished run (an
 interrupted one resumes from its checkpoint). A run the federation stops because a round got
 too few valid replies (a diverged model: every reply non-finite) is kept as such and not retried.
@@ -17,7 +17,7 @@ The page gives, per cell, balanced accuracy and tail recall (mean of each run's 
 and the failures recorded; the per-seed differences to the clean run of the same method and
 seed (mean ± std); the floors: 30% crashing costs at most 2 points of balanced accuracy, no NaN
 reply is ever averaged and the NaN run equals the run where that client crashes, and with its
-rule (a trimmed mean for x100, Multi-Krum on directions for the sign flips) each attack stays within 2 points of
+rule (a trimmed mean for x100, the cosine rule for the sign flips) each attack stays within 2 points of
 clean; a selection rule's drops are split into hostile and honest replies. It builds from any
 subset of the runs and says how many seeds each row has.
 """
@@ -59,7 +59,15 @@ WHY_RULE = (
     "Validation rejects a non-finite reply before any rule sees it, so the NaN cell needs no rule. For the x100 "
     "client: the coordinate-wise trimmed mean cutting one value at each end of every coordinate (trim 0.1): the "
     "x100 value is an extreme of every coordinate its update moves, so it is cut, and the mean of the 8 values "
-    "left stays close to FedAvg's. For the two sign flippers: Multi-Krum with f = 2 (it needs n ≥ 2f + 3 = 7 "
+    "left stays close to FedAvg's. For the two sign flippers the floor's rule is `cosine`: every update scaled to "
+    "unit norm, the coordinate-wise median of those as the reference direction, and a reply whose cosine with it "
+    "is at most 0 dropped whole, the others averaged by the strategy as sent (cafedcl's prototypes go with their "
+    "reply). It is FLTrust's ReLU-cosine trust score (Cao et al. 2021) with that median in place of an update "
+    "trained on the server's own root data, which a server without data cannot compute. A flipped update is the "
+    "negative of an honest one, so its cosine with a direction the honest majority shares is the negative of "
+    "that honest update's; an honest client with unusual data points away from the others but seldom against "
+    "their median, so, unlike Multi-Krum with its fixed count of n − f kept, the rule leaves most rounds' honest "
+    "replies all in. The rules tried before it keep their rows. Multi-Krum with f = 2 (it needs n ≥ 2f + 3 = 7 "
     "replies) keeps the n − f = 8 replies closest to their n − f − 2 nearest neighbours and lets the strategy "
     "average them as it does (by size; cafedcl's prototypes go with their reply): a flipped update points "
     "against the honest ones, so it is farther from them than they are from each other, while many of its "

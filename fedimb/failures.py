@@ -18,7 +18,7 @@ from typing import Union
 from fedimb.records import atomic_write_text
 
 FAILURES_FILE = "failures.csv"
-DROPPED_FILE = "robust_dropped.csv"  # the valid replies a selection rule (krum, multikrum, bulyan) left out
+DROPPED_FILE = "robust_dropped.csv"  # the valid replies a selection rule (krum, multikrum, bulyan, cosine) left out
 COLUMNS = ("round", "node", "partition", "phase", "reason")
 
 

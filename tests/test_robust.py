@@ -68,8 +68,8 @@ SIDEWAYS_POINTS = [*NON_IID_POINTS[:4], [0.2, 1.0], NON_IID_POINTS[4]]
 
 def test_cosine_drops_only_the_update_against_the_median_direction():
     np.testing.assert_allclose(aggregate("cosine", SIDEWAYS_POINTS), [2.64, 0.2], atol=1e-6)
-    np.testing.assert_allclose(aggregate("multikrum", SIDEWAYS_POINTS, byzantine=1, select=4, directions=True), [3.25, 0.0],
-                               atol=1e-6)
+    np.testing.assert_allclose(aggregate("multikrum", SIDEWAYS_POINTS, byzantine=1, select=4, directions=True),
+                               [3.25, 0.0], atol=1e-6)
 
 
 def test_cosine_threshold_and_its_drops():
@@ -158,4 +158,21 @@ def test_krum_drops_a_rejected_clients_prototypes_with_its_weights():
         replies.append(r)
     out, _ = s.aggregate_train(1, replies)
     assert out["head.weight"].numpy()[0, 0] in (1.0, 2.0)
+    np.testing.assert_allclose(s.prototypes, [[1.0, 0.0], [0.0, 1.0]])
+
+
+def test_cosine_drops_a_flipped_clients_prototypes_with_its_weights():
+    s, _ = make("cafedcl", ema=0.0)
+    guard(s, {"head.weight": [[0.0, 0.0]] * 2}, min_replies=1, robust={"name": "cosine"})
+    replies = []
+    for i, v in enumerate([1.0, 2.0, 3.0, 4.0, -40.0]):  # the last points against the others' median
+        r = reply(101 + i, {"head.weight": [[v, v], [v, v]]}, 1, confidence=1.0)
+        protos = [[1.0, 0.0], [0.0, 1.0]] if v > 0 else [[-1.0, 0.0], [0.0, -1.0]]
+        r.content["proto-stats"] = ArrayRecord({
+            "protos": Array(np.array(protos, dtype=np.float32)), "counts": Array(np.ones(2, dtype=np.float32)),
+            "dispersion": Array(np.ones(2, dtype=np.float32)), "uncertainty": Array(np.zeros(2, dtype=np.float32)),
+            "synthetic": Array(np.zeros(2, dtype=np.float32)), "quality": Array(np.ones(2, dtype=np.float32))})
+        replies.append(r)
+    out, _ = s.aggregate_train(1, replies)
+    assert out["head.weight"].numpy()[0, 0] == pytest.approx(2.5)  # (1 + 2 + 3 + 4) / 4
     np.testing.assert_allclose(s.prototypes, [[1.0, 0.0], [0.0, 1.0]])
