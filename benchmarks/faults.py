@@ -48,8 +48,9 @@ ROOT = Path(__file__).resolve().parent.parent
 MAX_COST = 2.0  # points of balanced accuracy a floor cell may lose against clean
 EQUAL = 0.01  # points: the NaN run and its crash run agree to the digits the page shows
 # the rule each floor checks; the sign flips' was Multi-Krum on the raw updates (signflip_multikrum) until
-# its seed-2 run, then Multi-Krum on directions until its fresh seeds 3 and 4, see the page's Reading
-ROBUST_CASES = {"x100_trimmed": "trimmed mean", "signflip_cosine": "cosine to the median direction"}
+# its seed-2 run, Multi-Krum on directions until its fresh seeds 3 and 4, then the cosine rule until its
+# seeds 0-6, see the page's Reading
+ROBUST_CASES = {"x100_trimmed": "trimmed mean", "signflip_multikrum_history": "Multi-Krum on directions, with history"}
 SELECTION_RULES = ("krum", "multikrum", "bulyan", "cosine")
 DATASETS = {"fmnist": "Fashion-MNIST"}
 FAULT_WORDS = {"crash": "crash", "straggle": "straggle", "nan": "send NaN weights", "inf": "send Inf weights",
@@ -223,6 +224,8 @@ def describe(cfg: ExperimentConfig, seeds: list[int]) -> list[str]:
                                             f", f = {rule.byzantine}" if rule.name in SELECTION_RULES else "")
     if rule.directions and rule.name in SELECTION_RULES:
         robust += ", scored on directions"
+    if rule.exclude_after:
+        robust += f", leaves out a client dropped in most of ≥ {rule.exclude_after} rounds"
     return [f"{count} of {n}", ", ".join(acts) + " in every round", robust, f"{cfg.federation.min_replies:g}"]
 
 

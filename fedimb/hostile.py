@@ -55,7 +55,11 @@ class RobustConfig:
     directions: krum, multikrum and bulyan score each update scaled to unit norm, so under
     non-IID sizes a long honest update (a client with much data, many local steps) is not taken
     for the outlier while a flipped one is; the kept replies go on as sent; min_cosine: cosine drops
-    a reply whose update's cosine with the median direction is at most this, in [-1, 1).
+    a reply whose update's cosine with the median direction is at most this, in [-1, 1);
+    exclude_after: krum, multikrum and bulyan remember what they dropped: a client scored in at least
+    this many rounds and dropped in more than half of them is left out of every later round, and the
+    rule assumes that many fewer hostile replies among the rest (f − k; with f − k = 0 it keeps them
+    all). 0 = off: every round is scored on its own.
     """
 
     name: str = "none"
@@ -65,6 +69,7 @@ class RobustConfig:
     max_norm: float = 0.0
     directions: bool = False
     min_cosine: float = 0.0
+    exclude_after: int = 0
 
 
 def _fail(field_name: str, message: str) -> None:
@@ -101,6 +106,10 @@ def check_robust(robust: RobustConfig) -> None:
         _fail("strategy.robust.select", f"must be >= 0 (0 = n - f), got {robust.select}")
     if not (math.isfinite(robust.max_norm) and robust.max_norm >= 0):
         _fail("strategy.robust.max_norm", f"must be >= 0 (0 = the round's median norm), got {robust.max_norm}")
+    if robust.exclude_after < 0:
+        _fail("strategy.robust.exclude_after", f"must be >= 0 (0 = off), got {robust.exclude_after}")
+    if robust.exclude_after and robust.name not in ("krum", "multikrum", "bulyan"):
+        _fail("strategy.robust.exclude_after", f"applies to krum, multikrum and bulyan, not to {robust.name}")
     if not (math.isfinite(robust.min_cosine) and -1.0 <= robust.min_cosine < 1.0):
         _fail("strategy.robust.min_cosine", f"must be in [-1, 1), got {robust.min_cosine}")
 

@@ -26,6 +26,8 @@ from flwr.serverapp.strategy import Strategy
 from fedimb import protocol
 from strategies.validation import Signature, reply_problem, signature
 
+ROBUST_HISTORY = "robust_history"  # the checkpointed state's entry for ReplyGuard.history
+
 
 class ClientFailed(RuntimeError):
     """A ClientApp replied with an error."""
@@ -187,11 +189,19 @@ class ReproducibleSampling:
     asked: dict[str, list[Message]] = {}  # phase → this round's messages (their ids are set once sent)
 
     def state_dict(self) -> dict[str, Any]:
-        """The strategy's state after a round: ``state_attrs`` by name."""
-        return {name: getattr(self, name) for name in self.state_attrs}
+        """The strategy's state after a round: ``state_attrs`` by name, and the robust rule's history
+        of drops when it keeps one (``strategy.robust.exclude_after``)."""
+        state = {name: getattr(self, name) for name in self.state_attrs}
+        if self.guard is not None and self.guard.robust.exclude_after:
+            state[ROBUST_HISTORY] = {key: list(counts) for key, counts in self.guard.history.items()}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned; a missing or unknown name is an error."""
+        state = dict(state)
+        history = state.pop(ROBUST_HISTORY, None)
+        if history is not None and self.guard is not None:
+            self.guard.history = {str(key): [int(v) for v in counts] for key, counts in history.items()}
         if set(state) != set(self.state_attrs):
             raise ValueError(f"{type(self).__name__} state has {sorted(state)}, expected {sorted(self.state_attrs)}")
         for name, value in state.items():

@@ -47,6 +47,13 @@ class ReplyGuard:
     robust: RobustConfig = field(default_factory=RobustConfig)
     log: FailureLog = field(default_factory=FailureLog)
     dropped: FailureLog = field(default_factory=lambda: FailureLog(file_name=DROPPED_FILE))
+    # robust.exclude_after: per client (history_key), [rounds scored by the rule, rounds it dropped the reply]
+    history: dict[str, list[int]] = field(default_factory=dict)
+
+    def left_out(self, key: str) -> bool:
+        """Whether ``robust.exclude_after`` leaves this client out: scored often enough, dropped in most rounds."""
+        scored, dropped = self.history.get(key, (0, 0))
+        return bool(self.robust.exclude_after) and scored >= self.robust.exclude_after and 2 * dropped > scored
 
     def screen(self, server_round: int, phase: str, replies: list[Message], sent: list[int],
                partition_of: dict[int, int], problem: Callable[[Message], str | None] | None = None,
@@ -99,19 +106,38 @@ class ReplyGuard:
         """``strategy.robust`` over the valid replies (:func:`strategies.robust.apply_rule`).
 
         The replies a selection rule leaves out are recorded in ``robust_dropped.csv`` and printed.
+        With ``robust.exclude_after`` the clients :meth:`left_out` are dropped unscored first.
         """
+        keys = {id(m): history_key(m.metadata.src_node_id, partition_of) for m in replies}
+        ruled_out = [m for m in replies if self.left_out(keys[id(m)])]
+        scored = [m for m in replies if not self.left_out(keys[id(m)])]
         try:
-            kept = apply_rule(self.robust, replies, start, records)
+            kept = apply_rule(self.robust, scored, start, records,
+                              excluded=sum(self.left_out(key) for key in self.history))
         except RobustRuleFailed as exc:
             raise RoundFailed(f"round {server_round} train: {exc}") from None
         kept_ids = {id(m) for m in kept}
-        left_out = [node_failure(server_round, m.metadata.src_node_id, partition_of, "train", f"dropped by {self.robust.name}")
+        if self.robust.exclude_after:
+            for message in scored:
+                counts = self.history.setdefault(keys[id(message)], [0, 0])
+                counts[0] += 1
+                counts[1] += id(message) not in kept_ids
+        reasons = {id(m): f"dropped by {self.robust.name}" for m in scored}
+        reasons.update({id(m): f"dropped by {self.robust.name} (left out: dropped in {self.history[keys[id(m)]][1]} of "
+                               f"{self.history[keys[id(m)]][0]} rounds scored)" for m in ruled_out})
+        left_out = [node_failure(server_round, m.metadata.src_node_id, partition_of, "train", reasons[id(m)])
                     for m in replies if id(m) not in kept_ids]
         self.dropped.record(left_out)
         if left_out:
             console.print(f"round {server_round:>3} train: {self.robust.name} dropped partitions "
                           f"{sorted(f.partition for f in left_out)}", highlight=False, soft_wrap=True)
         return kept
+
+
+def history_key(node: int, partition_of: dict[int, int]) -> str:
+    """The name a client's robust history is kept under: its partition when known, else its node."""
+    partition = partition_of.get(node)
+    return f"partition {partition}" if partition is not None else f"node {node}"
 
 
 def reply_guard(cfg: ExperimentConfig, run_dir: Path, observer: object, resumed_after: int | None) -> ReplyGuard:

@@ -16,6 +16,12 @@ all apply to what the rule lets through:
 - ``bulyan`` (El Mhamdi et al. 2018): multikrum keeps θ = n − 2f replies, then each coordinate
   is the mean of the β = θ − 2f values closest to its median (Flower's ``aggregate_n_closest_weights``).
 - ``clip``: every update w_i − w is scaled down to norm ``max_norm`` (0: the round's median norm).
+- ``exclude_after`` (krum, multikrum, bulyan): the rule's drops are remembered per client
+  (:class:`~strategies.guard.ReplyGuard`); one scored in at least that many rounds and dropped in
+  more than half is left out for good, and f shrinks by one for each client left out. A hostile
+  client that sends every round is dropped in most of them, an honest one with unusual data now
+  and then: after a few rounds the rule stops trading honest replies for hostile ones. In the
+  spirit of SafeguardSGD (Allen-Zhu et al. 2021), which rules workers out on their history.
 - ``cosine``: FLTrust's trust score (Cao et al. 2021), ReLU of the cosine between a reply's update and
   a reference direction, with the coordinate-wise median of the unit-norm updates as the reference,
   since the server holds no root data to train one; a reply whose cosine is at most ``min_cosine``
@@ -36,6 +42,7 @@ the strategy does. ``clip`` bounds the weights' update only.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, RecordDict
@@ -137,10 +144,18 @@ def clip_updates(replies: list[Message], start: ArrayRecord, max_norm: float) ->
 
 
 def apply_rule(rule: RobustConfig, replies: list[Message], start: ArrayRecord | None,
-               records: tuple[str, ...] = ()) -> list[Message]:
-    """The replies the strategy aggregates after ``rule``; weights (and ``records``) rewritten in place."""
+               records: tuple[str, ...] = (), excluded: int = 0) -> list[Message]:
+    """The replies the strategy aggregates after ``rule``; weights (and ``records``) rewritten in place.
+
+    ``excluded``: hostile clients already left out of the round (``exclude_after``): krum, multikrum
+    and bulyan assume f − excluded among ``replies`` (none: multikrum and bulyan keep them all).
+    """
     if rule.name == "none" or not replies:
         return replies
+    if excluded:
+        rule = replace(rule, byzantine=max(0, rule.byzantine - excluded))
+        if rule.byzantine == 0 and rule.name in ("multikrum", "bulyan"):
+            return replies
     if len(replies) < needed_replies(rule):
         raise RobustRuleFailed(f"strategy.robust.name={rule.name} with byzantine={rule.byzantine} needs at least "
                                f"{needed_replies(rule)} valid replies, got {len(replies)}")

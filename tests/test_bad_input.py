@@ -125,6 +125,7 @@ KEYS = ["seed", "partition.name", "partition.alpha", "partition.min_size", "part
         "federation.num_clients", "federation.rounds", "federation.fraction", "federation.min_replies",
         "federation.round_timeout", "federation.norm_factor", "federation.min_clients", "strategy.name",
         "strategy.params.proximal_mu", "strategy.robust.name", "strategy.robust.byzantine", "strategy.robust.trim",
+        "strategy.robust.exclude_after", "strategy.robust.min_cosine", "synthetic.domain_weighting",
         "faults.crash", "faults.clients", "faults.fraction", "faults.leave_round", "train.lr", "train.batch_size",
         "train.local_epochs", "train.lr_decay_at", "train.loss.name", "model.name", "imbalance.factor",
         "imbalance.profile", "eval.every", "eval.split", "data.validation_fraction", "data.scaling",

@@ -20,7 +20,7 @@ def test_the_cells_run_seed_by_seed_and_share_their_hostile_client(tmp_path):
     runs, _ = plan_sweep(SUITE, out=tmp_path)
     labels = list(dict.fromkeys(r.label for r in runs))
     ordered = choose(runs, labels, seeds_outermost=True)
-    assert len(ordered) == 72 and [r.cfg.seed for r in ordered] == [0] * 24 + [1] * 24 + [2] * 24
+    assert len(ordered) == 78 and [r.cfg.seed for r in ordered] == [0] * 26 + [1] * 26 + [2] * 26
     by_label = {r.label: r.cfg for r in runs if r.cfg.seed == 1}
     one = {hostile_partitions(by_label[f"fedavg_{case}"].faults, 10, 1) for case in ("crash10", "nan", "x100")}
     assert len(one) == 1 and len(next(iter(one))) == 1  # the NaN run can be set against that client's crash

@@ -176,3 +176,28 @@ def test_cosine_drops_a_flipped_clients_prototypes_with_its_weights():
     out, _ = s.aggregate_train(1, replies)
     assert out["head.weight"].numpy()[0, 0] == pytest.approx(2.5)  # (1 + 2 + 3 + 4) / 4
     np.testing.assert_allclose(s.prototypes, [[1.0, 0.0], [0.0, 1.0]])
+
+
+def test_exclude_after_leaves_out_a_client_dropped_in_most_rounds_and_keeps_the_rest():
+    s, _ = make("fedavg")
+    guard(s, {"w": [0.0, 0.0]}, min_replies=1,
+          robust={"name": "multikrum", "byzantine": 1, "directions": True, "exclude_after": 2})
+    honest = [[1.0, 0.2], [1.0, -0.2], [1.0, 0.0], [10.0, 0.0]]
+    for rnd in (1, 2):  # Multi-Krum with f = 1 keeps 4 of 5 and drops the flipped node 105 (NON_IID_POINTS)
+        out, _ = s.aggregate_train(rnd, [reply(101 + i, {"w": p}, 1) for i, p in enumerate(NON_IID_POINTS)])
+        np.testing.assert_allclose(weights_of(out), [3.25, 0.0], atol=1e-6)
+    assert s.guard.history == {"partition 0": [2, 0], "partition 1": [2, 0], "partition 2": [2, 0],
+                               "partition 3": [2, 0], "node 105": [2, 2]}
+    # round 3: node 105 is left out unscored; f − 1 = 0, so all the others are kept, the sideways node 106
+    # (0.2, 1) too, which Multi-Krum with f = 1 would have dropped (test above): mean of the five as sent
+    replies = [reply(101 + i, {"w": p}, 1) for i, p in enumerate([*honest, [-1.0, 0.0], [0.2, 1.0]])]
+    out, _ = s.aggregate_train(3, replies)
+    np.testing.assert_allclose(weights_of(out), [2.64, 0.2], atol=1e-6)
+    assert [(f.round, f.node, f.reason) for f in s.guard.dropped.failures if f.round == 3] == [
+        (3, 105, "dropped by multikrum (left out: dropped in 2 of 2 rounds scored)")]
+    state = s.state_dict()
+    assert state["robust_history"]["node 105"] == [2, 2]
+    fresh, _ = make("fedavg")
+    guard(fresh, {"w": [0.0, 0.0]}, min_replies=1, robust={"name": "multikrum", "byzantine": 1, "exclude_after": 2})
+    fresh.load_state_dict(state)  # a resumed run goes on leaving node 105 out
+    assert fresh.guard.left_out("node 105") and not fresh.guard.left_out("partition 0")
