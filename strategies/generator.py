@@ -18,7 +18,7 @@ from rich.console import Console
 
 from fedimb import protocol
 from fedimb.synthetic.generator import EMBEDDING_KEY
-from strategies.base import ReproducibleSampling
+from strategies.base import ReproducibleSampling, reweight_replies
 
 console = Console(stderr=True)
 
@@ -88,8 +88,7 @@ class GeneratorFedAvg(ReproducibleSampling, FedAvg):
         """Rewrite each reply's FedAvg weight to its domain-balanced share (:func:`domain_balanced_weights`)."""
         sizes = [float(m.content[protocol.METRICS][protocol.NUM_EXAMPLES]) for m in replies]
         domains = self.domain_of[[self.partition_of[m.metadata.src_node_id] for m in replies]]
-        for message, weight in zip(replies, domain_balanced_weights(np.array(sizes), domains)):
-            message.content[protocol.METRICS][protocol.NUM_EXAMPLES] = float(weight)
+        reweight_replies(replies, list(domain_balanced_weights(np.array(sizes), domains)), protocol.NUM_EXAMPLES)
 
     def _construct_messages(self, record: RecordDict, node_ids: list[int], message_type: str) -> Iterable[Message]:
         kind = protocol.GENERATOR_TRAIN if message_type == MessageType.TRAIN else message_type
