@@ -142,20 +142,23 @@ def test_median_also_makes_scaffolds_control_step_robust():
     np.testing.assert_allclose(s.control["w"], [3 * 2.0 / 4])  # every Δc_i is the median 2; c = Σ / N
 
 
+def prototype_reply(node: int, value: float, hostile: bool):
+    """A cafedcl reply: head weights all ``value``; prototypes the unit vectors, negated when ``hostile``."""
+    r = reply(node, {"head.weight": [[value, value], [value, value]]}, 1, confidence=1.0)
+    protos = [[-1.0, 0.0], [0.0, -1.0]] if hostile else [[1.0, 0.0], [0.0, 1.0]]
+    r.content["proto-stats"] = ArrayRecord({
+        "protos": Array(np.array(protos, dtype=np.float32)), "counts": Array(np.ones(2, dtype=np.float32)),
+        "dispersion": Array(np.ones(2, dtype=np.float32)), "uncertainty": Array(np.zeros(2, dtype=np.float32)),
+        "synthetic": Array(np.zeros(2, dtype=np.float32)), "quality": Array(np.ones(2, dtype=np.float32))})
+    return r
+
+
 def test_krum_drops_a_rejected_clients_prototypes_with_its_weights():
     s, _ = make("cafedcl", ema=0.0)
     start = {"head.weight": [[0.0, 0.0]] * 2}
     guard(s, start, min_replies=1, robust={"name": "krum", "byzantine": 1})
     points = [0.0, 1.0, 2.0, 3.0, 40.0]  # Krum with f = 1 picks 1.0 or 2.0: never the 40
-    replies = []
-    for i, v in enumerate(points):
-        r = reply(101 + i, {"head.weight": [[v, v], [v, v]]}, 1, confidence=1.0)
-        protos = [[1.0, 0.0], [0.0, 1.0]] if v != 40.0 else [[-1.0, 0.0], [0.0, -1.0]]
-        r.content["proto-stats"] = ArrayRecord({
-            "protos": Array(np.array(protos, dtype=np.float32)), "counts": Array(np.ones(2, dtype=np.float32)),
-            "dispersion": Array(np.ones(2, dtype=np.float32)), "uncertainty": Array(np.zeros(2, dtype=np.float32)),
-            "synthetic": Array(np.zeros(2, dtype=np.float32)), "quality": Array(np.ones(2, dtype=np.float32))})
-        replies.append(r)
+    replies = [prototype_reply(101 + i, v, hostile=v == 40.0) for i, v in enumerate(points)]
     out, _ = s.aggregate_train(1, replies)
     assert out["head.weight"].numpy()[0, 0] in (1.0, 2.0)
     np.testing.assert_allclose(s.prototypes, [[1.0, 0.0], [0.0, 1.0]])
@@ -164,15 +167,8 @@ def test_krum_drops_a_rejected_clients_prototypes_with_its_weights():
 def test_cosine_drops_a_flipped_clients_prototypes_with_its_weights():
     s, _ = make("cafedcl", ema=0.0)
     guard(s, {"head.weight": [[0.0, 0.0]] * 2}, min_replies=1, robust={"name": "cosine"})
-    replies = []
-    for i, v in enumerate([1.0, 2.0, 3.0, 4.0, -40.0]):  # the last points against the others' median
-        r = reply(101 + i, {"head.weight": [[v, v], [v, v]]}, 1, confidence=1.0)
-        protos = [[1.0, 0.0], [0.0, 1.0]] if v > 0 else [[-1.0, 0.0], [0.0, -1.0]]
-        r.content["proto-stats"] = ArrayRecord({
-            "protos": Array(np.array(protos, dtype=np.float32)), "counts": Array(np.ones(2, dtype=np.float32)),
-            "dispersion": Array(np.ones(2, dtype=np.float32)), "uncertainty": Array(np.zeros(2, dtype=np.float32)),
-            "synthetic": Array(np.zeros(2, dtype=np.float32)), "quality": Array(np.ones(2, dtype=np.float32))})
-        replies.append(r)
+    # the last points against the others' median
+    replies = [prototype_reply(101 + i, v, hostile=v < 0) for i, v in enumerate([1.0, 2.0, 3.0, 4.0, -40.0])]
     out, _ = s.aggregate_train(1, replies)
     assert out["head.weight"].numpy()[0, 0] == pytest.approx(2.5)  # (1 + 2 + 3 + 4) / 4
     np.testing.assert_allclose(s.prototypes, [[1.0, 0.0], [0.0, 1.0]])
