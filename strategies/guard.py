@@ -116,6 +116,9 @@ class ReplyGuard:
                               excluded=sum(self.left_out(key) for key in self.history))
         except RobustRuleFailed as exc:
             raise RoundFailed(f"round {server_round} train: {exc}") from None
+        if replies and not kept:
+            raise RoundFailed(f"round {server_round} train: strategy.robust.exclude_after={self.robust.exclude_after} "
+                              f"left out every client that replied ({len(ruled_out)})")
         kept_ids = {id(m) for m in kept}
         if self.robust.exclude_after:
             for message in scored:
