@@ -40,10 +40,10 @@ ROOT = Path(__file__).resolve().parent.parent
 GRIDS = {"size": "grid_pairs_s0.png", "balanced": "grid_pairs_balanced_s0.png"}
 SAMPLES_PER_DOMAIN = 4
 FMNIST_CLASSES = ("T-shirt", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Boot")
-# (arm, against it, worst-domain points needed): the floors, each also outside the seed noise
-# (class, domain) top-up whose generator weighs every domain alike: fedavg_pair's generator (sizes) drew
-# the rare negative device at recognisability 0.10 on seed 0; see the page's Reading
-# the class-only floor against both class-only arms: the and one with the same balanced training
+# (arm, against it, worst-domain points needed): the floors, each also outside the seed noise, for
+# the (class, domain) top-up whose generator weighs every domain alike (fedavg_pair's, weighing by size, drew
+# the rare negative device at recognisability 0.10 on seed 0; see the page's Reading), the class-only floor
+# against both class-only arms: the and one whose generator had the same balanced training
 FLOORS = (("fedavg_pair_balanced", "fedavg", 5.0), ("fedavg_pair_balanced", "fedavg_class", 2.0),
           ("fedavg_pair_balanced", "fedavg_class_balanced", 2.0))
 LOOP = ("fedavg_pair_loop", "fedavg_pair")  # reported whichever way it comes out

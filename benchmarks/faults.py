@@ -8,7 +8,7 @@ Runs the cells of experiments/suites/faults_fmnist.yaml (the quick-start federat
 rounds: clean; 10% and 30% of the clients crashing in every round; one client sending NaN
 weights; one sending its update × 100 (with and without a trimmed mean); two sending it
 sign-flipped (without a rule, with a trimmed mean, with Multi-Krum on the raw updates and on their
-directions, with the cosine rule)) through the sweep runner, all cells of a seed before the next seed, so
+directions, with that and a memory of its drops, with the cosine rule)) through the sweep runner, all cells of a seed before the next seed, so
 an interrupted call leaves whole seeds and a later call reuses every finished run (an
 interrupted one resumes from its checkpoint). A run the federation stops because a round got
 too few valid replies (a diverged model: every reply non-finite) is kept as such and not retried.
@@ -17,7 +17,7 @@ The page gives, per cell, balanced accuracy and tail recall (mean of each run's 
 and the failures recorded; the per-seed differences to the clean run of the same method and
 seed (mean ± std); the floors: 30% crashing costs at most 2 points of balanced accuracy, no NaN
 reply is ever averaged and the NaN run equals the run where that client crashes, and with its
-rule (a trimmed mean for x100, the cosine rule for the sign flips) each attack stays within 2 points of
+rule (a trimmed mean for x100, Multi-Krum on directions with a memory of its drops for the sign flips) each attack stays within 2 points of
 clean; a selection rule's drops are split into hostile and honest replies. It builds from any
 subset of the runs and says how many seeds each row has.
 """
@@ -40,6 +40,7 @@ from fedimb.app.sweep import PlannedRun, choose, execute, failure, is_finished, 
 from fedimb.config import ConfigError, ExperimentConfig, load_config
 from fedimb.failures import DROPPED_FILE, FAILURES_FILE, required_replies
 from fedimb.faults import FaultPlan, hostile_partitions
+from fedimb.hostile import KRUM_RULES, SELECTION_RULES
 from fedimb.records import save_figure
 from fedimb.report import REPORT_METRICS, last_rounds_mean, read_records, record_of_run
 
@@ -49,9 +50,8 @@ MAX_COST = 2.0  # points of balanced accuracy a floor cell may lose against clea
 EQUAL = 0.01  # points: the NaN run and its crash run agree to the digits the page shows
 # the rule each floor checks; the sign flips' was Multi-Krum on the raw updates (signflip_multikrum) until
 # its seed-2 run, Multi-Krum on directions until its fresh seeds 3 and 4, then the cosine rule until its
-# seeds 0-6, see the page's Reading
+# seeds 0-6, see the page's Reading (every rule keeps its row)
 ROBUST_CASES = {"x100_trimmed": "trimmed mean", "signflip_multikrum_history": "Multi-Krum on directions, with history"}
-SELECTION_RULES = ("krum", "multikrum", "bulyan", "cosine")
 DATASETS = {"fmnist": "Fashion-MNIST"}
 FAULT_WORDS = {"crash": "crash", "straggle": "straggle", "nan": "send NaN weights", "inf": "send Inf weights",
                "wrong_shape": "send a wrongly shaped array", "sign_flip": "send their update sign-flipped",
@@ -60,15 +60,15 @@ WHY_RULE = (
     "Validation rejects a non-finite reply before any rule sees it, so the NaN cell needs no rule. For the x100 "
     "client: the coordinate-wise trimmed mean cutting one value at each end of every coordinate (trim 0.1): the "
     "x100 value is an extreme of every coordinate its update moves, so it is cut, and the mean of the 8 values "
-    "left stays close to FedAvg's. For the two sign flippers the floor's rule is `cosine`: every update scaled to "
-    "unit norm, the coordinate-wise median of those as the reference direction, and a reply whose cosine with it "
-    "is at most 0 dropped whole, the others averaged by the strategy as sent (cafedcl's prototypes go with their "
-    "reply). It is FLTrust's ReLU-cosine trust score (Cao et al. 2021) with that median in place of an update "
-    "trained on the server's own root data, which a server without data cannot compute. A flipped update is the "
-    "negative of an honest one, so its cosine with a direction the honest majority shares is the negative of "
-    "that honest update's; an honest client with unusual data points away from the others but seldom against "
-    "their median, so, unlike Multi-Krum with its fixed count of n − f kept, the rule leaves most rounds' honest "
-    "replies all in. The rules tried before it keep their rows. Multi-Krum with f = 2 (it needs n ≥ 2f + 3 = 7 "
+    "left stays close to FedAvg's. For the two sign flippers the floor's rule is Multi-Krum on directions with "
+    "a memory (`strategy.robust.exclude_after=3`): a client scored in at least 3 rounds and dropped in more than "
+    "half of them is left out of every later round, and f shrinks by one for each client left out, so once both "
+    "flippers are out the other replies are all averaged, none traded for a hostile one. The rules tried before "
+    "it keep their rows. The cosine rule (`cosine`): every update scaled to unit norm, the coordinate-wise median "
+    "of those as the reference direction, and a reply whose cosine with it is at most 0 dropped whole (FLTrust's "
+    "ReLU-cosine trust score, Cao et al. 2021, with that median in place of an update trained on the server's "
+    "own root data, which a server without data cannot compute); it keeps no fixed count, but a flipped reply "
+    "passes whenever its sender's honest update points away from the median. Multi-Krum with f = 2 (it needs n ≥ 2f + 3 = 7 "
     "replies) keeps the n − f = 8 replies closest to their n − f − 2 nearest neighbours and lets the strategy "
     "average them as it does (by size; cafedcl's prototypes go with their reply): a flipped update points "
     "against the honest ones, so it is farther from them than they are from each other, while many of its "
@@ -221,8 +221,8 @@ def describe(cfg: ExperimentConfig, seeds: list[int]) -> list[str]:
     robust = rule.name.replace("_", " ") + (f", trim {rule.trim:g}" if rule.name == "trimmed_mean" else
                                             f" to the median direction, drops at most {rule.min_cosine:g}"
                                             if rule.name == "cosine" else
-                                            f", f = {rule.byzantine}" if rule.name in SELECTION_RULES else "")
-    if rule.directions and rule.name in SELECTION_RULES:
+                                            f", f = {rule.byzantine}" if rule.name in KRUM_RULES else "")
+    if rule.directions and rule.name in KRUM_RULES:
         robust += ", scored on directions"
     if rule.exclude_after:
         robust += f", leaves out a client dropped in most of ≥ {rule.exclude_after} rounds"

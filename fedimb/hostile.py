@@ -19,6 +19,8 @@ from fedimb.errors import ConfigError
 # every earlier draw): the crash and the straggler act before training, the rest on the reply.
 ROUND_FAULTS = ("crash", "straggle", "nan", "inf", "wrong_shape", "scale", "sign_flip", "label_flip")
 ROBUST_RULES = ("none", "trimmed_mean", "median", "krum", "multikrum", "bulyan", "clip", "cosine")
+KRUM_RULES = ("krum", "multikrum", "bulyan")  # score replies by their distances; f, directions, exclude_after
+SELECTION_RULES = (*KRUM_RULES, "cosine")  # drop replies whole (robust_dropped.csv)
 
 
 @dataclass
@@ -108,7 +110,7 @@ def check_robust(robust: RobustConfig) -> None:
         _fail("strategy.robust.max_norm", f"must be >= 0 (0 = the round's median norm), got {robust.max_norm}")
     if robust.exclude_after < 0:
         _fail("strategy.robust.exclude_after", f"must be >= 0 (0 = off), got {robust.exclude_after}")
-    if robust.exclude_after and robust.name not in ("krum", "multikrum", "bulyan"):
+    if robust.exclude_after and robust.name not in KRUM_RULES:
         _fail("strategy.robust.exclude_after", f"applies to krum, multikrum and bulyan, not to {robust.name}")
     if not (math.isfinite(robust.min_cosine) and -1.0 <= robust.min_cosine < 1.0):
         _fail("strategy.robust.min_cosine", f"must be in [-1, 1), got {robust.min_cosine}")

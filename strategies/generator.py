@@ -45,10 +45,11 @@ def domain_balanced_weights(sizes: np.ndarray, domains: np.ndarray) -> np.ndarra
     """Each reply's aggregation weight when every domain among them weighs alike: size over its domain's
     total size in the round, over the number of domains in the round (the weights sum to 1)."""
     sizes, domains = np.asarray(sizes, dtype=np.float64), np.asarray(domains)
-    present = np.unique(domains)
-    totals = {d: sizes[domains == d].sum() for d in present}
-    return np.array([s / totals[d] / len(present) if totals[d] > 0 else 1.0 / len(present) / (domains == d).sum()
-                     for s, d in zip(sizes, domains)])
+    present, which, members = np.unique(domains, return_inverse=True, return_counts=True)
+    totals = np.bincount(which, weights=sizes)
+    # a domain whose replies report no samples splits its share evenly
+    share = np.where(totals[which] > 0, sizes / np.where(totals[which] > 0, totals[which], 1.0), 1.0 / members[which])
+    return share / len(present)
 
 
 class GeneratorFedAvg(ReproducibleSampling, FedAvg):

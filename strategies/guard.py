@@ -109,8 +109,9 @@ class ReplyGuard:
         With ``robust.exclude_after`` the clients :meth:`left_out` are dropped unscored first.
         """
         keys = {id(m): history_key(m.metadata.src_node_id, partition_of) for m in replies}
-        ruled_out = [m for m in replies if self.left_out(keys[id(m)])]
-        scored = [m for m in replies if not self.left_out(keys[id(m)])]
+        out_ids = {id(m) for m in replies if self.left_out(keys[id(m)])}
+        ruled_out = [m for m in replies if id(m) in out_ids]
+        scored = [m for m in replies if id(m) not in out_ids]
         try:
             kept = apply_rule(self.robust, scored, start, records,
                               excluded=sum(self.left_out(key) for key in self.history))
@@ -125,10 +126,13 @@ class ReplyGuard:
                 counts = self.history.setdefault(keys[id(message)], [0, 0])
                 counts[0] += 1
                 counts[1] += id(message) not in kept_ids
-        reasons = {id(m): f"dropped by {self.robust.name}" for m in scored}
-        reasons.update({id(m): f"dropped by {self.robust.name} (left out: dropped in {self.history[keys[id(m)]][1]} of "
-                               f"{self.history[keys[id(m)]][0]} rounds scored)" for m in ruled_out})
-        left_out = [node_failure(server_round, m.metadata.src_node_id, partition_of, "train", reasons[id(m)])
+        def reason(message: Message) -> str:
+            if id(message) not in out_ids:
+                return f"dropped by {self.robust.name}"
+            scored_rounds, dropped_rounds = self.history[keys[id(message)]]
+            return f"dropped by {self.robust.name} (left out: dropped in {dropped_rounds} of {scored_rounds} rounds scored)"
+
+        left_out = [node_failure(server_round, m.metadata.src_node_id, partition_of, "train", reason(m))
                     for m in replies if id(m) not in kept_ids]
         self.dropped.record(left_out)
         if left_out:
