@@ -1,6 +1,7 @@
 """The same experiment simulated and deployed on loopback SuperNodes: metrics, seconds and bytes per round.
 
     fedimb bench deploy                       # fedavg and cafedcl, each simulated and deployed (4 runs)
+    fedimb bench deploy --flower-methods fedavg   # and fedavg deployed with Flower's process per message
     fedimb bench deploy --from-records        # rebuild docs/results/deploy.md, nothing run
 
 experiments/quickstart.yaml (FMNIST-LT rho = 10, Dirichlet(0.5), 10 clients, LeNet) for
@@ -12,7 +13,10 @@ experiments/quickstart.yaml (FMNIST-LT rho = 10, Dirichlet(0.5), 10 clients, LeN
   init`` for site-0..site-9 at 127.0.0.1, a SuperLink with TLS and node authentication (its
   state in memory, or with ``--database`` in a database as COMMANDS.md starts it), the ten site
   keys registered, ten SuperNodes, then ``fedimb deploy run``; the server holds no data, so its
-  metrics are the federated ones, from the same local test splits.
+  metrics are the federated ones, from the same local test splits. Each site's ClientApp tasks
+  fork from a preloaded process (``fedimb deploy superexec``, deploy init's default); the
+  methods of ``--flower-methods`` are also deployed on a second set of SuperNodes that start
+  Flower's own ``flwr-clientapp`` process per message (``deploy init --clientapp flower``).
 
 Each run's records keep the seconds its whole command took and the CPU seconds of its
 processes; the page sets final federated balanced accuracy, seconds per round (rounds 2 to the
@@ -41,7 +45,7 @@ DOC = "docs/results/deploy.md"
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = "experiments/quickstart.yaml"
 BIN = Path(sys.executable).parent
-SIDES = ("simulated", "deployed")
+SIDES = ("simulated", "deployed", "deployed, process per message")
 MAX_POINTS = 1.0  # |Δ federated balanced accuracy| between the two sides, in points
 MAX_RATIO = 1.5  # deployed seconds per round over simulated
 
@@ -57,17 +61,19 @@ def method_overrides(method: str, rounds: int, extra: list[str]) -> list[str]:
             "eval.federated=true", "federation.round_timeout=900", *extra]
 
 
-# Who a process is, from its command line: the first pattern found names its group.
+# Who a process is, from its name and command line: the first pattern found names its group (a ClientApp task
+# forked warm keeps its fork server's command line and is named flwr-clientapp).
 GROUPS = (("ClientApps", ("flwr-clientapp", "ClientAppActor")), ("ServerApp", ("flwr-serverapp",)),
           ("SuperLink", ("flower-superlink",)), ("SuperNodes", ("flower-supernode",)),
-          ("SuperExecs", ("flower-superexec",)), ("commands", ("bin/fedimb", "bin/flwr")), ("Ray", ("ray",)))
+          ("SuperExecs", ("superexec", "clientapp_forkserver")),
+          ("commands", ("bin/fedimb", "bin/flwr")), ("Ray", ("ray",)))
 
 
 Process = tuple[int, int]  # pid, start time in clock ticks
 
 
 def group_of(cmdline: bytes) -> str:
-    """The group of :data:`GROUPS` a command line belongs to, or ``other``."""
+    """The group of :data:`GROUPS` a process belongs to (its name and command line), or ``other``."""
     return next((name for name, patterns in GROUPS if any(p.encode() in cmdline for p in patterns)), "other")
 
 
@@ -117,7 +123,8 @@ class CpuWatch:
             if not proc.name.isdigit() or int(proc.name) == os.getpid():
                 continue
             try:
-                fields = (proc / "stat").read_text().rsplit(") ", 1)[-1].split()
+                stat = (proc / "stat").read_text()
+                fields = stat.rsplit(") ", 1)[-1].split()
                 key = (int(proc.name), int(fields[19]))  # pid and start time: pids wrap around in a long run
                 if not self._carries_marker(proc, key):
                     continue
@@ -128,7 +135,7 @@ class CpuWatch:
             self.first.setdefault(key, seconds if initial else 0.0)
             self.last[key] = seconds
             if cmdline:  # a zombie's is empty: keep what it was
-                self.group[key] = group_of(cmdline)
+                self.group[key] = group_of(stat[stat.index("(") + 1: stat.rindex(")")].encode() + b"\0" + cmdline)
 
     def by_group(self) -> dict[str, dict[str, float]]:
         """Per group: its processes (``count``) and their CPU seconds since the start (``cpu_s``)."""
@@ -165,18 +172,30 @@ def simulate(method: str, overrides: list[str], out: Path) -> dict[str, Any]:
     return records_of([run_dir], side="simulated", method=method, **measured)[0]
 
 
-def deploy(methods: list[str], overrides: dict[str, list[str]], out: Path, database: bool) -> list[dict[str, Any]]:
-    """Export the split, ``deploy init``, bring up the SuperLink and one SuperNode per site, run each method."""
+def side_of(record: dict[str, Any]) -> str:
+    """The page's name for a record's side; a deployed record without ``clientapp`` predates the warm
+    launcher and started Flower's process per message."""
+    if record["side"] != "deployed":
+        return record["side"]
+    return "deployed" if record.get("clientapp") == "warm" else "deployed, process per message"
+
+
+def deploy(methods: list[str], overrides: dict[str, list[str]], out: Path, database: bool,
+           clientapp: str = "warm") -> list[dict[str, Any]]:
+    """Export the split, ``deploy init --clientapp CLIENTAPP``, bring up the SuperLink and one SuperNode per
+    site, run each method."""
     from fedimb.app.loopback import LoopbackDeployment, free_port
     from fedimb.config import load_config
     from fedimb.data.site_export import export_sites, site_folder_name
 
     cfg = load_config(ROOT / CONFIG, overrides[methods[0]])
     sites = out / "sites"
-    export_sites(cfg, sites)
+    if not sites.is_dir():
+        export_sites(cfg, sites)
+    out = out / clientapp
     names = ",".join(site_folder_name(i) for i in range(cfg.federation.num_clients))
     init = [str(BIN / "fedimb"), "deploy", "init", "--sites", names, "--host", "127.0.0.1", "--port", str(free_port()),
-            "--data-root", str(sites.resolve()), "--out", str(out / "deploy")]
+            "--data-root", str(sites.resolve()), "--clientapp", clientapp, "--out", str(out / "deploy")]
     log(" ".join(init))
     subprocess.run(init, cwd=ROOT, check=True)
     records = []
@@ -194,7 +213,7 @@ def deploy(methods: list[str], overrides: dict[str, list[str]], out: Path, datab
                               "--timeout", "7200"], f"FLWR_HOME={fed.env['FLWR_HOME']}", fed.env)
             run_dir = next(p for p in runs.iterdir() if (p / "summary.json").is_file())
             records += records_of([run_dir], side="deployed", method=method, deployment_up_s=up_s,
-                                  superlink_database=database, **measured)
+                                  superlink_database=database, clientapp=clientapp, **measured)
     return records
 
 
@@ -272,7 +291,12 @@ INTRO = (
     "training samples and exactly the local test split the simulated client evaluates on), `fedimb deploy "
     "init` for site-0 … site-9 at 127.0.0.1, a SuperLink with TLS and node authentication ({state}), the "
     "ten keys registered and ten SuperNodes started (online after {up:.1f} s, once for both methods), then "
-    "`fedimb deploy run CONFIG ...`. The server holds no data: its metrics are the federated ones.\n\n"
+    "`fedimb deploy run CONFIG ...`. The server holds no data: its metrics are the federated ones. Each site's "
+    "ClientApp tasks fork from a process that imported Flower's runtime, numpy and torch once (`fedimb deploy "
+    "superexec` beside a SuperNode with `--isolation process`, `deploy init`'s default).\n"
+    "- **deployed, process per message** (where run): the same with `deploy init --clientapp flower`, a second "
+    "set of ten SuperNodes that start Flower's own SuperExec, which starts a new `flwr-clientapp` process for "
+    "every message.\n\n"
     "Both sides run with `eval.federated=true federation.round_timeout=900` (no round waits Flower's "
     "default hour) and evaluate the same way: federated metrics are those of the "
     "summed confusion matrices of the sites' local test splits, in percent.\n\n"
@@ -282,15 +306,16 @@ INTRO = (
 def build_page(records: list[dict[str, Any]], where: Path, header: dict[str, Any], notes: str) -> tuple[str, str]:
     """The page's text and its floors table (printed)."""
     methods = list(dict.fromkeys(r["method"] for r in records))
-    got = {(r["method"], r["side"]): figures(r, where) for r in records}
+    got = {(r["method"], side_of(r)): figures(r, where) for r in records}
     used = {g for f in got.values() for g, entry in f["cpu"].items() if entry["cpu_s"] > 0}
     groups = [g for g, _ in GROUPS if g in used] + sorted(used - {g for g, _ in GROUPS})
     metrics, costs, cpu, checks = [], [], [], []
     for method in methods:
-        for side in SIDES:
+        for side in (side for side in SIDES if (method, side) in got):
             for rows, row in zip((metrics, costs, cpu), rows_of(method, side, got[(method, side)], groups)):
                 rows.append(row)
-        sim, dep = got[(method, "simulated")], got[(method, "deployed")]
+        # the floors are the default deployment's: warm ClientApps when this call ran them
+        sim, dep = got[(method, "simulated")], got.get((method, "deployed"), got.get((method, SIDES[2])))
         checks += [([method, "federated balanced accuracy: deployed − simulated, absolute (points)"],
                     abs(dep["balanced_accuracy"] - sim["balanced_accuracy"]), "<=", MAX_POINTS),
                    ([method, "deployed ÷ simulated seconds per round"], dep["per_round_s"] / sim["per_round_s"],
@@ -298,6 +323,8 @@ def build_page(records: list[dict[str, Any]], where: Path, header: dict[str, Any
     floor_text, ok = floors_table(["method", "floor", "measured", "needed", "holds"], checks, signed=False)
     rounds = got[(methods[0], "simulated")]["rounds"]
     deployed = next(r for r in records if r["side"] == "deployed")
+    warm_vs_flower = [f"{method} {got[(method, SIDES[2])]['per_round_s'] / got[(method, 'deployed')]['per_round_s']:.1f}×"
+                      for method in methods if (method, "deployed") in got and (method, SIDES[2]) in got]
     up = deployed["deployment_up_s"]
     state = ("its state in a database, as COMMANDS.md starts it" if deployed["superlink_database"]
              else "its state in memory: COMMANDS.md's `--database` lost site replies under this load, see below")
@@ -319,12 +346,15 @@ def build_page(records: list[dict[str, Any]], where: Path, header: dict[str, Any
         "hello phase's, both directions.\n\n"
         + table(["method", "run", "s / round", "start-up (s)", "whole command (s)", "bytes sent / round",
                  "bytes received / round", "set-up bytes"], costs)
+        + (f"\n\nA round deployed with a process per message took, over one with warm ClientApps: "
+           f"{', '.join(warm_vs_flower)}." if warm_vs_flower else "")
         + "\n\n## CPU\n\n"
         f"CPU seconds (user + system) per round (whole run ÷ {rounds}) of every process of the run, sampled "
         "from /proc every 0.25 s, by group: simulated, the `fedimb run` command (which is also the server) and "
         "its Ray processes, the clients being Ray actors that live through the run; deployed, every process of "
-        "the deployment during the command: the SuperLink, the SuperNodes, the SuperExecs that start apps, "
-        "the ServerApp, one ClientApp process per message a site receives, and the `fedimb deploy run` / `flwr` "
+        "the deployment during the command: the SuperLink, the SuperNodes, the SuperExecs that start apps (with "
+        "their fork servers), the ServerApp, one ClientApp process per message a site receives (forked warm, or a "
+        "new `flwr-clientapp`), and the `fedimb deploy run` / `flwr` "
         "commands. Messages to clients: the hello, then a train and an evaluate message per round to each of "
         "the 10 clients. Load before: the machine's one-minute load average as the run started (it lags: the run "
         "before it still counts for a minute or so).\n\n"
@@ -341,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = bench_parser("deploy", __doc__, DOC)
     parser.add_argument("--methods", nargs="+", default=["fedavg", "cafedcl"])
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--flower-methods", nargs="*", default=[],
+                        help="methods also deployed with Flower's own SuperExec (a new ClientApp process per message), "
+                             "for comparison")
     parser.add_argument("--database", action="store_true",
                         help="the SuperLink keeps its state in a database, as COMMANDS.md starts it (default: in "
                              "memory; under this load its SQLite state lost site replies, see the page)")
@@ -355,7 +388,12 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
         overrides = {m: method_overrides(m, args.rounds, args.overrides) for m in args.methods}
         simulated = [simulate(m, overrides[m], out) for m in args.methods]
+        unknown = sorted(set(args.flower_methods) - set(args.methods))
+        if unknown:
+            parser.error(f"--flower-methods {' '.join(unknown)}: not among --methods {' '.join(args.methods)}")
         deployed = deploy(args.methods, overrides, out, args.database)
+        if args.flower_methods:
+            deployed += deploy(args.flower_methods, overrides, out, args.database, clientapp="flower")
         header = {**header, "machine": machine()}
         save_records(page, header, [r for m in args.methods for r in simulated + deployed if r["method"] == m])
     header, records = read_records(page.records)

@@ -76,12 +76,18 @@ def test_deploy_init_writes_keys_certificates_and_commands(tmp_path: Path, host:
     for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth", "--database",
                  "--port 9443"):
         assert flag in superlink
-    assert "--insecure" not in commands
+    # TLS everywhere a site talks over the network; a site's SuperExec dials its own SuperNode on loopback,
+    # as Flower's own SuperExec does
+    insecure = [line for line in commands.splitlines() if "--insecure" in line]
+    assert len(insecure) == 3 and all(line.startswith("fedimb deploy superexec --runtime-api-address 127.0.0.1:")
+                                      for line in insecure)
     for i, site in enumerate("abc"):
         assert f"flwr supernode register {out.resolve()}/sites/{site}/{site}.key.pub fedimb --name {site}" in commands
         node = next(line for line in commands.splitlines() if f"sites/{site}/{site}.key " in line)
         assert node.startswith(f"flower-supernode --superlink {host}:9443 --root-certificates ")
-        assert f"--port {9094 + i} --node-config 'partition-id={i} data-path=\"/srv/data/{site}\"'" in node
+        assert f"--isolation process --port {9094 + i} --node-config 'partition-id={i} data-path=\"/srv/data/{site}\"'" in node
+        lines = commands.splitlines()
+        assert lines[lines.index(node) + 1] == f"fedimb deploy superexec --runtime-api-address 127.0.0.1:{9094 + i} --insecure"
     plan = json.loads((out / "deploy.json").read_text())
     assert [s["name"] for s in plan["sites"]] == ["a", "b", "c"] and not plan["insecure"]
 
@@ -117,7 +123,9 @@ def test_deploy_init_insecure_only_when_asked_and_with_a_warning(tmp_path: Path)
     assert done.returncode == 0 and "warning: --insecure" in done.stderr
     assert not [p for p in out.rglob("*") if p.suffix in (".key", ".crt", ".pem", ".pub")]
     commands = (out / "COMMANDS.md").read_text()
-    assert "--enable-supernode-auth" not in commands and commands.count("--insecure") == 3  # SuperLink + 2 nodes
+    # SuperLink + 2 nodes, and each node's SuperExec on loopback
+    assert "--enable-supernode-auth" not in commands and commands.count("--insecure") == 5
+    assert commands.count("fedimb deploy superexec --runtime-api-address 127.0.0.1:") == 2
     assert tomllib.loads((out / "flwr/config.toml").read_text())["superlink"]["fedimb"]["insecure"] is True
 
 
@@ -239,6 +247,10 @@ def test_fedimb_app_runs_on_three_secured_sites_with_their_own_data(tmp_path: Pa
         _, err = run.communicate(timeout=900)
         assert run.returncode == 0 and "finished:completed" in err, err[-3000:]
     assert fed.leftovers() == []
+    logs = fed.work / "logs"
+    # deploy init's default: each site's SuperExec forked its ClientApp tasks warm; none started flwr-clientapp
+    assert all("Starting Flower SuperExec" in (logs / f"superexec-{site}.log").read_text() for site in "abc")
+    assert not [p.name for p in logs.glob("*.log") if "Start `flwr-clientapp` process" in p.read_text()]
     run_dir = next(runs.iterdir())
     rounds = _rows(runs)
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -139,6 +141,8 @@ def test_metered_grid_counts_the_records_both_ways():
     weights = ArrayRecord({"w": Array(np.zeros(250, dtype=np.float32))})  # 1,000 bytes of data
 
     class EchoGrid:
+        pull_interval = 0.1  # as Flower's in-memory grid: its own send_and_receive is used
+
         def send_and_receive(self, messages, *, timeout=None):
             return [Message(RecordDict({"arrays": m.content["arrays"]}), reply_to=m) for m in messages]
 
@@ -154,3 +158,44 @@ def test_metered_grid_counts_the_records_both_ways():
     counts = grid.take()
     assert counts["bytes_received"] == 2 * one and counts["bytes_sent"] > counts["bytes_received"]
     assert grid.take() == {"bytes_sent": 0, "bytes_received": 0}
+
+
+def test_a_deployed_server_pulls_replies_until_all_are_in_or_the_timeout_passes():
+    from flwr.app import ConfigRecord, Message
+
+    from fedimb.app import metering
+
+    class Reply:
+        def __init__(self, reply_to: str, node: int) -> None:
+            self.metadata = SimpleNamespace(reply_to_message_id=reply_to)
+            self.content = RecordDict({"config": ConfigRecord({"n": node})})
+
+        def has_error(self) -> bool:
+            return False
+
+    class SuperLinkGrid:
+        """Replies trickle in: one per pull; node 3 never answers."""
+
+        def __init__(self) -> None:
+            self.pending: list[Message] = []
+            self.pulls = 0
+
+        def push_messages(self, messages):
+            nodes = [m.metadata.dst_node_id for m in messages]  # the SuperLink names each message it stores
+            self.pending = [Reply(f"m{n}", n) for n in nodes if n != 3]
+            return [f"m{n}" for n in nodes]
+
+        def pull_messages(self, ids):
+            self.pulls += 1
+            return [self.pending.pop(0)] if self.pending else []
+
+    def messages(nodes):
+        return [Message(RecordDict({"config": ConfigRecord({"k": 1})}), dst_node_id=n, message_type="train")
+                for n in nodes]
+
+    link = SuperLinkGrid()
+    replies = metering.MeteredGrid(link).send_and_receive(messages([1, 2]))
+    assert sorted(r.content["config"]["n"] for r in replies) == [1, 2] and link.pulls == 2
+    started = time.time()
+    replies = metering.MeteredGrid(link).send_and_receive(messages([1, 2, 3]), timeout=1.0)
+    assert len(replies) == 2 and 1.0 <= time.time() - started < 1.0 + 2 * metering.REPLY_POLL_S

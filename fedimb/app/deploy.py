@@ -44,6 +44,7 @@ DEFAULT_CONNECTION = "fedimb"
 # every flwr process: offline, and no `uv sync` of the app's dependencies at a site
 FLWR_ENV = {key: OFFLINE_ENV[key] for key in ("FLWR_TELEMETRY_ENABLED", "FLWR_DISABLE_UPDATE_CHECK")} | {
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+CLIENTAPP_LAUNCHERS = ("warm", "flower")
 INSECURE_WARNING = ("warning: --insecure: no TLS and no node authentication. Anyone who can reach the "
                     "SuperLink can join the federation and read the model; use it on a closed test network only")
 
@@ -77,6 +78,9 @@ class DeployPlan:
     superlink_ca: str | None = None
     database: str = "superlink/state.db"
     flwr_config: str = "flwr/config.toml"
+    # how a site starts its ClientApp processes: "warm" (fedimb deploy superexec beside a SuperNode with
+    # --isolation process) or "flower" (the SuperNode's own SuperExec, a fresh process per message)
+    clientapp: str = "warm"
 
     @property
     def address(self) -> str:
@@ -137,7 +141,7 @@ def check_out(out: Path) -> None:
 
 
 def make_plan(sites: tuple[str, ...], host: str, port: int, node_port: int, data_root: str, connection: str,
-              insecure: bool) -> DeployPlan:
+              insecure: bool, clientapp: str = "warm") -> DeployPlan:
     """Where every file goes and which port every site uses."""
     site_plans = []
     for i, name in enumerate(sites):
@@ -147,10 +151,10 @@ def make_plan(sites: tuple[str, ...], host: str, port: int, node_port: int, data
             None if insecure else f"{folder}/ca.crt", None if insecure else f"{folder}/{name}.key",
             None if insecure else f"{folder}/{name}.key.pub", f"{folder}/node-config.toml", partition_id=i))
     if insecure:
-        return DeployPlan(host, port, connection, True, tuple(site_plans))
+        return DeployPlan(host, port, connection, True, tuple(site_plans), clientapp=clientapp)
     return DeployPlan(host, port, connection, False, tuple(site_plans), ca="ca/ca.crt",
                       server_cert="superlink/server.pem", server_key="superlink/server.key",
-                      superlink_ca="superlink/ca.crt")
+                      superlink_ca="superlink/ca.crt", clientapp=clientapp)
 
 
 def _toml_string(text: str) -> str:
@@ -247,7 +251,17 @@ def supernode_command(plan: DeployPlan, site: SitePlan, out: Path) -> list[str]:
     else:
         cmd += ["--root-certificates", str(out / str(site.ca)), "--auth-supernode-private-key",
                 str(out / str(site.private_key))]
+    if plan.clientapp == "warm":
+        cmd += ["--isolation", "process"]  # its SuperExec is superexec_command's, started beside it
     return [*cmd, "--port", str(site.port), "--node-config", node_config_arg(site)]
+
+
+def superexec_command(node_port: int, parent_pid: int | None = None) -> list[str]:
+    """``fedimb deploy superexec`` for a site whose SuperNode runs with ``--isolation process`` on
+    ``node_port``: its ClientApp tasks fork from a preloaded process. It dials the SuperNode's Runtime API
+    on loopback. ``parent_pid``: the SuperNode's, so that it exits with it."""
+    cmd = ["fedimb", "deploy", "superexec", "--runtime-api-address", f"127.0.0.1:{node_port}", "--insecure"]
+    return cmd + (["--parent-pid", str(parent_pid)] if parent_pid is not None else [])
 
 
 def _shell(cmd: list[str]) -> str:
@@ -280,9 +294,18 @@ def commands_text(plan: DeployPlan, out: Path) -> str:
         registers = "\n".join(_shell(register_command(plan, s, out)) for s in plan.sites)
         parts.append(f"## 3. Register each site's public key (once)\n\n```bash\n{registers}\n"
                      f"flwr supernode list {plan.connection}\n```\n")
-    nodes = "\n".join(f"# {s.name}\n{_shell(supernode_command(plan, s, out))}" for s in plan.sites)
+    warm = plan.clientapp == "warm"
+    nodes = "\n".join(f"# {s.name}\n{_shell(supernode_command(plan, s, out))}"
+                      + (f" &\n{_shell(superexec_command(s.port))}" if warm else "") for s in plan.sites)
     parts += [
         f"## {3 if plan.insecure else 4}. One SuperNode per site (on the site's machine)\n\n```bash\n{nodes}\n```\n",
+        ("Beside each SuperNode (started with `--isolation process`), `fedimb deploy superexec` serves its "
+         "ClientApp tasks: Flower's SuperExec whose task processes are forked from one that has already imported "
+         "Flower's runtime, numpy and torch, instead of a fresh `flwr-clientapp` process per message (each task "
+         "still loads the ClientApp from the submitted app). It talks to its SuperNode on loopback only. "
+         "`fedimb deploy init --clientapp flower` writes the SuperNodes without it, Flower's default.\n"
+         if warm else "Each SuperNode starts Flower's own SuperExec: a new `flwr-clientapp` process per "
+         "message (`fedimb deploy init --clientapp warm`, the default, forks them from a preloaded process).\n"),
         "`data-path` is the site's data as it is (a `.npz` with `x`/`y` and optionally `x_test`/`y_test`, a "
         "`datasets` `save_to_disk` folder, or an image folder `<class>/<image>` or `train/` + `test/`; see "
         "`fedimb/data/sites.py`). `fedimb partition CONFIG --export DIR` writes a simulated split as such "
@@ -316,7 +339,7 @@ def deploy_init(args: argparse.Namespace) -> int:
     check_out(out)
     if args.insecure:
         console.print(f"[yellow]{INSECURE_WARNING}[/]", highlight=False, soft_wrap=True)
-    plan = make_plan(sites, host, port, node_port, args.data_root, args.connection, args.insecure)
+    plan = make_plan(sites, host, port, node_port, args.data_root, args.connection, args.insecure, args.clientapp)
     write_deployment(plan, out)
     out = out.resolve()
     console.print(f"deployment for {len(sites)} site{'s' if len(sites) > 1 else ''} → {out} "
@@ -326,8 +349,16 @@ def deploy_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def deploy_superexec(args: argparse.Namespace) -> int:
+    """``fedimb deploy superexec ARGS``: Flower's SuperExec with warm ClientApp processes; runs until stopped."""
+    from fedimb.app.warm_superexec import main
+
+    main(list(args.args))
+    return 0
+
+
 def add_deploy_parser(sub: argparse._SubParsersAction) -> None:
-    """Register ``deploy init`` and ``deploy run`` under the ``fedimb`` command's subparsers."""
+    """Register ``deploy init``, ``deploy superexec`` and ``deploy run`` under the ``fedimb`` command's subparsers."""
     deploy = sub.add_parser("deploy", help="prepare a SuperLink/SuperNode deployment (certificates, keys, commands)")
     actions = deploy.add_subparsers(dest="deploy_command", required=True)
     init = actions.add_parser("init", help="a CA, the SuperLink certificate, site keys, the flwr connection and "
@@ -344,7 +375,15 @@ def add_deploy_parser(sub: argparse._SubParsersAction) -> None:
                       help=f"name of the flwr connection entry (default {DEFAULT_CONNECTION})")
     init.add_argument("--insecure", action="store_true",
                       help="no TLS and no node authentication (prints a warning; closed test networks only)")
+    init.add_argument("--clientapp", choices=CLIENTAPP_LAUNCHERS, default="warm",
+                      help="warm (default): each site's ClientApp tasks fork from a preloaded process (fedimb deploy "
+                           "superexec); flower: the SuperNode's own SuperExec, a new process per message")
     init.set_defaults(func=deploy_init)
+    superexec = actions.add_parser(
+        "superexec", help="a site's SuperExec whose ClientApp tasks fork from a preloaded process (flower-superexec's "
+                          "arguments)", add_help=False, prefix_chars="+")  # every --option is flower-superexec's
+    superexec.add_argument("args", nargs=argparse.REMAINDER, help="flower-superexec's arguments")
+    superexec.set_defaults(func=deploy_superexec)
 
     from fedimb.app.deploy_run import add_run_parser  # it imports this module
 

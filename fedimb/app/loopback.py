@@ -29,7 +29,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedimb.app.deploy import FLWR_ENV, DeployPlan, register_command, superlink_command, supernode_command
+from fedimb.app.deploy import (FLWR_ENV, DeployPlan, register_command, superexec_command, superlink_command,
+                               supernode_command)
 from fedimb.app.deploy_run import FlwrCli
 
 BIN = Path(sys.executable).parent
@@ -125,7 +126,7 @@ def stop_processes(pids: Iterable[int], groups: Iterable[int] = (), grace: float
 
 @dataclass
 class Started:
-    """One process this harness started, in its own process group, logging to ``log``."""
+    """One process this harness started, in a process group of its own (or its SuperNode's), logging to ``log``."""
 
     name: str
     proc: subprocess.Popen
@@ -165,12 +166,14 @@ class LoopbackDeployment:
 
     # ---------------------------------------------------------------- processes
 
-    def spawn(self, name: str, cmd: list[str], niceness: int = 0) -> Started:
-        """Start ``cmd`` in a process group of its own (``niceness`` added), output to ``logs/<name>.log``."""
+    def spawn(self, name: str, cmd: list[str], niceness: int = 0, group: int | None = None) -> Started:
+        """Start ``cmd`` in a process group of its own, or in process group ``group`` (``niceness`` added),
+        output to ``logs/<name>.log``. Groups stay in this session: a process may join only a group of its own
+        session."""
         log = self.work / "logs" / f"{name}.log"
         with open(log, "ab") as fh:
             proc = subprocess.Popen(cmd, cwd=self.work, env=self.env, stdout=fh, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True,
+                                    stdin=subprocess.DEVNULL, process_group=0 if group is None else group,
                                     preexec_fn=(lambda: os.nice(niceness)) if niceness else None)
         started = Started(name, proc, log)
         self.started.append(started)
@@ -217,7 +220,8 @@ class LoopbackDeployment:
         """Site ``site``'s SuperNode as COMMANDS.md starts it, on ``port``; ``node_config`` replaces its own.
 
         ``root_certificates=False`` leaves out ``--root-certificates`` (the node then trusts only
-        the system's CAs, not the deployment's).
+        the system's CAs, not the deployment's). With the plan's warm ClientApps, its ``fedimb deploy
+        superexec`` starts in the SuperNode's process group, so that killing the group ends the site.
         """
         plan = next(s for s in self.plan.sites if s.name == site)
         cmd = supernode_command(self.plan, plan, self.deploy_dir)
@@ -227,7 +231,11 @@ class LoopbackDeployment:
         if not root_certificates:
             at = cmd.index("--root-certificates")
             del cmd[at: at + 2]
-        return self.spawn(f"supernode-{site}", [*cmd, *extra], niceness=SITE_NICENESS)
+        node = self.spawn(f"supernode-{site}", [*cmd, *extra], niceness=SITE_NICENESS)
+        if self.plan.clientapp == "warm":
+            self.spawn(f"superexec-{site}", [str(BIN / "fedimb"), *superexec_command(port, node.proc.pid)[1:]],
+                       niceness=SITE_NICENESS, group=node.proc.pid)
+        return node
 
     def start_sites(self, timeout: float = 300.0) -> list[Started]:
         """Register every site of the plan, start its SuperNode on a free port, wait until all are online."""
