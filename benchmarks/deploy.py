@@ -283,6 +283,9 @@ def rows_of(method: str, side: str, f: dict[str, Any], groups: list[str]) -> tup
              f"{f['messages']}", f"{apps / f['messages']:.2f}", f"{f['load_before']:.2f}"])
 
 
+FLOWER_SIDE = (
+    "- **deployed, process per message**: the same with `deploy init --clientapp flower`, a second set of ten "
+    "SuperNodes that start Flower's own SuperExec, which starts a new `flwr-clientapp` process for every message.\n")
 INTRO = (
     "- **simulated**: `fedimb run CONFIG ... eval.federated=true`, Flower's simulation engine on Ray "
     "(1 CPU per virtual client, so two clients at a time on two cores); the server holds the test set and "
@@ -293,10 +296,7 @@ INTRO = (
     "ten keys registered and ten SuperNodes started (online after {up:.1f} s, once for both methods), then "
     "`fedimb deploy run CONFIG ...`. The server holds no data: its metrics are the federated ones. Each site's "
     "ClientApp tasks fork from a process that imported Flower's runtime, numpy and torch once (`fedimb deploy "
-    "superexec` beside a SuperNode with `--isolation process`, `deploy init`'s default).\n"
-    "- **deployed, process per message** (where run): the same with `deploy init --clientapp flower`, a second "
-    "set of ten SuperNodes that start Flower's own SuperExec, which starts a new `flwr-clientapp` process for "
-    "every message.\n\n"
+    "superexec` beside a SuperNode with `--isolation process`, `deploy init`'s default).\n{flower}\n"
     "Both sides run with `eval.federated=true federation.round_timeout=900` (no round waits Flower's "
     "default hour) and evaluate the same way: federated metrics are those of the "
     "summed confusion matrices of the sites' local test splits, in percent.\n\n"
@@ -326,6 +326,7 @@ def build_page(records: list[dict[str, Any]], where: Path, header: dict[str, Any
     warm_vs_flower = [f"{method} {got[(method, SIDES[2])]['per_round_s'] / got[(method, 'deployed')]['per_round_s']:.1f}×"
                       for method in methods if (method, "deployed") in got and (method, SIDES[2]) in got]
     up = deployed["deployment_up_s"]
+    flower = FLOWER_SIDE if any(side == SIDES[2] for _, side in got) else ""
     state = ("its state in a database, as COMMANDS.md starts it" if deployed["superlink_database"]
              else "its state in memory: COMMANDS.md's `--database` lost site replies under this load, see below")
     text = (
@@ -334,7 +335,7 @@ def build_page(records: list[dict[str, Any]], where: Path, header: dict[str, Any
         f"Machine: {header['machine']}; written {header['written']}.  \n"
         f"Experiment: `{CONFIG}` (Fashion-MNIST, global exp long tail rho = 10, Dirichlet(0.5) over 10 clients, "
         f"all sampled, LeNet, 1 local epoch) for {rounds} rounds, seed 0: one seed, so each figure is one run "
-        "and no spread is given.\n\n" + INTRO.format(up=up, state=state)
+        "and no spread is given.\n\n" + INTRO.format(up=up, state=state, flower=flower)
         + f"## Final metrics (round {rounds})\n\n"
         + table(["method", "run", "federated balanced acc.", "federated acc.", "federated macro-F1",
                  "federated tail recall", "central balanced acc.", "client acc. std"], metrics)
