@@ -3,7 +3,8 @@
 Secure by default: a CA, a SuperLink certificate for ``--host`` (plus localhost, 127.0.0.1
 and ::1), one node-authentication key pair per site, a ``flwr`` connection entry and a
 ``COMMANDS.md`` with the exact commands (SuperLink with TLS, ``--enable-supernode-auth`` and
-``--database``; register each site; start each SuperNode with its ``data-path``). Without TLS
+``--database``; register each site; start each SuperNode with its ``data-path``, and beside it the
+``fedimb deploy superexec`` that forks its ClientApp tasks warm). Without TLS
 and node authentication only with ``--insecure``, which prints a warning. Nothing is printed
 of a key or certificate but its path.
 

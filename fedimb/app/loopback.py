@@ -3,7 +3,8 @@
 :class:`LoopbackDeployment` starts the SuperLink as COMMANDS.md does (TLS,
 ``--enable-supernode-auth``, ``--database``) in a work folder with a private ``FLWR_HOME``,
 waits for ``/health``, registers site keys, starts SuperNodes (each in its own process group,
-with its own ``--port`` and ``--node-config``), submits an app with ``flwr run APP CONN --format
+with its own ``--port`` and ``--node-config``, and its warm ``fedimb deploy superexec`` in that
+group unless the plan says ``--clientapp flower``), submits an app with ``flwr run APP CONN --format
 json`` and polls ``flwr ls`` until the run is ``finished:*``. :meth:`LoopbackDeployment.stop`
 stops exactly the process groups it started (and any child that left its group), first
 SIGTERM, then SIGKILL. The loopback tests and ``benchmarks/deploy.py`` drive deployments
