@@ -32,8 +32,9 @@ from flwr.supercore.constant import ExecutorType, TaskType
 from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
 from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResult
 
-FORK_SERVER = Path(__file__).resolve().with_name("clientapp_forkserver.py")
-READY = "ready"  # the fork server's first line once it has preloaded
+from fedimb.app.clientapp_forkserver import READY  # the fork server's first line once it has preloaded
+
+FORK_SERVER = Path(__file__).resolve().with_name("clientapp_forkserver.py")  # started by path, not as a module
 
 
 def task_line(spec: ExecutionSpec) -> str:
