@@ -384,14 +384,14 @@ def main(argv: list[str] | None = None) -> int:
     args, header, page = parse(parser, sys.argv[1:] if argv is None else argv)
     if args.rounds < 2:
         parser.error("--rounds must be at least 2: seconds per round leave round 1 out")
+    unknown = sorted(set(args.flower_methods) - set(args.methods))
+    if unknown:
+        parser.error(f"--flower-methods {' '.join(unknown)}: not among --methods {' '.join(args.methods)}")
     if not args.from_records:
         signal.signal(signal.SIGTERM, _stop)  # so the deployment's processes are stopped on the way out
         out = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
         overrides = {m: method_overrides(m, args.rounds, args.overrides) for m in args.methods}
         simulated = [simulate(m, overrides[m], out) for m in args.methods]
-        unknown = sorted(set(args.flower_methods) - set(args.methods))
-        if unknown:
-            parser.error(f"--flower-methods {' '.join(unknown)}: not among --methods {' '.join(args.methods)}")
         deployed = deploy(args.methods, overrides, out, args.database)
         if args.flower_methods:
             deployed += deploy(args.flower_methods, overrides, out, args.database, clientapp="flower")

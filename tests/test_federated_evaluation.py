@@ -141,10 +141,14 @@ def test_metered_grid_counts_the_records_both_ways():
     weights = ArrayRecord({"w": Array(np.zeros(250, dtype=np.float32))})  # 1,000 bytes of data
 
     class EchoGrid:
-        pull_interval = 0.1  # as Flower's in-memory grid: its own send_and_receive is used
+        pull_interval = 0.1  # as Flower's in-memory grid
 
-        def send_and_receive(self, messages, *, timeout=None):
-            return [Message(RecordDict({"arrays": m.content["arrays"]}), reply_to=m) for m in messages]
+        def push_messages(self, messages):
+            self.replies = [Message(RecordDict({"arrays": m.content["arrays"]}), reply_to=m) for m in messages]
+            return [m.metadata.message_id for m in messages]
+
+        def pull_messages(self, ids):
+            return self.replies
 
         def get_node_ids(self):
             return [1, 2]

@@ -29,6 +29,9 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
 PRELOAD = ("numpy", "torch", "torch.optim", "torch._dynamo", "omegaconf", "flwr.app", "flwr.clientapp",
            "flwr.supernode.runtime.run_clientapp", "flwr.supercore.tls")
 READY = "ready"
+# a task line's fields: what ``flwr-clientapp`` gets on its command line, named as Flower's ExecutionSpec names them
+TASK_FIELDS = ("runtime_api_address", "token", "insecure", "root_certificates_path", "parent_pid",
+               "runtime_dependency_install")
 TASK_NAME = "flwr-clientapp"
 
 

@@ -234,8 +234,8 @@ class LoopbackDeployment:
             del cmd[at: at + 2]
         node = self.spawn(f"supernode-{site}", [*cmd, *extra], niceness=SITE_NICENESS)
         if self.plan.clientapp == "warm":
-            self.spawn(f"superexec-{site}", [str(BIN / "fedimb"), *superexec_command(port, node.proc.pid)[1:]],
-                       niceness=SITE_NICENESS, group=node.proc.pid)
+            self.spawn(f"superexec-{site}", superexec_command(port, node.proc.pid), niceness=SITE_NICENESS,
+                       group=node.proc.pid)
         return node
 
     def start_sites(self, timeout: float = 300.0) -> list[Started]:

@@ -77,11 +77,10 @@ class MeteredGrid:
         return replies
 
     def _exchange(self, messages: list[Message], timeout: float | None) -> list[Message]:
-        """Push, then pull replies until all are in or ``timeout`` passes. Flower's in-memory grid (simulation)
-        does this every 0.1 s itself; its grid for a SuperLink asks only every 3 s, which a deployed phase
-        would wait on twice a round, so here it asks every :data:`REPLY_POLL_S`."""
-        if hasattr(self._grid, "pull_interval"):
-            return list(self._grid.send_and_receive(messages, timeout=timeout))
+        """Push, then pull replies until all are in or ``timeout`` passes, as Flower's ``send_and_receive``
+        does, but asking at the in-memory grid's own interval (simulation, 0.1 s) or every :data:`REPLY_POLL_S`
+        (Flower's grid for a SuperLink asks every 3 s, which a deployed phase would wait on twice a round)."""
+        poll_s = getattr(self._grid, "pull_interval", REPLY_POLL_S)
         waiting = set(self._grid.push_messages(messages))
         end = time.time() + (timeout or 0.0)
         replies: list[Message] = []
@@ -91,7 +90,7 @@ class MeteredGrid:
             waiting -= {m.metadata.reply_to_message_id for m in pulled}
             if not waiting:
                 break
-            time.sleep(REPLY_POLL_S)
+            time.sleep(poll_s)
         return replies
 
     def take(self) -> dict[str, int]:

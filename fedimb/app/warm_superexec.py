@@ -32,17 +32,14 @@ from flwr.supercore.constant import ExecutorType, TaskType
 from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
 from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResult
 
-from fedimb.app.clientapp_forkserver import READY  # the fork server's first line once it has preloaded
+from fedimb.app.clientapp_forkserver import READY, TASK_FIELDS
 
 FORK_SERVER = Path(__file__).resolve().with_name("clientapp_forkserver.py")  # started by path, not as a module
 
 
 def task_line(spec: ExecutionSpec) -> str:
     """One task for the fork server: what ``flwr-clientapp`` would get on its command line."""
-    return json.dumps({"runtime_api_address": spec.runtime_api_address, "token": spec.token,
-                       "insecure": spec.insecure, "root_certificates_path": spec.root_certificates_path,
-                       "parent_pid": spec.parent_pid,
-                       "runtime_dependency_install": spec.runtime_dependency_install}) + "\n"
+    return json.dumps({field: getattr(spec, field) for field in TASK_FIELDS}) + "\n"
 
 
 class WarmClientAppExecutor(SubprocessExecutor):
@@ -51,7 +48,7 @@ class WarmClientAppExecutor(SubprocessExecutor):
     def __init__(self) -> None:
         self._server = subprocess.Popen([sys.executable, str(FORK_SERVER)], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, text=True, bufsize=1)
-        # the preload is paid here, when the site starts, not at its first message
+        # the preload is paid here, when the site starts, not at its first message; READY says it is done
         ready = self._server.stdout.readline().strip() if self._server.stdout else ""
         if ready != READY:
             self._server.kill()
