@@ -11,6 +11,7 @@
     # generators trained by each client alone against the federated one:
     fedimb bench synthetic --seeds 0 1 2 --methods fedavg fedavg_syn fedavg_syn_local --doc docs/results/synthetic_local.md
     fedimb bench synthetic --from-records [--doc PAGE]      # a page again from its records, nothing trained
+    fedimb bench synthetic --add --seeds 0 1 2 3 4 --methods cafedcl_syn   # rerun one method beside the others
 
 Runs the cells of experiments/suites/synthetic_fmnist.yaml (or --suite; FMNIST-LT rho = 100, dir_balance
 alpha = 0.1, 10 clients) through the sweep runner, seeds outermost, finished runs reused. Each
@@ -35,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from fedimb.app.cli import guarded
-from fedimb.app.pages import (PageRun, bench_parser, by_label, floors_section, floors_table, mean_std, parse,
+from fedimb.app.pages import (PageRun, add_option, bench_parser, by_label, floors_section, floors_table, mean_std, parse,
                               store_runs, table)
 from fedimb.app.sweep import PlannedRun, choose, execute, failure, plan_sweep
 from fedimb.report import REPORT_METRICS as METRICS
@@ -182,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/sweeps/synthetic_fmnist")
     parser.add_argument("--last-rounds", type=int, default=5, metavar="K",
                         help="average each run's last K rounds (0: final round only), as the imbalance benchmark")
+    add_option(parser)
     parser.add_argument("overrides", nargs="*")
     args, header, page = parse(parser, sys.argv[1:] if argv is None else argv)
 
@@ -191,8 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         chosen = choose(planned, args.methods, seeds_outermost=True, field="methods")
         finished, failed = execute(chosen, sweep_dir)
         copy_grids(finished, page.folder)
-        store_runs(page, header, [r.run_dir for r in finished], failed, len(chosen))
+        store_runs(page, header, [r.run_dir for r in finished], failed, len(chosen), add=args.add)
     runs = page.runs()
+    # added runs sit beside earlier calls' methods, so the page shows every method it holds
+    methods_shown = list(dict.fromkeys(r.label for r in runs)) if args.add else args.methods
     reports: dict[tuple[int, str], dict] = {}  # (seed, sampler and where trained): the quality report of its pools
     for run in runs:
         key = (run.seed, _generator_label(run.cfg.synthetic))
@@ -203,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
                          and (page.folder / f"grid_s{run.seed}.png").is_file()})
     # metrics as the imbalance benchmark reads them: the mean of each run's last K rounds
     rows = collect_runs([r.run for r in runs], last_rounds=args.last_rounds)
-    finals: dict[str, list[dict]] = {label: [] for label in args.methods}
+    finals: dict[str, list[dict]] = {label: [] for label in methods_shown}
     for run, row in zip(runs, rows, strict=True):
         finals[run.label].append(row)
     first = runs[0].cfg
@@ -212,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     fed, train = first.federation, first.train
     gen = generator_table(reports, syn_cfg, fed.num_clients)
     methods = method_table({k: v for k, v in finals.items() if v})
-    classes = per_class_table(by_label(runs, args.methods), args.last_rounds)
+    classes = per_class_table(by_label(runs, methods_shown), args.last_rounds)
     split = "test set" if first.eval.split == "test" else f"{first.eval.split} split"
     decay = "".join(f", lr × {train.lr_decay_factor:g} after round {int(at * fed.rounds)}" for at in train.lr_decay_at)
     window = (f"mean of each run's last {args.last_rounds} rounds" if args.last_rounds > 0 else "final round")

@@ -66,3 +66,20 @@ def test_paired_text_says_within_noise():
 
     assert paired_text([0.5, -1.5]) == "-0.50 ± 1.00 (within noise)"
     assert noise_note([]) == "" and "tail share" in noise_note(["tail share"])
+
+
+def test_fal_floors_are_measured_on_the_seeds_both_samplers_ran():
+    fal = load_benchmark("fal")
+    # fairfal and entropy ran seeds 0-4, random seeds 0-2 only: random's comparison uses seeds 0-2
+    curves = {"fairfal": [[70.0], [72.0], [71.0], [60.0], [60.0]], "random": [[68.0], [69.0], [70.0]],
+              "entropy": [[69.0], [71.0], [70.0], [61.0], [59.0]]}
+    tails = {"fairfal": [0.12, 0.10, 0.11, 0.13, 0.12], "random": [0.06, 0.06, 0.06],
+             "entropy": [0.11, 0.11, 0.11, 0.11, 0.11]}
+    seeds = {"fairfal": [0, 1, 2, 3, 4], "random": [0, 1, 2], "entropy": [0, 1, 2, 3, 4]}
+    text, ok = fal.floors(curves, tails, seeds)
+    # over random, seeds 0-2: +2, +3, +1 (unpaired means over 5 and 3 seeds would give 66.6 - 69.0 < 0)
+    assert "| accuracy at the last share over random | +2.00 ± 0.82 | +2.00 | > 0 | yes |" in text
+    # over entropy, seeds 0-4: +1, +1, +1, -1, +1 -> +0.60 ± 0.80, within noise
+    assert "| accuracy at the last share over entropy | +0.60 ± 0.80 (within noise) | +0.60 | > 0 | yes |" in text
+    assert "| tail share of queries over entropy | +0.60 ± 1.02 (within noise) | +0.60 | > 0 | yes |" in text
+    assert ok
