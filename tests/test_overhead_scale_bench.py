@@ -1,4 +1,4 @@
-"""The overhead and scale benchmarks: their pages from records, and (slow) one tiny real run of each."""
+"""The overhead, scale and GPU benchmarks: their pages from records, and (slow) one tiny real run."""
 
 from __future__ import annotations
 
@@ -83,6 +83,39 @@ def _rebuilds_the_same(bench, doc) -> None:
 
 
 @pytest.mark.slow
+def test_gpu_page_reads_speed_utilisation_and_placement_from_records():
+    bench = load_benchmark("gpu")
+    header = {**HEADER, "command": "fedimb bench gpu", "clients": 100, "card": "Test GPU"}
+    started = 1000.0
+    gpu = _measured("fedimb", 10.0, 8.0, fraction=0.0625, clients=100, rounds=3, local_epochs=1, started=started,
+                    round_ends_s=[10.0, 14.0, 16.0, 18.0], clients_per_gpu={"0": 300},
+                    # idle while the actors start (before round 1 ends), busy after it
+                    gpu_samples=[[started + 12.0, 5.0, 900.0], [started + 15.0, 60.0, 2000.0],
+                                 [started + 17.0, 80.0, 2100.0]])
+    cpu = _measured("fedimb", 10.0, 16.0, fraction=0.0, clients=100, rounds=3, local_epochs=1, started=started,
+                    round_ends_s=[10.0, 16.0, 20.0, 24.0])
+    assert bench.utilisation(gpu) == (70.0, 2100.0)
+    text, comparison = bench.build_page(header, [gpu, cpu], "gpu", "")
+    # 1 round in 2 s after round 1 on the card, 1 in 4 s on the CPU
+    assert "| GPU, 0.0625 of the card per client | 10.0 | 4.0 | 0.500 | 2.00 | 70.0 | 2100 | 0: 300 | 50.00 | ok |" \
+        in comparison
+    assert "| CPU | 10.0 | 6.0 | 0.250 | – | – | – | – | 50.00 | ok |" in comparison
+    assert "card: Test GPU" in text
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the GPU sides run on a CUDA machine")
+def test_gpu_benchmark_without_cuda_stops_with_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "fedimb.app.cli", "bench", "gpu", "--out", str(tmp_path),
+                           "--doc", str(tmp_path / "gpu.md")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and not (tmp_path / "gpu.md").exists()
+    assert done.stderr.strip().splitlines() == [
+        "config error: --fractions: the GPU sides need a CUDA GPU that PyTorch can use, and this machine has none: "
+        "run on a GPU machine, or measure the CPU side alone with --fractions"]
+
+
 def test_overhead_runs_each_side_in_its_own_process(tmp_path):
     bench = load_benchmark("overhead")
     doc = tmp_path / "docs" / "overhead.md"
