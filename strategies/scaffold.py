@@ -1,8 +1,8 @@
 """SCAFFOLD (Karimireddy et al., ICML 2020), as in NIID-Bench.
 
 Server keeps a control variate c. Each round it sends c with the weights (record
-``control``); clients correct every gradient by c − c_i and reply their weights plus
-Δc_i (record ``control-delta``). The server averages weights as FedAvg does and updates
+``control``); clients move their weights by −lr·(c − c_i) after every optimiser step and
+reply their weights plus Δc_i (record ``control-delta``). The server averages weights as FedAvg does and updates
 c ← c + (1/N) Σ_{i∈S} Δc_i, N the number of clients in the federation.
 """
 
