@@ -24,7 +24,6 @@ import csv
 import io
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -45,30 +44,21 @@ SMI_QUERY = ["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=
 SAMPLE_S = 0.5
 
 
-class GpuWatch:
+class GpuWatch(overhead.PeriodicSampler):
     """Samples of (time, utilisation %, memory MiB) of GPU 0 from ``nvidia-smi`` while it runs."""
 
     def __init__(self, every: float = SAMPLE_S) -> None:
-        self.every, self.samples = every, []
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
+        super().__init__(every)
+        self.samples: list[list[float]] = []
 
-    def __enter__(self) -> GpuWatch:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.done.set()
-        self.thread.join()
-
-    def _loop(self) -> None:
-        while not self.done.wait(self.every):
-            try:
-                out = subprocess.run(SMI_QUERY, capture_output=True, text=True, timeout=5, check=True).stdout
-                util, memory = (float(v) for v in out.strip().splitlines()[0].split(","))
-            except (OSError, subprocess.SubprocessError, ValueError, IndexError):
-                continue
-            self.samples.append([round(time.time(), 3), util, memory])
+    def sample(self) -> None:
+        """One ``nvidia-smi`` reading (none when it fails)."""
+        try:
+            out = subprocess.run(SMI_QUERY, capture_output=True, text=True, timeout=5, check=True).stdout
+            util, memory = (float(v) for v in out.strip().splitlines()[0].split(","))
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+            return
+        self.samples.append([round(time.time(), 3), util, memory])
 
 
 def card_name() -> str:

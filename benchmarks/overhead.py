@@ -81,22 +81,15 @@ def machine() -> dict[str, Any]:
 # --- measuring one process and its tree ----------------------------------------------------------
 
 
-class TreeWatch:
-    """Peak summed RSS and PSS of the processes whose environment holds ``MARKER=token``, from /proc.
+class PeriodicSampler:
+    """Calls :meth:`sample` every ``every`` seconds on a thread, from entering a ``with`` block to leaving it."""
 
-    Ray's processes inherit the environment of the process that starts Ray, so they are found
-    even where they are not its children. A process living less than a sample is missed.
-    """
-
-    def __init__(self, token: str, every: float = SAMPLE_S) -> None:
-        self.entry, self.every = f"{MARKER}={token}".encode(), every
-        self.marked: dict[tuple[int, str], bool] = {}
-        self.peak_rss = self.peak_pss = self.peak_processes = 0
-        self.live: set[int] = set()
+    def __init__(self, every: float) -> None:
+        self.every = every
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
-    def __enter__(self) -> TreeWatch:
+    def __enter__(self) -> Any:
         self.thread.start()
         return self
 
@@ -107,6 +100,25 @@ class TreeWatch:
     def _loop(self) -> None:
         while not self.done.wait(self.every):
             self.sample()
+
+    def sample(self) -> None:
+        """Take one sample."""
+        raise NotImplementedError
+
+
+class TreeWatch(PeriodicSampler):
+    """Peak summed RSS and PSS of the processes whose environment holds ``MARKER=token``, from /proc.
+
+    Ray's processes inherit the environment of the process that starts Ray, so they are found
+    even where they are not its children. A process living less than a sample is missed.
+    """
+
+    def __init__(self, token: str, every: float = SAMPLE_S) -> None:
+        super().__init__(every)
+        self.entry = f"{MARKER}={token}".encode()
+        self.marked: dict[tuple[int, str], bool] = {}
+        self.peak_rss = self.peak_pss = self.peak_processes = 0
+        self.live: set[int] = set()
 
     def _is_marked(self, proc: Path) -> bool:
         try:
