@@ -16,6 +16,7 @@ over seeds), the tail share of queries and the floors, and writes docs/results/f
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,14 @@ def learning_curves(runs: list[PageRun]) -> tuple[dict[str, list[list[float]]], 
     return curves, tails, fractions, seeds
 
 
+def sampler_order(samplers: Iterable[str]) -> list[str]:
+    """FairFAL first, then the suite's order; a sampler the suite does not name last."""
+    import yaml
+
+    suite = ["fairfal", *yaml.safe_load(SUITE.read_text())["axes"]["sampler"]]
+    return sorted(samplers, key=lambda s: suite.index(s) if s in suite else len(suite))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen samplers and seeds, print and write the learning-curve table."""
     parser = bench_parser("fal", __doc__, DOC)
@@ -133,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         store_runs(page, header, [r.run_dir for r in finished], failed, len(chosen), add=args.add)
     curves, tails, fractions, seeds = learning_curves(page.runs())
     # added runs sit beside earlier calls' samplers, so the page shows every sampler it holds
-    shown = list(curves) if args.add else [s for s in args.samplers if s in curves]
+    shown = sampler_order(curves) if args.add else [s for s in args.samplers if s in curves]
     rows = []
     for label in shown:
         acc = np.array(curves[label])

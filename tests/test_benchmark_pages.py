@@ -83,3 +83,8 @@ def test_fal_floors_are_measured_on_the_seeds_both_samplers_ran():
     assert "| accuracy at the last share over entropy | +0.60 ± 0.80 (within noise) | +0.60 | > 0 | yes |" in text
     assert "| tail share of queries over entropy | +0.60 ± 1.02 (within noise) | +0.60 | > 0 | yes |" in text
     assert ok
+
+
+def test_fal_page_lists_fairfal_first_then_the_suites_samplers():
+    fal = load_benchmark("fal")
+    assert fal.sampler_order(["kafal", "random", "fairfal", "entropy"]) == ["fairfal", "random", "entropy", "kafal"]
