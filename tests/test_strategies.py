@@ -215,3 +215,20 @@ def test_local_sgd_matches_torch_sgd_step_for_step():
             opt.step()
     for a, b in zip(ours.parameters(), theirs.parameters()):
         assert torch.equal(a, b)
+
+
+def test_local_training_hands_the_model_back_in_the_default_layout():
+    """Training runs channels-last; the weights a client exports afterwards are in the default layout."""
+    from clients.algorithms.base import ClientAlgorithm
+    from fedimb.models import build_model
+
+    model = build_model("lenet", (1, 28, 28), 10)
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    loss_fn, params = build_loss("ce", {})
+    cfg = TrainConfig(local_epochs=1, lr=0.1, batch_size=8, momentum=0.9, weight_decay=0.0)
+    plain = ClientAlgorithm(round_of(model, before, RecordDict(), RecordDict()))
+    train_local(model, x, y, cfg, loss_fn, params, LossContext(torch.ones(10)), plain, seed=0)
+    conv2 = model.body[0][3].weight  # 16 x 6 x 5 x 5: channels-last strides differ from the default ones
+    assert all(p.is_contiguous() for p in model.parameters()) and conv2.is_contiguous()
+    assert not torch.equal(conv2, before["body.0.3.weight"])  # it trained
