@@ -82,7 +82,6 @@ def _rebuilds_the_same(bench, doc) -> None:
     assert doc.read_bytes() == before
 
 
-@pytest.mark.slow
 def test_gpu_page_reads_speed_utilisation_and_placement_from_records():
     bench = load_benchmark("gpu")
     header = {**HEADER, "command": "fedimb bench gpu", "clients": 100, "card": "Test GPU"}
@@ -116,6 +115,7 @@ def test_gpu_benchmark_without_cuda_stops_with_one_line(tmp_path):
         "run on a GPU machine, or measure the CPU side alone with --fractions"]
 
 
+@pytest.mark.slow
 def test_overhead_runs_each_side_in_its_own_process(tmp_path):
     bench = load_benchmark("overhead")
     doc = tmp_path / "docs" / "overhead.md"
