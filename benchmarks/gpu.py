@@ -20,8 +20,6 @@ whose CUDA PyTorch cannot use stops with one line before any work.
 
 from __future__ import annotations
 
-import csv
-import io
 import subprocess
 import sys
 import time
@@ -33,6 +31,7 @@ from fedimb.app.cli import guarded
 from fedimb.app.gpus import GPU_COLUMN
 from fedimb.app.pages import bench_parser, parse, save_records, table
 from fedimb.config import ConfigError, load_config
+from fedimb.records import read_rounds_csv
 
 overhead = load_benchmark("overhead")  # the measuring: one process and its tree, its rounds
 scale = load_benchmark("scale")  # round 1 and the later rounds of a side's record
@@ -90,17 +89,14 @@ def side_overrides(clients: int, rounds: int, fraction: float, extra: list[str])
             f"federation.rounds={rounds}", "eval.every=1", "eval.client_every=0", *device]
 
 
-def clients_per_gpu(run: Path) -> dict[str, int]:
+def replies_per_gpu_id(run: Path) -> dict[str, int]:
     """Train replies per GPU id over the run, from ``rounds.csv``'s ``clients_on_gpu_<id>`` columns."""
-    path = run / "rounds.csv"
-    if not path.is_file():
-        return {}
     served: dict[str, int] = {}
-    for row in csv.DictReader(io.StringIO(path.read_text())):
+    for row in read_rounds_csv(run / "rounds.csv"):
         for key, value in row.items():
-            if key.startswith(GPU_COLUMN) and value not in ("", None):
+            if key.startswith(f"{GPU_COLUMN}_"):
                 gpu = key[len(GPU_COLUMN) + 1:]
-                served[gpu] = served.get(gpu, 0) + int(float(value))
+                served[gpu] = served.get(gpu, 0) + int(value)
     return served
 
 
@@ -116,23 +112,26 @@ def utilisation(record: dict[str, Any]) -> tuple[float | None, float | None]:
 
 def rounds_per_s(record: dict[str, Any]) -> float | None:
     """Rounds per second after round 1 (None without them)."""
-    later = scale.phases(record)[1] if record.get("round_ends_s") else None
+    later = scale.phases(record)[1]
     return 1.0 / later if later else None
 
 
 def side_name(record: dict[str, Any]) -> str:
+    """The side as the page names it."""
     return f"GPU, {record['fraction']:g} of the card per client" if record["fraction"] else "CPU"
 
 
 def build_page(header: dict[str, Any], records: list[dict[str, Any]], folder: str, notes: str) -> tuple[str, str]:
     """The page's text and its comparison table."""
     fmt = overhead.fmt
-    rows, cpu = [], next((r for r in records if not r["fraction"] and r["fixed_s"] is not None), None)
+    cpu = next((r for r in records if not r["fraction"] and r["fixed_s"] is not None), None)
+    cpu_speed = rounds_per_s(cpu) if cpu else None
+    rows = []
     for r in records:
-        first, _ = scale.phases(r) if r.get("round_ends_s") else (None, None)
+        first, _ = scale.phases(r)
         util, memory = utilisation(r)
         speed = rounds_per_s(r)
-        over_cpu = overhead.ratio(speed, rounds_per_s(cpu)) if cpu and r is not cpu else None
+        over_cpu = overhead.ratio(speed, cpu_speed) if r is not cpu else None
         served = ", ".join(f"{gpu}: {n}" for gpu, n in sorted(r.get("clients_per_gpu", {}).items())) or "–"
         status = "ok" if r["fixed_s"] is not None else f"failed (exit {r['exit_code']}): {scale.failure_line(r)}"
         rows.append([side_name(r), fmt(r["fixed_s"]), fmt(first), fmt(speed, 3), fmt(over_cpu, 2), fmt(util),
@@ -186,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                                                side_overrides(args.clients, args.rounds, fraction, args.overrides),
                                                where, args.timeout, name=f"gpu-{fraction:g}", fraction=fraction,
                                                clients=args.clients)
-                record.update(gpu_samples=watch.samples, clients_per_gpu=clients_per_gpu(where / "run"))
+                record.update(gpu_samples=watch.samples, clients_per_gpu=replies_per_gpu_id(where / "run"))
                 overhead.append(measurements, record)
         records = [r for r in overhead.collected(measurements, ("fraction", "clients", "rounds"))
                    if r["clients"] == args.clients and r["rounds"] == args.rounds]

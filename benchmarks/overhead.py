@@ -44,7 +44,7 @@ import time
 import uuid
 from pathlib import Path
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 from fedimb.app.cli import guarded
 from fedimb.app.pages import bench_parser, floors_table, floors_verdict, parse, save_records, table
@@ -89,7 +89,7 @@ class PeriodicSampler:
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
-    def __enter__(self) -> Any:
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 

@@ -86,19 +86,9 @@ def train_local(
 
     Shuffling is drawn from ``seed`` so a client's round is reproducible. Samples from position
     ``real_count`` on are synthetic; each weighs ``synthetic_weight`` real samples in the loss.
-    The convolutions run channels-last and the model is handed back in the default layout.
+    The convolutions run channels-last; the model is handed back in the default layout.
     """
     model.to(memory_format=torch.channels_last)
-    try:
-        return _train_epochs(model, x, y, cfg, loss_fn, loss_params, loss_ctx, algorithm, seed,
-                             real_count, synthetic_weight)
-    finally:
-        model.to(memory_format=torch.contiguous_format)
-
-
-def _train_epochs(model: FeatureClassifier, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, loss_fn: LossFn,
-                  loss_params: Any, loss_ctx: LossContext, algorithm: ClientAlgorithm, seed: int,
-                  real_count: int | None, synthetic_weight: float) -> TrainResult:
     model.train()
     optimiser = MomentumSGD(list(model.parameters()), lr=cfg.lr, momentum=cfg.momentum,
                             weight_decay=cfg.weight_decay)
@@ -122,6 +112,8 @@ def _train_epochs(model: FeatureClassifier, x: torch.Tensor, y: torch.Tensor, cf
             algorithm.after_step(cfg.lr)
             steps += 1
             loss_sum += float(loss.detach())
+    # the weights a client exports next are read in the default layout (a failed round exports none)
+    model.to(memory_format=torch.contiguous_format)
     return TrainResult(num_examples=n, steps=steps, mean_loss=loss_sum / max(steps, 1))
 
 
