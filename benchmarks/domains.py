@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from fedimb.app.cli import guarded
-from fedimb.app.pages import (PageRun, add_option, bench_parser, floors_section, floors_table, mean_std, paired_text, parse,
+from fedimb.app.pages import (PageRun, add_option, command_line, bench_parser, floors_section, floors_table, mean_std, paired_text, parse,
                               store_runs, table)
 from fedimb.app.sweep import choose, execute, failure, is_finished, plan_sweep
 from fedimb.config import DomainsConfig, ExperimentConfig
@@ -319,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             finished, failed = execute(chosen, sweep_dir, resume=True)
         store_runs(page, header, [r.run_dir for r in finished], failed, len(chosen), add=args.add)
+    header = page.header()
     runs = page.runs()
     for weighting, name in GRIDS.items():
         if not args.from_records and draw_grid(runs, page.folder / name, weighting):
@@ -351,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     print(floor_text)
     page.write(
         "# Acquisition domains on FMNIST-LT: the (class, domain) top-up\n\n"
-        f"Command: `{header['command']}`  \nMachine: {header['machine']}; written {header['written']}.  \n"
+        f"{command_line(header)}  \nMachine: {header['machine']}; written {header['written']}.  \n"
         f"Setting: {setting_text(first, loop, float(np.mean(per_seed)), args.suite)}  \n"
         f"Seeds: {', '.join(map(str, seeds))}; each row says which seeds it has. Figures in percent, mean ± std "
         "(population) over seeds; a paired difference is per seed, the arm minus the other arm of the same seed, "

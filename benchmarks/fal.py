@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from fedimb.app.cli import guarded
-from fedimb.app.pages import (PageRun, add_option, bench_parser, floors_section, floors_table, mean_std, noise_note, paired_text, parse, store_runs,
+from fedimb.app.pages import (PageRun, add_option, command_line, bench_parser, floors_section, floors_table, mean_std, noise_note, paired_text, parse, store_runs,
                               table)
 from fedimb.app.sweep import choose, execute, failure, is_finished, plan_sweep
 from fedimb.records import save_figure
@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             finished, failed = execute(chosen, sweep_dir)
         store_runs(page, header, [r.run_dir for r in finished], failed, len(chosen), add=args.add)
+    header = page.header()
     curves, tails, fractions, seeds = learning_curves(page.runs())
     # added runs sit beside earlier calls' samplers, so the page shows every sampler it holds
     shown = sampler_order(curves) if args.add else [s for s in args.samplers if s in curves]
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if curves:
         plot_curves({k: curves[k] for k in shown}, fractions, page.folder / "curves.png")
     notes, rel = page.notes(), page.records.relative_to(page.doc.parent)
-    page.write(f"# Federated active learning on FMNIST-LT\n\nCommand: `{header['command']}`"
+    page.write(f"# Federated active learning on FMNIST-LT\n\n{command_line(header)}"
                f"  \nWritten {header['written']}. Setting: {setting}. Test accuracy (%) "
                "per labelled share, mean ± std over seeds; tail share = share of all queried samples "
                "(true labels) that belong to the rarest third of classes, pooled over steps, mean over seeds. "

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from fedimb.app.cli import guarded
-from fedimb.app.pages import (PageRun, add_option, bench_parser, floors_section, floors_table, page_runs, paired_text, parse,
+from fedimb.app.pages import (PageRun, add_option, command_line, bench_parser, floors_section, floors_table, page_runs, paired_text, parse,
                               save_records, table)
 from fedimb.app.sweep import PlannedRun, choose, execute, failure, is_finished, plan_sweep, result_knobs
 from fedimb.config import ConfigError, ExperimentConfig, load_config
@@ -359,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             raise failure(failed, total, None) if failed else ConfigError(
                 "runs", f"none of the {total} chosen runs has finished; {page.doc} is left as it is")
         save_records(page, header, [record_of(d) for d in run_dirs], add=args.add)
-    records = read_records(page.records)[1]
+    header, records = read_records(page.records)
     runs = page_runs(records, page.records)
     labels = list(dict.fromkeys(r.label for r in runs))
     methods = list(dict.fromkeys(label.split("_", 1)[0] for label in labels))
@@ -387,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     print(floor_text)
     page.write(
         "# Failing and hostile clients on FMNIST-LT\n\n"
-        f"Command: `{header['command']}`  \nMachine: {header['machine']}; written {header['written']}.  \n"
+        f"{command_line(header)}  \nMachine: {header['machine']}; written {header['written']}.  \n"
         f"Setting: `experiments/quickstart.yaml` ({DATASETS.get(first.data.dataset, first.data.dataset)}, exp long tail rho = {first.imbalance.factor:g}, "
         f"Dirichlet({first.partition.alpha:g}) over {fed.num_clients} clients, all sampled, {first.model.name}) for "
         f"{fed.rounds} rounds × {train.local_epochs} local epoch (SGD lr {train.lr:g}, momentum {train.momentum:g}, "

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from fedimb.app.cli import guarded
-from fedimb.app.pages import (add_option, bench_parser, floors_section, floors_table, noise_note, paired_text, parse,
+from fedimb.app.pages import (add_option, commands_text, bench_parser, floors_section, floors_table, noise_note, paired_text, parse,
                               records_of, save_records, table)
 from fedimb.report import (aggregate, collect_runs, find_run_dirs, read_records, results_markdown, run_of_record,
                            write_report)
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         tuning_runs = find_run_dirs(args.tuning) if Path(args.tuning).is_dir() else []
         fresh = records_of(sweep_runs, group="sweep") + records_of(tuning_runs, group="tuning")
         save_records(page, header, fresh, add=args.add)
-    records = read_records(page.records)[1]
+    header, records = read_records(page.records)
     runs = [run_of_record(r, page.records) for r in records if r["group"] == "sweep"]
     tuning_runs = [run_of_record(r, page.records) for r in records if r["group"] == "tuning"]
     write_report(runs, page.folder, last_rounds=args.last_rounds)
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
               else "Final-round metrics")
     text = (
         "# Imbalance-aware methods on FMNIST-LT\n\n"
-        f"Written {header['written']} by `{header['command']}` "
+        f"Written {header['written']} by {commands_text(header)} "
         "from the finished runs of these sweeps (the (n) in each cell counts the seeds that exist)\n\n"
         "```\nfedimb sweep experiments/suites/cafedcl_tuning.yaml                      # validation split, seed 0\n"
         "fedimb sweep experiments/suites/imbalance_fmnist.yaml --seeds 0 1 2 --only "

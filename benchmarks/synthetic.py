@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from fedimb.app.cli import guarded
-from fedimb.app.pages import (PageRun, add_option, bench_parser, by_label, floors_section, floors_table, mean_std, parse,
+from fedimb.app.pages import (PageRun, add_option, command_line, bench_parser, by_label, floors_section, floors_table, mean_std, parse,
                               store_runs, table)
 from fedimb.app.sweep import PlannedRun, choose, execute, failure, plan_sweep
 from fedimb.report import REPORT_METRICS as METRICS
@@ -194,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         finished, failed = execute(chosen, sweep_dir)
         copy_grids(finished, page.folder)
         store_runs(page, header, [r.run_dir for r in finished], failed, len(chosen), add=args.add)
+    header = page.header()
     runs = page.runs()
     # added runs sit beside earlier calls' methods, so the page shows every method it holds
     methods_shown = list(dict.fromkeys(r.label for r in runs)) if args.add else args.methods
@@ -235,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     title_split = "" if split == "test set" else f" ({split})"
     page.write(
         f"# Synthetic minority samples on FMNIST-LT{title_split}\n\n"
-        f"Command: `{header['command']}`"
+        f"{command_line(header)}"
         f"  \nWritten {header['written']}. Setting: {setting}.\n\n## The federated generator\n\n"
         "Training wall time covers the whole federated generator phase (Flower rounds included) on "
         "this machine; images/s is guided DDIM sampling of 100 images per class in the server process. "

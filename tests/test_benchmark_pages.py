@@ -61,6 +61,22 @@ def test_added_runs_replace_their_records_and_keep_the_others():
         ("b", "sweep", 1), ("a", "tuning", 1), ("a", "sweep", 2), ("c", "sweep", 2)]
 
 
+def test_a_page_kept_over_added_calls_names_every_call(tmp_path):
+    from fedimb.app.pages import Page, command_line, save_records
+
+    page = Page(tmp_path / "page.md")
+    first = {"command": "fedimb bench fal --seeds 0 1 2", "args": ["--seeds", "0", "1", "2"], "written": "w1"}
+    save_records(page, first, [{"name": "random-s0"}])
+    assert command_line(page.header()) == "Command: `fedimb bench fal --seeds 0 1 2`"
+    for seeds in ("3", "4"):
+        save_records(page, {"command": f"fedimb bench fal --add --seeds {seeds}", "args": [], "written": "w2"},
+                     [{"name": f"random-s{seeds}"}], add=True)
+    assert command_line(page.header()) == ("Commands: `fedimb bench fal --seeds 0 1 2`, then "
+                                           "`fedimb bench fal --add --seeds 3`, then `fedimb bench fal --add --seeds 4`")
+    save_records(page, first, [{"name": "random-s0"}])  # a call without --add starts the records again
+    assert command_line(page.header()) == "Command: `fedimb bench fal --seeds 0 1 2`"
+
+
 def test_paired_text_says_within_noise():
     from fedimb.app.pages import noise_note, paired_text
 

@@ -52,6 +52,10 @@ class Page:
         path = self.folder / NOTES
         return path.read_text(encoding="utf-8") if path.is_file() else ""
 
+    def header(self) -> dict[str, Any]:
+        """The header stored with the page's records: the command(s) that wrote them, when, where."""
+        return read_records(self.records)[0]
+
     def runs(self) -> list[PageRun]:
         """The sweep runs in the page's records, in their order."""
         return page_runs(read_records(self.records)[1], self.records)
@@ -127,10 +131,13 @@ def store_runs(page: Page, header: dict[str, Any], run_dirs: list[Path], failed:
 def save_records(page: Page | Path, header: dict[str, Any], records: list[dict[str, Any]],
                  add: bool = False) -> list[dict[str, Any]]:
     """Store ``records`` with the page header (in ``page.records``, or the file given; ``add``: beside the
-    records already there, see :func:`merged_records`); return them as read back."""
+    records already there, see :func:`merged_records`, and the header lists every call that added runs in
+    ``calls``); return them as read back."""
     path = page.records if isinstance(page, Page) else page
     if add and Path(path).is_file():
-        records = merged_records(read_records(path)[1], records)
+        kept_header, kept = read_records(path)
+        records = merged_records(kept, records)
+        header = {**header, "calls": [*kept_header.get("calls", [kept_header["command"]]), header["command"]]}
     write_records(path, header, records)
     return read_records(path)[1]
 
@@ -170,6 +177,16 @@ def by_label(runs: list[PageRun], labels: list[str]) -> dict[str, list[PageRun]]
 
 
 # --- markdown pieces ---------------------------------------------------------------------------
+
+
+def commands_text(header: dict[str, Any]) -> str:
+    """The command that wrote a page's records, or each call in order where later ones added runs (``--add``)."""
+    return ", then ".join(f"`{call}`" for call in header.get("calls", [header["command"]]))
+
+
+def command_line(header: dict[str, Any]) -> str:
+    """A page's ``Command:`` line (``Commands:`` where several calls wrote its records)."""
+    return f"{'Commands' if len(header.get('calls', [])) > 1 else 'Command'}: {commands_text(header)}"
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
