@@ -36,8 +36,8 @@ from pathlib import Path
 import numpy as np
 
 from fedimb.app.cli import guarded
-from fedimb.app.pages import (PageRun, add_option, command_line, bench_parser, by_label, floors_section, floors_table, mean_std, parse,
-                              store_runs, table)
+from fedimb.app.pages import (PageRun, add_option, bench_parser, by_label, command_line, floors_section, floors_table,
+                              margin_note, mean_std, noise_note, paired_text, parse, store_runs, table)
 from fedimb.app.sweep import PlannedRun, choose, execute, failure, plan_sweep
 from fedimb.report import REPORT_METRICS as METRICS
 from fedimb.report import collect_runs, last_rounds_mean
@@ -106,28 +106,45 @@ def generator_floor_lines(reports: dict[tuple[int, str], dict]) -> tuple[str, bo
     return floors_table(["seed", "floor", "measured", "needed", "holds"], checks, signed=False)
 
 
+def paired(finals: dict[str, list[dict]], ours: str, other: str, metric: str) -> np.ndarray:
+    """Per-seed differences ours − other of ``metric``, in points, over the seeds both ran."""
+    by = {label: {int(f["seed"]): 100 * float(f[metric]) for f in finals[label]} for label in (ours, other)}
+    return np.array([by[ours][s] - by[other][s] for s in sorted(by[ours]) if s in by[other]])
+
+
 def floor_lines(finals: dict[str, list[dict]]) -> tuple[str, bool]:
-    """Markdown rows checking the floors (points over fedavg) for every synthetic method."""
+    """Markdown rows checking the floors (points over fedavg) for every synthetic method, each measured by the
+    mean of its per-seed paired differences (the seeds both ran), with a note where they are within noise."""
     if "fedavg" not in finals or not finals["fedavg"]:
         return "(no fedavg runs: floors not checked)", False
-    base = {m: 100 * np.mean([f[m] for f in finals["fedavg"]]) for m in FLOORS}
-    checks = [([f"{label} (n = {len(runs)})", f"{metric} over fedavg"],
-               100 * np.mean([f[metric] for f in runs]) - base[metric], ">=", needed)
-              for label, runs in finals.items() if label != "fedavg" and runs for metric, needed in FLOORS.items()]
-    return floors_table(["method", "floor", "measured", "needed", "holds"], checks)
+    checks, within, thin = [], [], []
+    for label, runs in finals.items():
+        if label == "fedavg" or not runs:
+            continue
+        for metric, needed in FLOORS.items():
+            diffs, name = paired(finals, label, "fedavg", metric), f"{label}, {metric} over fedavg"
+            text = paired_text(diffs)
+            checks.append(([f"{label} (n = {len(diffs)})", f"{metric} over fedavg", text],
+                           float(diffs.mean()) if len(diffs) else float("nan"), ">=", needed))
+            if "within noise" in text:
+                within.append(name)
+            elif len(diffs) > 1 and abs(diffs.mean() - needed) < diffs.std():
+                thin.append(name)
+    text, ok = floors_table(["method", "floor", "paired per seed (mean ± std)", "measured", "needed", "holds"], checks)
+    return text + noise_note(within) + margin_note(thin), ok
 
 
 def method_table(finals: dict[str, list[dict]]) -> str:
-    """Mean ± std over seeds of the metrics, in percent, plus deltas to fedavg."""
-    base = {m: 100 * np.mean([f[m] for f in finals.get("fedavg", [])]) for m in METRICS} if "fedavg" in finals else None
+    """Mean ± std over seeds of the metrics, in percent, plus the per-seed paired differences to fedavg."""
     rows = []
     for label, runs in finals.items():
         cells = [mean_std(100 * np.array([f[metric] for f in runs])) for metric in METRICS]
         deltas = ["", ""]
-        if base is not None and label != "fedavg":
-            deltas = [f"{100 * np.mean([f[m] for f in runs]) - base[m]:+.2f}" for m in ("balanced_accuracy", "tail_recall")]
+        if finals.get("fedavg") and label != "fedavg":
+            deltas = [paired_text(paired(finals, label, "fedavg", m)) for m in ("balanced_accuracy", "tail_recall")]
         rows.append([label, f"{len(runs)}", *cells, *deltas])
-    return table(["method", "seeds", *METRICS, "Δ bal. acc.", "Δ tail recall"], rows)
+    return table(["method", "seeds", *METRICS, "Δ bal. acc. (paired per seed)", "Δ tail recall (paired per seed)"],
+                 rows)
 
 
 def per_class_table(runs: dict[str, list[PageRun]], last_rounds: int) -> str:

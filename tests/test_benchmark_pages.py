@@ -50,6 +50,24 @@ def test_generator_floors_are_checked_per_seed_and_sampler():
     assert ok and "local" not in lines  # the floors are the federated generator's
 
 
+def test_synthetic_floors_are_paired_per_seed_and_say_how_sure_they_are():
+    bench = _synthetic_benchmark()
+
+    def run(seed: int, bal: float, tail: float) -> dict:
+        return {**dict.fromkeys(bench.METRICS, 0.5), "seed": seed, "balanced_accuracy": bal / 100,
+                "tail_recall": tail / 100}
+
+    # fedavg ran seeds 0-2, the synthetic method seeds 1-3: paired over seeds 1 and 2 only
+    finals = {"fedavg": [run(0, 60, 50), run(1, 70, 60), run(2, 74, 70)],
+              "fedavg_syn": [run(1, 74, 64), run(2, 76, 77), run(3, 50, 40)]}
+    lines, ok = bench.floor_lines(finals)
+    # balanced accuracy: +4, +2 -> +3.00 ± 1.00; tail recall: +4, +7 -> +5.50 ± 1.50 (0.5 over the floor of 5)
+    assert "| fedavg_syn (n = 2) | balanced_accuracy over fedavg | +3.00 ± 1.00 | +3.00 | >= 2 | yes |" in lines
+    assert "| fedavg_syn (n = 2) | tail_recall over fedavg | +5.50 ± 1.50 | +5.50 | >= 5 | yes |" in lines
+    assert ok and lines.endswith("do not settle whether it holds: fedavg_syn, tail_recall over fedavg.")
+    assert "+3.00 ± 1.00 | +5.50 ± 1.50 |" in bench.method_table(finals)
+
+
 def test_added_runs_replace_their_records_and_keep_the_others():
     from fedimb.app.pages import merged_records
 

@@ -222,6 +222,15 @@ def noise_note(within: list[str]) -> str:
             f"the sign: {'; '.join(within)}.")
 
 
+def margin_note(thin: list[str]) -> str:
+    """The paragraph naming the floors whose margin (measured − needed) is smaller than the std of their per-seed
+    paired differences ('' for none): such a floor holds or fails on these seeds, not beyond their spread."""
+    if not thin:
+        return ""
+    return ("\n\nMargin over the floor within noise (|mean − needed| < std of the per-seed paired differences), "
+            f"so these seeds do not settle whether it holds: {'; '.join(thin)}.")
+
+
 _NEEDS = {">": operator.gt, ">=": operator.ge, "<=": operator.le}
 
 
