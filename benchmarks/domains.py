@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from fedimb.app.cli import guarded
-from fedimb.app.pages import (PageRun, add_option, command_line, bench_parser, floors_section, floors_table, mean_std, paired_text, parse,
+from fedimb.app.pages import (PageRun, add_option, bench_parser, command_line, floors_section, floors_table, mean_std, paired_text, parse,
                               store_runs, table)
 from fedimb.app.sweep import choose, execute, failure, is_finished, plan_sweep
 from fedimb.config import DomainsConfig, ExperimentConfig

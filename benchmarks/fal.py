@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from fedimb.app.cli import guarded
-from fedimb.app.pages import (PageRun, add_option, command_line, bench_parser, floors_section, floors_table, mean_std, noise_note, paired_text, parse, store_runs,
+from fedimb.app.pages import (PageRun, add_option, bench_parser, command_line, floors_section, floors_table, mean_std, noise_note, paired_text, parse, store_runs,
                               table)
 from fedimb.app.sweep import choose, execute, failure, is_finished, plan_sweep
 from fedimb.records import save_figure

@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from fedimb.app.cli import guarded
-from fedimb.app.pages import (add_option, commands_text, bench_parser, floors_section, floors_table, noise_note, paired_text, parse,
-                              records_of, save_records, table)
+from fedimb.app.pages import (add_option, bench_parser, commands_text, floors_section, floors_table, margin_note,
+                              margin_within_noise, noise_note, paired_text, parse, records_of, save_records, table)
 from fedimb.report import (aggregate, collect_runs, find_run_dirs, read_records, results_markdown, run_of_record,
                            write_report)
 
@@ -74,7 +74,8 @@ def floors(groups: list[dict], rows: list[dict], cafedcl: str, fedprotos: list[s
                             [([name, paired_text(diffs)], value, ">" if need == 0 else ">=", need)
                              for name, value, need, diffs in checks])
     within = [name for name, _, _, diffs in checks if "within noise" in paired_text(diffs)]
-    text += noise_note(within)
+    thin = [name for name, _, need, diffs in checks if name not in within and margin_within_noise(diffs, need)]
+    text += noise_note(within) + margin_note(thin)
     if not_run:
         text += f"\n\nNot run on this setting, so not checked: {', '.join(f'`{label}`' for label in not_run)}."
     for label in apart:

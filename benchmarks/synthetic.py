@@ -37,7 +37,7 @@ import numpy as np
 
 from fedimb.app.cli import guarded
 from fedimb.app.pages import (PageRun, add_option, bench_parser, by_label, command_line, floors_section, floors_table,
-                              margin_note, mean_std, noise_note, paired_text, parse, store_runs, table)
+                              margin_note, margin_within_noise, mean_std, noise_note, paired_text, parse, store_runs, table)
 from fedimb.app.sweep import PlannedRun, choose, execute, failure, plan_sweep
 from fedimb.report import REPORT_METRICS as METRICS
 from fedimb.report import collect_runs, last_rounds_mean
@@ -128,7 +128,7 @@ def floor_lines(finals: dict[str, list[dict]]) -> tuple[str, bool]:
                            float(diffs.mean()) if len(diffs) else float("nan"), ">=", needed))
             if "within noise" in text:
                 within.append(name)
-            elif len(diffs) > 1 and abs(diffs.mean() - needed) < diffs.std():
+            elif margin_within_noise(diffs, needed):
                 thin.append(name)
     text, ok = floors_table(["method", "floor", "paired per seed (mean ± std)", "measured", "needed", "holds"], checks)
     return text + noise_note(within) + margin_note(thin), ok

@@ -222,6 +222,13 @@ def noise_note(within: list[str]) -> str:
             f"the sign: {'; '.join(within)}.")
 
 
+def margin_within_noise(diffs: Any, needed: float) -> bool:
+    """Whether a floor's margin, mean(diffs) − needed, is smaller than the std of the per-seed paired ``diffs``
+    (a floor of 0 is the sign itself: see :func:`paired_text`)."""
+    diffs = np.asarray(diffs, dtype=np.float64)
+    return needed != 0 and len(diffs) > 1 and abs(diffs.mean() - needed) < diffs.std()
+
+
 def margin_note(thin: list[str]) -> str:
     """The paragraph naming the floors whose margin (measured − needed) is smaller than the std of their per-seed
     paired differences ('' for none): such a floor holds or fails on these seeds, not beyond their spread."""
