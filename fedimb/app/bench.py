@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from fedimb.app.pages import Page
+from fedimb.app.pages import Page, commands_text
 from fedimb.config import ConfigError
 from fedimb.records import atomic_write_text
 from fedimb.report import read_records
@@ -163,7 +163,7 @@ def index_text(results: Path = RESULTS) -> str:
         if listed.benchmark:
             page = Page(path)
             doc = "" if load_benchmark(listed.benchmark).DOC == str(RESULTS / listed.page) else f" --doc {RESULTS / listed.page}"
-            lines += [f"- made by: `{read_records(page.records)[0]['command']}`",
+            lines += [f"- made by: {commands_text(read_records(page.records)[0])}",
                       f"- rebuilt from its records: `fedimb bench {listed.benchmark} --from-records{doc}`",
                       f"- beside it, in `{page.folder.name}/`: " + ", ".join(sorted(p.name for p in page.folder.iterdir()))]
         else:
