@@ -6,7 +6,7 @@
 
 Runs the chosen cells of experiments/niid_bench/suite.yaml through the sweep runner (finished
 runs are reused, interrupted ones resumed from their checkpoint) and keeps a small record of
-each run (best accuracy and its round, accuracy per round, wall time per round) in
+each run as soon as it finishes (best accuracy and its round, accuracy per round, wall time per round) in
 docs/results/niid_bench/records.jsonl.gz, beside the records of earlier calls. Then prints,
 per cell, the mean ± std over every recorded seed of best accuracy over rounds, the reference,
 the difference and wall time per round, and writes the table to docs/results/niid_bench.md.
@@ -52,6 +52,12 @@ def record_of(run: PlannedRun) -> dict:
             "source": f"{run.run_dir}"}
 
 
+def with_records(records: list[dict], finished: list[PlannedRun]) -> list[dict]:
+    """``records`` with those of the ``finished`` runs (replacing any of the same name), sorted by name."""
+    new = {rec["name"]: rec for rec in map(record_of, finished)}
+    return sorted({**{rec["name"]: rec for rec in records}, **new}.values(), key=lambda r: r["name"])
+
+
 def comparison(records: list[dict], cells: list[str]) -> str:
     """Per cell: best accuracy over every recorded seed against the reference."""
     rows = []
@@ -94,9 +100,12 @@ def main(argv: list[str] | None = None) -> int:
         runs, sweep_dir = plan_sweep(SUITE, args.overrides, Path(args.out), seeds=args.seeds)
         chosen = choose(runs, args.cells)
         if not args.table_only:
-            finished, failed = execute(chosen, sweep_dir, resume=True)
-            new = {rec["name"]: rec for rec in map(record_of, finished)}
-            records = sorted({**{rec["name"]: rec for rec in records}, **new}.values(), key=lambda r: r["name"])
+            def keep(run: PlannedRun) -> None:  # each run's record as soon as it finishes
+                nonlocal records
+                records = save_records(store, header, with_records(records, [run]))
+
+            finished, failed = execute(chosen, sweep_dir, resume=True, on_finished=keep)
+            records = with_records(records, finished)
             total = len(chosen)
         records = save_records(store, header, records)
     text = comparison(records, args.cells)

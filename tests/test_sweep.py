@@ -88,6 +88,26 @@ def test_a_failed_run_does_not_stop_the_sweep(tmp_path, monkeypatch, capsys):
     assert "fedprox" not in (tmp_path / "sweep" / "results.md").read_text()
 
 
+def test_each_finished_run_is_handed_over_before_the_next_one_starts(tmp_path, monkeypatch):
+    import fedimb.app.simulation as simulation
+    from fedimb.app.sweep import execute
+
+    def finish_unless_fedprox(cfg, run_dir, **kwargs):  # stands in for training: a run finishes or fails
+        if cfg.strategy.name == "fedprox":
+            raise simulation.RunError("run failed: injected")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "summary.json").write_text("{}")
+
+    monkeypatch.setattr(simulation, "run_experiment", finish_unless_fedprox)
+    runs, out = plan_sweep(write_suite(tmp_path), out=tmp_path / "out")  # fedavg s0, s1, fedprox s0, s1
+    handed: list[tuple[str, list[str]]] = []
+    finished, failed = execute(runs, out, on_finished=lambda run: handed.append(
+        (run.run_dir.name, sorted(p.parent.name for p in out.glob("runs/*/summary.json")))))
+    # fedavg-s0 is handed over while it is the only finished run; failed runs are not handed over
+    assert handed == [("fedavg-s0", ["fedavg-s0"]), ("fedavg-s1", ["fedavg-s0", "fedavg-s1"])]
+    assert failed == ["fedprox-s0", "fedprox-s1"] and [r.run_dir.name for r in finished] == ["fedavg-s0", "fedavg-s1"]
+
+
 def fake_finished(run, cfg) -> None:
     """A run directory as a finished run of ``cfg`` leaves it: its config and a summary."""
     run.run_dir.mkdir(parents=True)

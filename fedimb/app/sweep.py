@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fnmatch
 import itertools
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -160,13 +161,15 @@ def choose(runs: list[PlannedRun], labels: list[str], seeds_outermost: bool = Fa
     return chosen
 
 
-def execute(runs: list[PlannedRun], sweep_dir: Path, dry_run: bool = False,
-            resume: bool = False) -> tuple[list[PlannedRun], list[str]]:
+def execute(runs: list[PlannedRun], sweep_dir: Path, dry_run: bool = False, resume: bool = False,
+            on_finished: Callable[[PlannedRun], None] | None = None) -> tuple[list[PlannedRun], list[str]]:
     """Run every planned run not yet finished; return the finished runs and the names of failed ones.
 
     Every run is checked, and a stale finished run stops everything, before the first one trains.
     A run that fails does not stop the others. ``resume``: a run that left a checkpoint and no
-    summary continues from it instead of starting over.
+    summary continues from it instead of starting over. ``on_finished``: called with each run this
+    call trains to its end, before the next one starts (so a caller can keep its record even if a
+    later run is stopped).
     """
     from fedimb.app.simulation import RunError, check_before_run, run_experiment
 
@@ -190,6 +193,9 @@ def execute(runs: list[PlannedRun], sweep_dir: Path, dry_run: bool = False,
         except RunError as exc:
             console.print(f"[red]{run.run_dir.name}: {exc}[/]", highlight=False, soft_wrap=True)
             failed.append(run.run_dir.name)
+            continue
+        if on_finished is not None:
+            on_finished(run)
     return [r for r in runs if (r.run_dir / "summary.json").is_file()], failed
 
 
