@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from fedimb.app.cli import guarded
-from fedimb.app.pages import (PageRun, add_option, bench_parser, command_line, floors_section, floors_table, mean_std, paired_text, parse,
-                              store_runs, table)
+from fedimb.app.pages import (CallRecords, PageRun, add_option, bench_parser, command_line, floors_section, floors_table,
+                              mean_std, paired_text, parse, store_runs, table)
 from fedimb.app.sweep import choose, execute, failure, is_finished, plan_sweep
 from fedimb.config import DomainsConfig, ExperimentConfig
 from fedimb.metrics import DOMAIN_COLUMN_PREFIX, WORST_DOMAIN_COLUMN
@@ -312,13 +312,15 @@ def main(argv: list[str] | None = None) -> int:
 
     failed: list[str] = []
     if not args.from_records:
+        records = CallRecords(page, header, args.add)
         planned, sweep_dir = plan_sweep(ROOT / args.suite, args.overrides, Path(args.out), seeds=args.seeds)
         chosen = choose(planned, args.cells or list(dict.fromkeys(r.label for r in planned)), seeds_outermost=True)
         if args.table_only:
             finished = [r for r in chosen if is_finished(r)]
         else:
-            finished, failed = execute(chosen, sweep_dir, resume=True)
-        store_runs(page, header, [r.run_dir for r in finished], failed, len(chosen), add=args.add)
+            finished, failed = execute(chosen, sweep_dir, resume=True,
+                                       on_finished=lambda run: records.keep([run.run_dir]))
+        store_runs(records, [r.run_dir for r in finished], failed, len(chosen))
     header = page.header()
     runs = page.runs()
     for weighting, name in GRIDS.items():

@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from fedimb.app.cli import guarded
-from fedimb.app.pages import (PageRun, add_option, bench_parser, command_line, floors_section, floors_table, mean_std, noise_note, paired_text, parse, store_runs,
-                              table)
+from fedimb.app.pages import (CallRecords, PageRun, add_option, bench_parser, command_line, floors_section, floors_table,
+                              mean_std, noise_note, paired_text, parse, store_runs, table)
 from fedimb.app.sweep import choose, execute, failure, is_finished, plan_sweep
 from fedimb.records import save_figure
 
@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
     failed: list[str] = []
     if not args.from_records:
+        records = CallRecords(page, header, args.add)
         protocol = [] if args.full else [f"model.name={args.model}", f"active_learning.rounds_per_step={args.rounds}"]
         protocol_name = "full" if args.full else f"{args.model}_r{args.rounds}"
         # One folder per protocol: runs of another protocol keep their own names and are never reused here.
@@ -138,8 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.table_only:
             finished = [r for r in chosen if is_finished(r)]
         else:
-            finished, failed = execute(chosen, sweep_dir)
-        store_runs(page, header, [r.run_dir for r in finished], failed, len(chosen), add=args.add)
+            finished, failed = execute(chosen, sweep_dir, on_finished=lambda run: records.keep([run.run_dir]))
+        store_runs(records, [r.run_dir for r in finished], failed, len(chosen))
     header = page.header()
     curves, tails, fractions, seeds = learning_curves(page.runs())
     # added runs sit beside earlier calls' samplers, so the page shows every sampler it holds

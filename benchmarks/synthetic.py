@@ -36,8 +36,9 @@ from pathlib import Path
 import numpy as np
 
 from fedimb.app.cli import guarded
-from fedimb.app.pages import (PageRun, add_option, bench_parser, by_label, command_line, floors_section, floors_table,
-                              margin_note, margin_within_noise, mean_std, noise_note, paired_text, parse, store_runs, table)
+from fedimb.app.pages import (CallRecords, PageRun, add_option, bench_parser, by_label, command_line, floors_section,
+                              floors_table, margin_note, margin_within_noise, mean_std, noise_note, paired_text, parse,
+                              store_runs, table)
 from fedimb.app.sweep import PlannedRun, choose, execute, failure, plan_sweep
 from fedimb.report import REPORT_METRICS as METRICS
 from fedimb.report import collect_runs, last_rounds_mean
@@ -206,11 +207,12 @@ def main(argv: list[str] | None = None) -> int:
 
     failed: list[str] = []
     if not args.from_records:
+        records = CallRecords(page, header, args.add)
         planned, sweep_dir = plan_sweep(ROOT / args.suite, args.overrides, Path(args.out), seeds=args.seeds)
         chosen = choose(planned, args.methods, seeds_outermost=True, field="methods")
-        finished, failed = execute(chosen, sweep_dir)
+        finished, failed = execute(chosen, sweep_dir, on_finished=lambda run: records.keep([run.run_dir]))
         copy_grids(finished, page.folder)
-        store_runs(page, header, [r.run_dir for r in finished], failed, len(chosen), add=args.add)
+        store_runs(records, [r.run_dir for r in finished], failed, len(chosen))
     header = page.header()
     runs = page.runs()
     # added runs sit beside earlier calls' methods, so the page shows every method it holds

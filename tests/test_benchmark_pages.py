@@ -95,6 +95,31 @@ def test_a_page_kept_over_added_calls_names_every_call(tmp_path):
     assert command_line(page.header()) == "Command: `fedimb bench fal --seeds 0 1 2`"
 
 
+def test_a_call_keeps_each_finished_run_beside_the_earlier_records(tmp_path):
+    from fedimb.app.pages import CallRecords, Page, command_line, save_records
+    from fedimb.report import read_records
+
+    def finished_run(name: str, value: int) -> Path:
+        run_dir = tmp_path / "runs" / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(f"seed: {value}\n")
+        (run_dir / "summary.json").write_text(f'{{"v": {value}}}')
+        return run_dir
+
+    page = Page(tmp_path / "page.md")
+    save_records(page, {"command": "first", "args": [], "written": "w"}, [{"name": "a-s0"}, {"name": "b-s0"}])
+    call = CallRecords(page, {"command": "second --add", "args": [], "written": "w"}, add=True)
+    call.keep([finished_run("b-s0", 1)])  # replaces the earlier b-s0 at once: a stop after it loses nothing
+    assert [(r["name"], r.get("summary")) for r in read_records(page.records)[1]] == [("a-s0", None), ("b-s0", {"v": 1})]
+    call.keep([finished_run("c-s0", 2)])
+    call.keep([finished_run("b-s0", 3), finished_run("c-s0", 2)])  # the call's end: every run it finished
+    header, records = read_records(page.records)
+    assert [(r["name"], r.get("summary")) for r in records] == [("a-s0", None), ("b-s0", {"v": 3}), ("c-s0", {"v": 2})]
+    assert command_line(header) == "Commands: `first`, then `second --add`"  # the call named once
+    CallRecords(page, {"command": "third", "args": [], "written": "w"}).keep([finished_run("d-s0", 4)])
+    assert [r["name"] for r in read_records(page.records)[1]] == ["d-s0"]  # without --add: this call's runs only
+
+
 def test_paired_text_says_within_noise():
     from fedimb.app.pages import noise_note, paired_text
 

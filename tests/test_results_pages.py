@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fedimb.app.bench import PAGES, index_text, rebuild, run_benchmark
-from fedimb.app.pages import Page, store_runs
+from fedimb.app.pages import CallRecords, Page, store_runs
 from fedimb.app.sweep import choose, plan_sweep
 from fedimb.config import ConfigError
 from fedimb.records import RunRecorder, load_run
@@ -86,7 +86,7 @@ def test_a_page_keeps_its_records_when_no_run_finished(tmp_path):
     copy = _copy_page("niid_bench.md", tmp_path)
     before = copy.records.read_bytes()
     with pytest.raises(ConfigError, match="none of the 3 chosen runs has finished"):
-        store_runs(copy, {"command": "x"}, [], [], 3)
+        store_runs(CallRecords(copy, {"command": "x"}), [], [], 3)
     assert copy.records.read_bytes() == before
 
 

@@ -7,8 +7,8 @@ A page ``docs/results/NAME.md`` keeps what it is built from in ``docs/results/NA
     notes.md           the hand-written reading, inserted where the page puts it (optional)
     *.png              plots and sample grids
 
-A benchmark (``fedimb bench NAME``) runs its cells through the sweep runner, stores the
-finished runs in the records file, then builds the page from that file alone, so
+A benchmark (``fedimb bench NAME``) runs its cells through the sweep runner, stores each
+finished run in the records file as it finishes, then builds the page from that file alone, so
 ``fedimb bench NAME --from-records`` (no training, no run directories) rebuilds it byte for byte.
 """
 
@@ -114,18 +114,40 @@ def merged_records(kept: list[dict[str, Any]], added: list[dict[str, Any]]) -> l
     return [r for r in kept if (r["name"], r.get("group")) not in names] + added
 
 
-def store_runs(page: Page, header: dict[str, Any], run_dirs: list[Path], failed: list[str], total: int,
-               add: bool = False) -> None:
-    """Keep the finished runs as the page's records (``add``: beside its earlier ones); with none, leave the
-    page and its records as they are."""
+def with_call(kept_header: dict[str, Any], header: dict[str, Any]) -> dict[str, Any]:
+    """``header`` of a call that adds runs to records written under ``kept_header``: ``calls`` lists every call."""
+    return {**header, "calls": [*kept_header.get("calls", [kept_header["command"]]), header["command"]]}
+
+
+class CallRecords:
+    """The records file of a page as one benchmark call leaves it: the page's earlier records (with ``add``)
+    and the runs this call finished, written again each time :meth:`keep` is given more, so a call stopped
+    part-way keeps the runs it finished (``--from-records`` then rebuilds the page from them)."""
+
+    def __init__(self, page: Page, header: dict[str, Any], add: bool = False) -> None:
+        self.page, self.header = page, header
+        self.earlier: list[dict[str, Any]] = []
+        self.added: list[dict[str, Any]] = []
+        if add and page.records.is_file():
+            kept_header, self.earlier = read_records(page.records)
+            self.header = with_call(kept_header, header)
+
+    def keep(self, run_dirs: list[Path]) -> None:
+        """Record these finished runs (a run recorded before by this call is replaced) and write the file."""
+        self.added = merged_records(self.added, records_of(run_dirs))
+        write_records(self.page.records, self.header, merged_records(self.earlier, self.added))
+
+
+def store_runs(records: CallRecords, run_dirs: list[Path], failed: list[str], total: int) -> None:
+    """Keep the finished runs in the call's records; with none, leave the page and its records as they are."""
     from fedimb.app.sweep import failure
 
     if not run_dirs:
         if failed:
             raise failure(failed, total, None)
-        raise ConfigError("runs", f"none of the {total} chosen runs has finished; {page.doc} and its records "
-                                  "are left as they are")
-    save_records(page, header, records_of(run_dirs), add=add)
+        raise ConfigError("runs", f"none of the {total} chosen runs has finished; {records.page.doc} and its "
+                                  "records are left as they are")
+    records.keep(run_dirs)
 
 
 def save_records(page: Page | Path, header: dict[str, Any], records: list[dict[str, Any]],
@@ -137,7 +159,7 @@ def save_records(page: Page | Path, header: dict[str, Any], records: list[dict[s
     if add and Path(path).is_file():
         kept_header, kept = read_records(path)
         records = merged_records(kept, records)
-        header = {**header, "calls": [*kept_header.get("calls", [kept_header["command"]]), header["command"]]}
+        header = with_call(kept_header, header)
     write_records(path, header, records)
     return read_records(path)[1]
 
