@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 
 from fedimb.app.cli import guarded
-from fedimb.app.pages import (PageRun, add_option, bench_parser, command_line, floors_section, floors_table, page_runs, paired_text, parse,
-                              save_records, table)
+from fedimb.app.pages import (PageRun, add_option, bench_parser, command_line, floors_section, floors_table, page_runs,
+                              paired_text, parse, save_records, table)
 from fedimb.app.sweep import PlannedRun, choose, execute, failure, is_finished, plan_sweep, result_knobs
 from fedimb.config import ConfigError, ExperimentConfig, load_config
 from fedimb.failures import DROPPED_FILE, FAILURES_FILE, required_replies
