@@ -1,10 +1,12 @@
 """CLIMB (Shen et al., ICLR 2022): class-imbalanced FL as a constrained problem, dual re-weighting.
 
-Each client k has a dual variable λ_k ≥ 0. Aggregation weights are FedAvg's n_k/n times
-(1 + λ_k − mean λ) (clipped at 0, renormalised). After the round, with ℓ_k the loss of the
-round's starting model on client k's data:
+Each client k has a dual variable λ_k ≥ 0. The objective is the mean of the clients' losses, so
+aggregation weights are 1 + λ_k − mean λ (mean over every client of the federation; clipped at 0,
+renormalised over the round's replies), with no sample-size factor, as in the paper's code
+(shenzebang/Federated-Learning-Pytorch, ``core/imbalance_fl.py``). After the round, with ℓ_k the
+loss of the round's starting model on client k's data:
     λ_k ← clip(λ_k + η·(ℓ_k − mean ℓ − ε)/K, 0, λ_max)
-so clients the global model serves badly gain weight.
+so clients the global model serves badly gain weight; λ_max = 5 as that code clamps it.
 """
 
 from __future__ import annotations
@@ -25,12 +27,13 @@ class ClimbParams:
 
     eta: float = 2.0
     epsilon: float = 0.01
-    lambda_max: float = 1.0
+    lambda_max: float = 5.0
 
 
-def climb_weights(num_examples: np.ndarray, lambdas: np.ndarray) -> np.ndarray:
-    """n_k/n · (1 + λ_k − mean λ), clipped at 0 and normalised."""
-    raw = num_examples / num_examples.sum() * np.clip(1.0 + lambdas - lambdas.mean(), 0.0, None)
+def climb_weights(lambdas: np.ndarray, mean_lambda: float) -> np.ndarray:
+    """1 + λ_k − mean λ for the round's participants (``lambdas``), clipped at 0 and normalised;
+    ``mean_lambda`` is over every client of the federation."""
+    raw = np.clip(1.0 + lambdas - mean_lambda, 0.0, None)
     return raw / raw.sum()
 
 
@@ -61,7 +64,7 @@ class ClimbStrategy(ReproducibleSampling, FedAvg):
         n = np.array([float(m.content["metrics"][key]) for m in replies])
         losses = np.array([float(m.content[protocol.METRICS][protocol.CLIMB_LOSS]) for m in replies])
         lam = self.lambdas[pids]
-        reweight_replies(replies, list(climb_weights(n, lam) * n.sum()), key)
+        reweight_replies(replies, list(climb_weights(lam, float(self.lambdas.mean())) * n.sum()), key)
         self.lambdas[pids] = dual_update(lam, losses, self.params, self.num_clients)
         return super().aggregate_screened(server_round, replies)
 

@@ -141,9 +141,11 @@ def test_prototype_params_are_checked():
 
 
 def test_climb_weights_and_dual_update_by_hand():
-    n = np.array([10.0, 30.0])
-    lam = np.array([0.0, 0.4])
-    np.testing.assert_allclose(climb_weights(n, lam), np.array([0.25 * 0.8, 0.75 * 1.2]) / 1.1)
+    # CLIMB's weights do not depend on sample counts: λ = (0, 0.4), mean 0.2 -> (0.8, 1.2) / 2
+    np.testing.assert_allclose(climb_weights(np.array([0.0, 0.4]), 0.2), [0.4, 0.6])
+    # a third client with λ = 0.6 sat the round out: mean λ = 1/3 -> (2/3, 16/15) / (26/15)
+    np.testing.assert_allclose(climb_weights(np.array([0.0, 0.4]), 1.0 / 3.0), [10 / 26, 16 / 26])
+    assert ClimbParams().lambda_max == 5.0  # the clamp of the paper's code
     new = dual_update(np.array([0.0, 0.5]), np.array([1.0, 3.0]), ClimbParams(eta=2.0, epsilon=0.0, lambda_max=1.0), 2)
     np.testing.assert_allclose(new, [0.0, 1.0])  # 0 + 2(-1)/2 → clipped at 0; 0.5 + 2(1)/2 → clipped at 1
 
@@ -156,6 +158,14 @@ def test_climb_strategy_moves_weight_to_the_worse_client():
     out, _ = strategy.aggregate_train(2, [reply(101, {"w": [0.0]}, 1, **{"climb-loss": 1.0}),
                                           reply(102, {"w": [1.0]}, 1, **{"climb-loss": 1.0})])
     assert out["w"].numpy()[0] > 0.5
+
+
+def test_climb_averages_clients_alike_whatever_their_sample_counts():
+    strategy, _ = make("climb", eta=2.0, epsilon=0.0)
+    # λ = 0 for both: weights 1/2 each, where FedAvg's n_k/n would give 1/4 and 3/4
+    out, _ = strategy.aggregate_train(1, [reply(101, {"w": [0.0]}, 1, **{"climb-loss": 1.0}),
+                                          reply(102, {"w": [1.0]}, 3, **{"climb-loss": 1.0})])
+    np.testing.assert_allclose(out["w"].numpy(), [0.5])
 
 
 def test_synthetic_quality_and_recognition_by_hand():
