@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from fedimb.app.cli import guarded
-from fedimb.app.pages import (CallRecords, PageRun, add_option, bench_parser, command_line, floors_section, floors_table,
-                              mean_std, noise_note, paired_text, parse, store_runs, table)
+from fedimb.app.pages import (CallRecords, PageRun, add_option, bench_parser, command_line, floors_section,
+                              floors_table, mean_std, noise_note, paired_by_seed, paired_text, parse, store_runs,
+                              table)
 from fedimb.app.sweep import choose, execute, failure, is_finished, plan_sweep
 from fedimb.records import save_figure
 
@@ -42,7 +43,7 @@ def pooled_tail_share(steps: list[dict]) -> float:
 
 def paired(values: dict[str, dict[int, float]], ours: str, other: str) -> np.ndarray:
     """Per-seed differences ours − other over the seeds both ran."""
-    return np.array([values[ours][s] - values[other][s] for s in sorted(values[ours]) if s in values[other]])
+    return paired_by_seed(values[ours], values[other])
 
 
 def floors(curves: dict[str, list[list[float]]], tails: dict[str, list[float]],

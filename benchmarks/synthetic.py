@@ -37,8 +37,8 @@ import numpy as np
 
 from fedimb.app.cli import guarded
 from fedimb.app.pages import (CallRecords, PageRun, add_option, bench_parser, by_label, command_line, floors_section,
-                              floors_table, margin_note, margin_within_noise, mean_std, noise_note, paired_text, parse,
-                              store_runs, table)
+                              floors_table, margin_note, margin_within_noise, mean_std, noise_note, paired_by_seed,
+                              paired_text, parse, store_runs, table)
 from fedimb.app.sweep import PlannedRun, choose, execute, failure, plan_sweep
 from fedimb.report import REPORT_METRICS as METRICS
 from fedimb.report import collect_runs, last_rounds_mean
@@ -110,7 +110,7 @@ def generator_floor_lines(reports: dict[tuple[int, str], dict]) -> tuple[str, bo
 def paired(finals: dict[str, list[dict]], ours: str, other: str, metric: str) -> np.ndarray:
     """Per-seed differences ours − other of ``metric``, in points, over the seeds both ran."""
     by = {label: {int(f["seed"]): 100 * float(f[metric]) for f in finals[label]} for label in (ours, other)}
-    return np.array([by[ours][s] - by[other][s] for s in sorted(by[ours]) if s in by[other]])
+    return paired_by_seed(by[ours], by[other])
 
 
 def floor_lines(finals: dict[str, list[dict]]) -> tuple[str, bool]:

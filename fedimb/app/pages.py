@@ -225,6 +225,11 @@ def mean_std(values: Any, digits: int = 2) -> str:
     return f"{values.mean():.{digits}f}"
 
 
+def paired_by_seed(ours: dict[int, float], other: dict[int, float]) -> np.ndarray:
+    """Per-seed differences ours − other over the seeds both ran, in seed order."""
+    return np.array([ours[s] - other[s] for s in sorted(ours) if s in other])
+
+
 def paired_text(diffs: Any) -> str:
     """``+m ± s`` of per-seed paired differences, ``(within noise)`` where |mean| < std; ``–`` with none."""
     diffs = np.asarray(diffs, dtype=np.float64)
