@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key, l
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from fedimb.config import load_config
+from fedimb.app.deploy_run import FlwrCli, summary_written
 from fedimb.app.loopback import BIN, LoopbackDeployment, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -219,9 +220,9 @@ def _wait_for_round(runs: Path, round_: int, run: subprocess.Popen, timeout: flo
         time.sleep(1)
 
 
-# a round may finish with 2 of the 3 sites, and waits at most 30 s for one that is gone (a site's
-# ClientApp process per message takes seconds to start on a busy machine)
-DROPOUT = ["federation.rounds=4", "federation.min_replies=2", "federation.round_timeout=30"]
+# a round may finish with 2 of the 3 sites, and waits at most 20 s for one that is gone (a site's
+# SuperExec forks each ClientApp warm: a round's phase takes a few seconds on a busy machine)
+DROPOUT = ["federation.rounds=4", "federation.min_replies=2", "federation.round_timeout=20"]
 
 
 @pytest.mark.slow
@@ -262,3 +263,33 @@ def test_fedimb_app_runs_on_three_secured_sites_with_their_own_data(tmp_path: Pa
         assert {row["partition"] for row in csv.DictReader(fh)} == {"2"}  # site c, and only c, named
     partition = json.loads((run_dir / "partition.json").read_text())
     assert partition["num_clients"] == 3  # the class counts the sites reported
+
+
+class _ScriptedLink(FlwrCli):
+    """A SuperLink whose run is running at the first ``flwr ls`` and finished at every later one;
+    its ServerApp writes summary.json just after that first poll."""
+
+    def __init__(self, summary: Path) -> None:
+        super().__init__("fedimb")
+        self.summary, self.poll_times = summary, []
+
+    def run_status(self, run_id: int) -> dict:
+        self.poll_times.append(time.time())
+        if len(self.poll_times) == 1:
+            self.summary.parent.mkdir(parents=True)
+            self.summary.write_text("{}")
+            return {"run-id": run_id, "status": "running"}
+        return {"run-id": run_id, "status": "finished:completed"}
+
+
+def test_deploy_run_polls_at_once_when_the_summary_appears(tmp_path: Path) -> None:
+    """With polls 60 s apart and a 30 s timeout the second poll would come at the deadline; the
+    summary.json under --out brings it forward to the next second."""
+    out, since = tmp_path / "out", time.time()
+    assert not summary_written(out, "deploy-digits", since)()
+    link = _ScriptedLink(out / f"deploy-digits-{int(since)}" / "summary.json")
+    entry = link.wait_finished(7, timeout=30, poll_s=60, ended=summary_written(out, "deploy-digits", since))
+    assert entry["status"] == "finished:completed" and len(link.poll_times) == 2
+    assert link.poll_times[1] - link.poll_times[0] < 15  # not at the deadline
+    assert not summary_written(out, "other-name", since)()
+    assert not summary_written(out, "deploy-digits", time.time() + 60)()  # a summary older than the run

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,22 +87,29 @@ class FlwrCli:
         return next((r for r in runs if int(r.get("run-id", -1)) == run_id), {})
 
     def wait_finished(self, run_id: int, timeout: float = 3600.0, poll_s: float = 2.0,
-                      max_poll_s: float = 30.0) -> dict:
+                      max_poll_s: float = 30.0, ended: Callable[[], bool] = lambda: False) -> dict:
         """Poll until the run's status starts with ``finished:``; returns its entry.
 
         The wait between polls doubles from ``poll_s`` up to ``max_poll_s``: each poll starts a
         ``flwr`` process (about a CPU second) and a TLS session with the SuperLink, which every
-        3 s took a third of a core from a machine that also ran the sites.
+        3 s took a third of a core from a machine that also ran the sites. ``ended`` is a cheap
+        local sign that the run is over (its summary.json appeared), looked at every second while
+        waiting: when it shows, the next poll comes at once and the waits start again from 1 s.
         """
         deadline = time.time() + timeout
+        wait_s, sign_seen = poll_s, False
         while True:
             entry = self.run_status(run_id)
             if str(entry.get("status", "")).startswith(FINISHED):
                 return entry
             if time.time() > deadline:
                 raise FlwrFailed(f"run {run_id} not finished after {timeout:.0f}s: {entry.get('status', '?')}")
-            time.sleep(min(poll_s, max(deadline - time.time(), 0.0) + 0.1))
-            poll_s = min(2 * poll_s, max_poll_s)
+            until = min(time.time() + wait_s, deadline + 0.1)
+            if not sign_seen and _sleep_until_sign(until, ended):
+                sign_seen, wait_s = True, 1.0  # the status follows the summary within seconds
+                continue
+            time.sleep(max(until - time.time(), 0.0))
+            wait_s = min(2 * wait_s, max_poll_s)
 
     def logs(self, run_id: int) -> str:
         """``flwr log ID CONNECTION --show``: the run's logs (the ServerApp's output)."""
@@ -116,6 +124,24 @@ def run_config_toml(config: Path, overrides: list[str], out: Path) -> str:
                       ("out", str(out.absolute())))) + "\n"
 
 
+def _sleep_until_sign(until: float, sign: Callable[[], bool]) -> bool:
+    """Sleep until ``until``, looking at ``sign`` every second; True as soon as it shows."""
+    while time.time() < until:
+        if sign():
+            return True
+        time.sleep(min(1.0, max(until - time.time(), 0.0)))
+    return False
+
+
+def summary_written(out: Path, name: str, since: float) -> Callable[[], bool]:
+    """Whether a run ``name`` under ``out`` wrote its summary.json after ``since``: the ServerApp's
+    last record, seen only where the ServerApp writes on this machine (elsewhere never, and polling decides)."""
+    def written() -> bool:
+        return any(p.stat().st_mtime >= since for p in out.absolute().glob(f"{name}-*/summary.json"))
+
+    return written
+
+
 def deploy_run(args: argparse.Namespace) -> int:
     """``fedimb deploy run``: check the config here, submit it, follow it; 0 only when it completed."""
     config = Path(args.config)
@@ -123,6 +149,7 @@ def deploy_run(args: argparse.Namespace) -> int:
     if args.timeout <= 0:
         raise ConfigError("--timeout", f"must be > 0 seconds, got {args.timeout}")
     cli = FlwrCli(args.connection, Path(args.flwr_home) if args.flwr_home else None)
+    submitted = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         run_toml = Path(tmp) / "run.toml"
         run_toml.write_text(run_config_toml(config, args.overrides, Path(args.out)))
@@ -130,7 +157,7 @@ def deploy_run(args: argparse.Namespace) -> int:
     console.print(f"[bold]fedimb deploy run[/]: {cfg.name} ({cfg.strategy.name}) is run {run_id} on "
                   f"'{args.connection}'; records under {Path(args.out).absolute()} on the SuperLink's machine",
                   highlight=False, soft_wrap=True)
-    entry = cli.wait_finished(run_id, timeout=args.timeout)
+    entry = cli.wait_finished(run_id, timeout=args.timeout, ended=summary_written(Path(args.out), cfg.name, submitted))
     status = str(entry.get("status", ""))
     if status == COMPLETED:
         console.print(f"run {run_id}: {status}", highlight=False)
