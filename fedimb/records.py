@@ -26,14 +26,15 @@ import platform
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 
 from fedimb.metrics import DOMAIN_COLUMN_PREFIX as DOMAIN_PREFIX
 from fedimb.metrics import WORST_DOMAIN_COLUMN as WORST_DOMAIN
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # Panels of curves.png: (metric, title). The last two only appear when logged.
 CURVE_PANELS = (
@@ -266,6 +267,10 @@ def plot_rounds(rounds: list[dict[str, Any]], path: Path, title: str = "") -> Pa
     per_domain = domain_columns(rounds)
     if per_domain:
         panels.insert(2, ("Balanced accuracy per domain", [*per_domain, WORST_DOMAIN]))
+    # matplotlib takes a third of a second to import: only a process that draws pays it, not every CLI call
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     ncols = 2 if len(panels) <= 4 else 3
     nrows = math.ceil(len(panels) / ncols)
     fig = Figure(figsize=(4.2 * ncols, 3.2 * nrows))
