@@ -136,8 +136,10 @@ def _sleep_until_sign(until: float, sign: Callable[[], bool]) -> bool:
 def summary_written(out: Path, name: str, since: float) -> Callable[[], bool]:
     """Whether a run ``name`` under ``out`` wrote its summary.json after ``since``: the ServerApp's
     last record, seen only where the ServerApp writes on this machine (elsewhere never, and polling decides)."""
+    root = out.absolute()
+
     def written() -> bool:
-        return any(p.stat().st_mtime >= since for p in out.absolute().glob(f"{name}-*/summary.json"))
+        return any(p.stat().st_mtime >= since for p in root.glob(f"{name}-*/summary.json"))
 
     return written
 
