@@ -1,4 +1,4 @@
-"""What the synthetic benchmark's page says about the runs it shows (no run is trained)."""
+"""What the benchmarks' pages say about the runs they show (no run is trained)."""
 
 from __future__ import annotations
 
@@ -147,3 +147,23 @@ def test_fal_floors_are_measured_on_the_seeds_both_samplers_ran():
 def test_fal_page_lists_fairfal_first_then_the_suites_samplers():
     fal = load_benchmark("fal")
     assert fal.sampler_order(["kafal", "random", "fairfal", "entropy"]) == ["fairfal", "random", "entropy", "kafal"]
+
+
+def test_niid_bench_rows_give_the_lead_over_fedavg_paired_per_seed():
+    bench = load_benchmark("niid_bench")
+
+    def rec(label: str, seed: int, best: float) -> dict:
+        return {"label": label, "seed": seed, "best_accuracy": best, "wall_time_per_round_s": 25.0}
+
+    records = [rec("c3_fedavg", 0, 0.80), rec("c3_fedavg", 1, 0.82),
+               rec("c3_fedprox", 0, 0.81), rec("c3_fedprox", 1, 0.84), rec("c3_fedprox", 2, 0.83)]
+    rows = {line.split(" | ")[1]: line.split(" | ") for line in
+            bench.comparison(records, ["c3_fedavg", "c3_fedprox"]).splitlines()[2:]}
+    # fedprox: seeds 0-2 at 81 / 84 / 83, mean 82.67, std 1.25; published 82.99 ± 0.48
+    # paired over the seeds fedavg ran: +1, +2 -> +1.50 ± 0.50
+    assert rows["fedprox"][3:7] == ["82.67 ± 1.25", "81.00 / 84.00 / 83.00", "82.99 ± 0.48", "-0.32"]
+    assert rows["fedprox"][7:11] == ["yes", "yes", "+1.50 ± 0.50 (seeds 0, 1)", "+0.56"]
+    # fedavg: 81 ± 1 against 82.43 ± 1.52: Δ −1.43, inside the band and the spreads (1.52 + 1.00)
+    assert rows["fedavg"][6:11] == ["-1.43", "yes", "yes", "–", "–"]
+    one_seed = bench.comparison([rec("c3_fedavg", 0, 0.80), rec("c3_fedprox", 0, 0.78)], ["c3_fedprox"])
+    assert "| -2.00 (seed 0) |" in one_seed and "| no | no |" in one_seed  # −4.99: out of both
