@@ -108,6 +108,7 @@ def train_local(
             total = loss if extra is None else loss + extra
             optimiser.zero_grad()
             total.backward()
+            algorithm.before_step()
             optimiser.step()
             algorithm.after_step(cfg.lr)
             steps += 1

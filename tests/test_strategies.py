@@ -66,17 +66,47 @@ def test_fedavgm_server_momentum_by_hand():
     np.testing.assert_allclose(arrays(out)["w"], [5.0])
 
 
-def test_fedprox_sends_mu_and_client_adds_proximal_term():
+def test_fedprox_sends_mu_and_client_adds_the_proximal_gradient():
     strategy, spec = make("fedprox", proximal_mu=0.5)
     assert spec.client_algorithm == "fedprox"
+    assert strategy.proximal_mu == 0.5
     model = torch.nn.Linear(1, 1, bias=False)
     with torch.no_grad():
         model.weight.fill_(3.0)
     content = RecordDict({"config": ConfigRecord({"proximal-mu": 0.5})})
     client = FedProxClient(round_of(model, {"weight": torch.tensor([[1.0]])}, content, RecordDict()))
-    term = client.extra_loss(torch.zeros(1, 1), torch.zeros(1, 1), torch.zeros(1))
-    assert float(term.detach()) == pytest.approx(0.5 * 0.5 * (3.0 - 1.0) ** 2)
-    assert strategy.proximal_mu == 0.5
+    model.weight.grad = torch.tensor([[0.25]])
+    client.before_step()  # d/dw (mu/2)(w - w_g)^2 = 0.5 * (3 - 1) = 1, on top of the loss's 0.25
+    assert model.weight.grad.item() == pytest.approx(1.25)
+
+
+def test_fedprox_local_steps_by_hand():
+    """k momentum-SGD steps on CE + (mu/2)||w - w_g||^2 through the training loop, by hand."""
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.5]])
+    y = torch.tensor([0, 1, 1, 0])
+    anchor_w, anchor_b = torch.tensor([[0.2, -0.1], [0.0, 0.3]]), torch.tensor([0.1, -0.1])
+    init_w, init_b = anchor_w + torch.tensor([[0.5, -0.5], [0.25, 0.0]]), torch.zeros(2)
+    mu, lr, momentum, steps = 0.5, 0.1, 0.9, 3
+
+    model = FeatureClassifier(torch.nn.Identity(), feature_dim=2, num_classes=2)
+    with torch.no_grad():
+        model.head.weight.copy_(init_w)
+        model.head.bias.copy_(init_b)
+    content = RecordDict({"config": ConfigRecord({"proximal-mu": mu})})
+    client = FedProxClient(round_of(model, {"head.weight": anchor_w, "head.bias": anchor_b}, content, RecordDict()))
+    cfg = TrainConfig(local_epochs=steps, lr=lr, batch_size=4, momentum=momentum, weight_decay=0.0)
+    loss_fn, params = build_loss("ce", {})
+    train_local(model, x, y, cfg, loss_fn, params, LossContext(torch.ones(2)), client, seed=0)
+
+    w, b = init_w.clone(), init_b.clone()
+    buf_w, buf_b = torch.zeros_like(w), torch.zeros_like(b)
+    for _ in range(steps):
+        p = torch.softmax(x @ w.T + b, dim=1) - torch.nn.functional.one_hot(y, 2).float()
+        grad_w, grad_b = p.T @ x / len(y) + mu * (w - anchor_w), p.mean(0) + mu * (b - anchor_b)
+        buf_w, buf_b = momentum * buf_w + grad_w, momentum * buf_b + grad_b
+        w, b = w - lr * buf_w, b - lr * buf_b
+    np.testing.assert_allclose(model.head.weight.detach().numpy(), w.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(model.head.bias.detach().numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_scaffold_control_update_by_hand():

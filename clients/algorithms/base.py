@@ -49,8 +49,11 @@ class ClientAlgorithm:
         self.rnd = rnd
 
     def extra_loss(self, features: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
-        """A term added to the batch loss (FedProx's proximal term, prototype losses)."""
+        """A term added to the batch loss (prototype losses)."""
         return None
+
+    def before_step(self) -> None:
+        """Change gradients after the backward pass, before the optimiser step (FedProx's proximal gradient)."""
 
     def after_step(self, lr: float) -> None:
         """Change weights after the optimiser step of learning rate ``lr`` (SCAFFOLD's correction)."""
