@@ -76,7 +76,7 @@ def test_added_runs_replace_their_records_and_keep_the_others():
          {"name": "a", "group": "tuning", "v": 1}],
         [{"name": "a", "group": "sweep", "v": 2}, {"name": "c", "group": "sweep", "v": 2}])
     assert [(r["name"], r["group"], r["v"]) for r in merged] == [
-        ("b", "sweep", 1), ("a", "tuning", 1), ("a", "sweep", 2), ("c", "sweep", 2)]
+        ("a", "sweep", 2), ("b", "sweep", 1), ("a", "tuning", 1), ("c", "sweep", 2)]
 
 
 def test_a_page_kept_over_added_calls_names_every_call(tmp_path):

@@ -109,9 +109,14 @@ def add_option(parser: argparse.ArgumentParser, what: str = "this call's finishe
 
 
 def merged_records(kept: list[dict[str, Any]], added: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``kept`` with ``added`` appended; an added record replaces a kept one of the same name and group."""
-    names = {(r["name"], r.get("group")) for r in added}
-    return [r for r in kept if (r["name"], r.get("group")) not in names] + added
+    """``kept`` with ``added``: an added record takes the place of a kept one of the same name and group
+    (so a rerun keeps its row where the page had it), the others are appended in order."""
+    def key(record: dict[str, Any]) -> tuple[Any, Any]:
+        return record["name"], record.get("group")
+
+    replacing = {key(r): r for r in added}
+    merged = [replacing.pop(key(r), r) for r in kept]
+    return merged + [r for r in added if key(r) in replacing]
 
 
 def with_call(kept_header: dict[str, Any], header: dict[str, Any]) -> dict[str, Any]:
