@@ -78,6 +78,9 @@ def test_fedprox_sends_mu_and_client_adds_the_proximal_gradient():
     model.weight.grad = torch.tensor([[0.25]])
     client.before_step()  # d/dw (mu/2)(w - w_g)^2 = 0.5 * (3 - 1) = 1, on top of the loss's 0.25
     assert model.weight.grad.item() == pytest.approx(1.25)
+    model.weight.grad = None  # a weight the batch loss does not reach: the term's gradient alone
+    client.before_step()
+    assert model.weight.grad.item() == pytest.approx(1.0)
 
 
 def test_fedprox_local_steps_by_hand():

@@ -30,5 +30,7 @@ class FedProxClient(ClientAlgorithm):
         if self.mu == 0.0:
             return
         for param, anchor in self.anchors:
-            if param.grad is not None:
+            if param.grad is None:  # a parameter the batch loss does not reach still feels the term
+                param.grad = self.mu * (param - anchor)
+            else:
                 param.grad.add_(param - anchor, alpha=self.mu)
