@@ -28,11 +28,13 @@ data:
 demo: setup data
 	$(VENV)/bin/fedimb run experiments/quickstart.yaml --out runs/quickstart
 
+# Two workers share the cores; a test that races a wall-clock round timeout waits for the cores to itself.
 test: setup data
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 -m "not serial"
+	$(PY) -m pytest -q -m serial
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 -m "not slow"
 
 bench-niid: setup data
 	$(PY) benchmarks/niid_bench.py

@@ -226,6 +226,7 @@ DROPOUT = ["federation.rounds=4", "federation.min_replies=2", "federation.round_
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_fedimb_app_runs_on_three_secured_sites_with_their_own_data(tmp_path: Path) -> None:
     """cafedcl on three sites (npz, image folder, save_to_disk), the server holding no data; site c
     is killed after round 1, the others finish its rounds, and c rejoins for the last ones."""

@@ -65,6 +65,7 @@ def test_too_few_replies_fail_the_run_naming_the_client(tmp_path):
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
+@pytest.mark.serial
 def test_a_straggler_past_the_round_timeout_is_dropped_and_recorded(tmp_path):
     cfg = load_config(None, DIGITS_SMALL + ["federation.rounds=2", "eval.client_every=0", "faults.clients=[3]",
                                             "faults.straggle=1.0", "faults.straggle_s=35", "federation.round_timeout=20",
